@@ -1,0 +1,46 @@
+# Crescent: the README's commands. `make train` and `make test` each set up .venv when it is missing.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.crescent-installed
+CONFIG ?= app/configs/tiny-cpu.yaml
+PYTEST_ARGS ?=
+
+.PHONY: setup train test test-fast lint bench images k8s-render mlflow-ui clean
+
+setup: $(STAMP)
+
+# torch==2.13.0 first (a looser pin would pull a multi-GB CUDA build), then the project pinned by constraints.txt.
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --disable-pip-version-check torch==2.13.0
+	$(BIN)/pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[dev]'
+	touch $(STAMP)
+
+train: setup
+	$(BIN)/crescent train --config $(CONFIG)
+
+test: setup
+	$(BIN)/python -m pytest tests $(PYTEST_ARGS)
+
+test-fast: setup
+	$(BIN)/python -m pytest tests -m "not slow" $(PYTEST_ARGS)
+
+lint: setup
+	$(BIN)/ruff check app components eval tests bench
+
+bench: setup
+	@set -e; for b in bench/*.py; do echo "== $$b"; $(BIN)/python $$b; done
+
+images: setup
+	$(BIN)/python -m app.images build
+
+k8s-render: setup
+	$(BIN)/crescent k8s render --overlay dev
+
+mlflow-ui: setup
+	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlruns.db --default-artifact-root ./mlartifacts --host 127.0.0.1 --port 5000
+
+clean:
+	rm -rf $(VENV) .pytest_cache build *.egg-info

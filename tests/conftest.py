@@ -1,0 +1,24 @@
+import os
+
+import pytest
+import torch
+
+# Two cores on CI: keep each test process to one intra-op thread so parallel gloo workers do not oversubscribe.
+torch.set_num_threads(int(os.environ.get("CRESCENT_TEST_THREADS", "1")))
+
+
+@pytest.fixture(autouse=True)
+def _offline_hubs(monkeypatch):
+    """Hub downloads cannot work here; fail fast instead of hanging on retries."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
