@@ -70,7 +70,7 @@ class CrescentForCausalLM(nn.Module):
         if seed is not None:
             gen = torch.Generator(device=self.lm_head.weight.device).manual_seed(seed)
         std = self.config.initializer_range
-        for name, p in self.named_parameters():
+        for p in self.parameters():
             if p.device.type == "meta":
                 continue
             if p.ndim >= 2:
