@@ -1,0 +1,168 @@
+"""The export checkpoint: what training writes every K steps and evaluation reads.
+
+Layout of one export, `ROOT/step-00000100/`:
+    config.json, model.safetensors (or sharded + index)   the HF DeepseekV3 layout (`components.model.hf.save_hf`)
+    tokenizer.json, tokenizer_config.json, ...            copied from the run's tokenizer directory, if given
+    crescent.json                                         {format_version, step, run_id, tracking_uri, created, ...}
+
+An export appears atomically: it is written into a hidden temporary directory beside its final place and renamed,
+so a watcher never sees half of one. Under torch.distributed every rank calls `save_export` (the DTensor gathers are
+collectives) and rank 0 writes. Weights are safetensors only (no pickle is ever loaded).
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import uuid
+from datetime import UTC, datetime
+from pathlib import Path
+
+import torch
+
+from components.model.hf import hf_state_items, load_hf, save_hf
+from components.model.transformer import CrescentForCausalLM
+
+FORMAT_VERSION = 1
+METADATA_FILE = "crescent.json"
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+_RESERVED = {"config.json", METADATA_FILE, "model.safetensors", "model.safetensors.index.json"}
+
+
+def export_dir_name(step: int) -> str:
+    return f"step-{step:08d}"
+
+
+def save_export(
+    model: CrescentForCausalLM,
+    out_dir: str | Path,
+    *,
+    step: int,
+    tokenizer_dir: str | Path | None = None,
+    run_id: str | None = None,
+    tracking_uri: str | None = None,
+    extra: dict | None = None,
+) -> Path:
+    """Write `out_dir/step-{step:08d}/` atomically and return its path (an existing export of that step is replaced).
+
+    `extra` entries (e.g. tokens_seen, consumed_samples) are stored at the top level of crescent.json.
+    """
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        raise ValueError(f"save_export: step={step!r} must be a non-negative integer")
+    root = Path(out_dir)
+    final = root / export_dir_name(step)
+    if not _is_writer():
+        # Sharded (FSDP2/DTensor) model: every rank takes part in the gathers, rank 0 alone writes.
+        for _ in hf_state_items(model):
+            pass
+        _barrier()
+        return final
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = root / f".tmp-{final.name}-{uuid.uuid4().hex[:8]}"
+    try:
+        save_hf(model, tmp)
+        if tokenizer_dir is not None:
+            _copy_tokenizer(Path(tokenizer_dir), tmp)
+        metadata = dict(extra or {})
+        clash = sorted(set(metadata) & {"format_version", "step", "run_id", "tracking_uri", "created"})
+        if clash:
+            raise ValueError(f"save_export: extra keys {clash} collide with reserved metadata fields")
+        metadata.update({
+            "format_version": FORMAT_VERSION,
+            "step": step,
+            "run_id": run_id,
+            "tracking_uri": tracking_uri,
+            "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        })
+        (tmp / METADATA_FILE).write_text(json.dumps(metadata, indent=2, sort_keys=True) + "\n")
+        _fsync_dir(tmp)
+        if final.exists():
+            old = root / f".old-{final.name}-{uuid.uuid4().hex[:8]}"
+            final.rename(old)
+            tmp.rename(final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(final)
+        _fsync_dir(root)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    _barrier()
+    return final
+
+
+def _is_writer() -> bool:
+    dist = torch.distributed
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+def _barrier() -> None:
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def _copy_tokenizer(src: Path, dest: Path) -> None:
+    if not src.is_dir():
+        raise ValueError(f"save_export: tokenizer_dir={str(src)!r} is not a directory")
+    files = [p for p in sorted(src.iterdir()) if p.is_file()]
+    if not files:
+        raise ValueError(f"save_export: tokenizer_dir={str(src)!r} holds no files")
+    for p in files:
+        if p.name in _RESERVED or p.suffix == ".safetensors":
+            raise ValueError(f"save_export: tokenizer file {p.name!r} would overwrite a checkpoint file")
+        shutil.copy2(p, dest / p.name)
+
+
+def _fsync_dir(path: Path) -> None:
+    """Flush file contents and the directory entry so a crash after rename leaves a complete export."""
+    for p in path.iterdir() if path.is_dir() else []:
+        if p.is_file():
+            with open(p, "rb") as f:
+                os.fsync(f.fileno())
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def read_metadata(path: str | Path) -> dict:
+    """crescent.json of an export; a clear error when it is missing, unreadable or of an unknown version."""
+    file = Path(path) / METADATA_FILE
+    if not file.is_file():
+        raise FileNotFoundError(f"export {str(path)!r}: {METADATA_FILE} is missing (not an export checkpoint)")
+    try:
+        metadata = json.loads(file.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"export {str(path)!r}: {METADATA_FILE} is not valid JSON ({err})") from err
+    version = metadata.get("format_version")
+    if version != FORMAT_VERSION:
+        raise ValueError(f"export {str(path)!r}: format_version={version!r}; this build reads {FORMAT_VERSION}")
+    if not isinstance(metadata.get("step"), int):
+        raise ValueError(f"export {str(path)!r}: step={metadata.get('step')!r} must be an integer")
+    return metadata
+
+
+def load_export(path: str | Path, device: str | torch.device = "cpu",
+                dtype: torch.dtype | None = None) -> tuple[CrescentForCausalLM, dict]:
+    """(model in eval mode, metadata) from an export directory; weights through safetensors only."""
+    metadata = read_metadata(path)
+    model = load_hf(path, device=device, dtype=dtype).eval()
+    return model, metadata
+
+
+def export_step(path: str | Path) -> int | None:
+    """The step encoded in an export directory's name (step-00000100 -> 100), or None."""
+    m = _STEP_DIR.match(Path(path).name)
+    return int(m.group(1)) if m else None
+
+
+def list_exports(directory: str | Path) -> list[Path]:
+    """Export directories (`step-N`, complete: they hold crescent.json) under `directory`, in step order."""
+    root = Path(directory)
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and export_step(p) is not None and (p / METADATA_FILE).exists()]
+    return sorted(found, key=lambda p: (export_step(p), p.name))

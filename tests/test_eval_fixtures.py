@@ -1,0 +1,60 @@
+"""Shared builders for the evaluation tests: a real byte-level BPE tokenizer and a tiny random export."""
+from __future__ import annotations
+
+import json
+import sysconfig
+from pathlib import Path
+
+EOS = "<|endoftext|>"
+
+
+def corpus_text(max_chars: int = 400_000) -> str:
+    """Real text available on every machine: the standard library's source, some English docstrings included."""
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    parts, size = [], 0
+    for name in ["argparse.py", "textwrap.py", "json/decoder.py", "statistics.py", "fractions.py", "calendar.py"]:
+        text = (stdlib / name).read_text()
+        parts.append(text)
+        size += len(text)
+        if size > max_chars:
+            break
+    return "\n".join(parts)[:max_chars]
+
+
+def write_tokenizer(directory: Path, vocab_size: int = 1024) -> Path:
+    """Byte-level BPE (HF `tokenizers`) with EOS id 0, plus a tokenizer_config.json transformers can read."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    directory.mkdir(parents=True, exist_ok=True)
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOS],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator([corpus_text()], trainer=trainer)
+    assert tok.token_to_id(EOS) == 0
+    tok.save(str(directory / "tokenizer.json"))
+    (directory / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "eos_token": EOS, "bos_token": None, "pad_token": EOS,
+        "unk_token": None, "add_bos_token": False, "add_eos_token": False, "model_max_length": 1_000_000,
+        "clean_up_tokenization_spaces": False,
+    }, indent=2))
+    return directory
+
+
+def tiny_config(**overrides):
+    from components.model.config import get_preset
+
+    base = dict(num_hidden_layers=2, vocab_size=1024, max_position_embeddings=256, eos_token_id=0)
+    base.update(overrides)
+    return get_preset("tiny", **base)
+
+
+def write_export(root: Path, tokenizer_dir: Path, *, step: int = 100, seed: int = 0, run_id=None,
+                 tracking_uri=None, **config_overrides) -> Path:
+    from components.checkpoint import save_export
+    from components.model.transformer import build_model
+
+    model = build_model(tiny_config(**config_overrides), seed=seed)
+    return save_export(model, root, step=step, tokenizer_dir=tokenizer_dir, run_id=run_id,
+                       tracking_uri=tracking_uri, extra={"tokens_seen": step * 1024})
