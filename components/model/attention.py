@@ -104,9 +104,14 @@ class MultiHeadLatentAttention(nn.Module):
                 allowed = mask if mask is not None else torch.ones(s, k.shape[2], dtype=torch.bool,
                                                                    device=x.device).tril(k.shape[2] - s)
                 self.max_logit = logits.masked_fill(~allowed, float("-inf")).amax().detach()
+        # Fused (flash) SDPA kernels need equal q/k and v head dims: pad v with zeros and drop the padding after.
+        pad = c.qk_head_dim - c.v_head_dim
+        v_in = F.pad(v, (0, pad)) if pad > 0 else v
         if mask is None:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=s > 1 and k.shape[2] == s,
+            out = F.scaled_dot_product_attention(q, k, v_in, is_causal=s > 1 and k.shape[2] == s,
                                                  scale=c.softmax_scale)
         else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=c.softmax_scale)
+            out = F.scaled_dot_product_attention(q, k, v_in, attn_mask=mask, scale=c.softmax_scale)
+        if pad > 0:
+            out = out[..., :c.v_head_dim]
         return self.o_proj(out.transpose(1, 2).reshape(b, s, self.num_heads * c.v_head_dim))

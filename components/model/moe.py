@@ -93,16 +93,21 @@ class Experts(nn.Module):
         return torch._grouped_mm(F.silu(gate) * up, self.down_proj.transpose(-2, -1), offs=offs)
 
     def _segments(self, xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        out = xs.new_empty(xs.shape[0], self.down_proj.shape[1])
-        start = 0
-        for e, n in enumerate(counts.tolist()):  # one host sync per layer, a loop over experts (not tokens)
-            if n == 0:
+        # split/unbind (not per-expert indexing) so autograd builds each gradient once, not one zero-filled
+        # full-size tensor per expert.
+        sizes = counts.tolist()  # one host sync per layer; the loop runs over experts, never over tokens
+        segments = xs.split(sizes)
+        # gate and up of each expert in one matmul: [E, 2I, H] built once per forward (weights are small).
+        gate_up = torch.cat((self.gate_proj, self.up_proj), dim=1).unbind(0)
+        downs = self.down_proj.unbind(0)
+        inter = self.gate_proj.shape[1]
+        outs = []
+        for e, seg in enumerate(segments):
+            if sizes[e] == 0:
                 continue
-            seg = xs[start:start + n]
-            hidden = F.silu(seg @ self.gate_proj[e].t()) * (seg @ self.up_proj[e].t())
-            out[start:start + n] = hidden @ self.down_proj[e].t()
-            start += n
-        return out
+            gate, up = (seg @ gate_up[e].t()).split(inter, dim=-1)
+            outs.append((F.silu(gate) * up) @ downs[e].t())
+        return torch.cat(outs) if outs else xs.new_zeros(0, self.down_proj.shape[1])
 
 
 class MoE(nn.Module):
