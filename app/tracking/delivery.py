@@ -1,0 +1,339 @@
+"""The background thread that owns all MLflow traffic for one run.
+
+The training thread only appends records to an in-memory deque (``put``); this thread moves them into the
+journal (disk), creates or resumes the run, and sends the journal in order with ``MlflowClient.log_batch``
+within MLflow's batch limits. Any failure is retried with exponential backoff; only a record the server
+rejects as invalid (HTTP 400 kind of errors) is dropped, and counted.
+
+Records (JSON lists, compact on disk):
+``["m", key, value, timestamp_ms, step]`` metric, ``["t", key, value]`` tag, ``["p", {key: value}]`` params
+(checked against the run's params at delivery, see ``params.split_params``), ``["a", path, artifact_path,
+staged]`` artifact (a staged copy is deleted after upload).
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import shutil
+import threading
+import time
+from typing import Any
+
+from app.tracking.journal import Journal
+from app.tracking.params import split_params
+
+log = logging.getLogger(__name__)
+
+RUN_KEY_TAG = "crescent.run_key"
+# mlflow.utils.validation limits for one log_batch call.
+MAX_METRICS_PER_BATCH = 1000
+MAX_PARAMS_TAGS_PER_BATCH = 100
+# Errors that retrying cannot fix: the record itself is bad, or the run is gone.
+_PERMANENT_ERRORS = {"INVALID_PARAMETER_VALUE", "BAD_REQUEST", "INVALID_STATE", "RESOURCE_DOES_NOT_EXIST"}
+
+
+def _is_permanent(error: Exception) -> bool:
+    return getattr(error, "error_code", None) in _PERMANENT_ERRORS
+
+
+class RunDelivery(threading.Thread):
+    """Delivers journaled records to one MLflow run; see the module docstring."""
+
+    def __init__(
+        self,
+        *,
+        tracking_uri: str,
+        experiment_name: str,
+        artifact_location: str | None,
+        run_id: str | None,
+        run_key: str,
+        search_run_key: bool,
+        run_name: str | None,
+        tags: dict[str, str],
+        journal_path: str,
+        poll_interval_s: float,
+        max_backoff_s: float,
+        max_queue: int,
+    ):
+        super().__init__(name=f"crescent-mlflow-{run_key[:8]}", daemon=True)
+        self.tracking_uri = tracking_uri
+        self.experiment_name = experiment_name
+        self.artifact_location = artifact_location
+        self.run_id = run_id
+        self.run_key = run_key
+        self.run_name = run_name
+        self.tags = dict(tags)
+        self.poll_interval_s = poll_interval_s
+        self.max_backoff_s = max_backoff_s
+        self.max_queue = max_queue
+        self.journal = Journal(journal_path)
+
+        self.queue: collections.deque = collections.deque()
+        self._put_lock = threading.Lock()
+        self._progress = threading.Condition()
+        self._wake = threading.Event()
+        self._search_run_key = search_run_key
+        self._client = None
+        self._run_ready = False
+        self._isolate = 0  # after a rejected batch, send this many records one by one
+        self._stop_deadline: float | None = None
+        self._final_status: str | None = None
+
+        self.enqueued = self.journal.pending_at_open  # records accepted (previous process' backlog included)
+        self.delivered = 0  # records sent, or dropped as rejected, in journal order
+        self.overflowed = 0  # records lost because the in-memory queue was full
+        self.rejected = 0  # records the server refused as invalid (dropped)
+        self.failures = 0  # failed attempts (each followed by a backoff)
+        self.last_error: str | None = None
+        self.status_set: str | None = None
+
+    # ---- called from the training thread -------------------------------------------------------------
+    def put(self, records: list[Any]) -> None:
+        """Queue records; O(1), never blocks on I/O, never raises. Over ``max_queue`` they are counted lost."""
+        with self._put_lock:
+            if len(self.queue) + len(records) > self.max_queue:
+                self.overflowed += len(records)
+                return
+            self.queue.extend(records)
+            self.enqueued += len(records)
+
+    def wait_delivered(self, timeout: float) -> bool:
+        """Wait until every record queued before this call has been delivered; False on timeout."""
+        target = self.enqueued
+        deadline = time.monotonic() + max(timeout, 0.0)
+        with self._progress:
+            while self.delivered < target and self.is_alive():
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                self._wake.set()  # skip a backoff sleep: the caller wants delivery now
+                self._progress.wait(min(remaining, 0.2))
+        return self.delivered >= target
+
+    def stop(self, status: str | None, timeout: float) -> None:
+        """Deliver for at most ``timeout`` seconds, set ``status`` on the run (best effort), end the thread."""
+        self._final_status = status
+        self._stop_deadline = time.monotonic() + max(timeout, 0.0)
+        self._wake.set()
+
+    # ---- the thread ----------------------------------------------------------------------------------
+    def run(self) -> None:
+        backoff = 0.5
+        try:
+            while True:
+                self._drain_queue()
+                stopping = self._stop_deadline is not None
+                if stopping and (not self.journal.has_pending or time.monotonic() >= self._stop_deadline):
+                    break
+                if self._run_ready and not self.journal.has_pending:
+                    self._sleep(self.poll_interval_s)
+                    continue
+                try:
+                    if not self._run_ready:
+                        self._resolve_run()
+                    elif self.journal.has_pending:
+                        self._deliver_next()
+                    if self.failures and backoff > 0.5:
+                        log.info("MLflow reachable again at %s; delivering the backlog", self.tracking_uri)
+                    backoff = 0.5
+                except Exception as error:  # any failure: keep the records, retry later
+                    self.failures += 1
+                    self.last_error = f"{type(error).__name__}: {error}"[:2000]
+                    if backoff == 0.5:
+                        log.warning("MLflow at %s unavailable (%s); buffering to %s",
+                                    self.tracking_uri, self.last_error[:300], self.journal.path)
+                    wait = backoff
+                    if stopping:
+                        wait = min(wait, max(self._stop_deadline - time.monotonic(), 0.0))
+                    self._sleep(wait)
+                    backoff = min(backoff * 2, self.max_backoff_s)
+            self._drain_queue()
+            self._set_final_status()
+        finally:
+            self.journal.close()
+            with self._progress:
+                self._progress.notify_all()
+
+    def _sleep(self, seconds: float) -> None:
+        self._wake.wait(seconds)
+        self._wake.clear()
+
+    def _drain_queue(self) -> None:
+        records = []
+        while self.queue:
+            records.append(self.queue.popleft())
+        self.journal.append(records)
+
+    def _commit(self, n: int) -> None:
+        self.journal.commit(n)
+        with self._progress:
+            self.delivered += n
+            self._progress.notify_all()
+
+    def _mlflow(self):
+        if self._client is None:
+            from mlflow import MlflowClient
+
+            self._client = MlflowClient(tracking_uri=self.tracking_uri)
+        return self._client
+
+    # ---- run creation / resume -----------------------------------------------------------------------
+    def _experiment_id(self, client) -> str:
+        from mlflow.exceptions import MlflowException
+
+        experiment = client.get_experiment_by_name(self.experiment_name)
+        if experiment is None:
+            try:
+                return client.create_experiment(self.experiment_name, artifact_location=self.artifact_location)
+            except MlflowException as error:  # created concurrently by another process
+                if error.error_code != "RESOURCE_ALREADY_EXISTS":
+                    raise
+                experiment = client.get_experiment_by_name(self.experiment_name)
+        if experiment.lifecycle_stage == "deleted":
+            log.warning("MLflow experiment %r was deleted; restoring it", self.experiment_name)
+            client.restore_experiment(experiment.experiment_id)
+        return experiment.experiment_id
+
+    def _resolve_run(self) -> None:
+        """Continue ``run_id`` (or the run tagged with our run key), else create a run; mark it RUNNING."""
+        from mlflow.entities import RunTag
+        from mlflow.exceptions import MlflowException
+
+        client = self._mlflow()
+        if self.run_id is not None:
+            try:
+                run = client.get_run(self.run_id)
+                if run.info.lifecycle_stage == "deleted":
+                    raise MlflowException("run is deleted", error_code="RESOURCE_DOES_NOT_EXIST")
+            except MlflowException as error:
+                if error.error_code != "RESOURCE_DOES_NOT_EXIST":
+                    raise
+                log.warning("MLflow run %s not found in %s; starting a new run", self.run_id, self.tracking_uri)
+                self.tags["crescent.resumed_from_missing_run"] = self.run_id
+                self.run_id = None
+        created = False
+        if self.run_id is None:
+            experiment_id = self._experiment_id(client)
+            found = []
+            if self._search_run_key:
+                found = client.search_runs(
+                    [experiment_id], filter_string=f"tags.`{RUN_KEY_TAG}` = '{self.run_key}'", max_results=1
+                )
+            if found:
+                self.run_id = found[0].info.run_id
+            else:
+                # If the reply is lost the run may exist anyway: the next attempt looks it up by key first.
+                self._search_run_key = True
+                tags = {**self.tags, RUN_KEY_TAG: self.run_key}
+                run = client.create_run(experiment_id, run_name=self.run_name, tags=tags)
+                self.run_id = run.info.run_id
+                created = True
+        if not created:
+            client.update_run(self.run_id, status="RUNNING")
+            tags = [RunTag(k, v) for k, v in self.tags.items()]
+            for i in range(0, len(tags), MAX_PARAMS_TAGS_PER_BATCH):
+                client.log_batch(self.run_id, tags=tags[i : i + MAX_PARAMS_TAGS_PER_BATCH], synchronous=True)
+        self._run_ready = True
+        log.info("MLflow run %s (%s)", self.run_id, "created" if created else "continued")
+
+    # ---- delivery ------------------------------------------------------------------------------------
+    def _deliver_next(self) -> None:
+        from mlflow.exceptions import MlflowException
+
+        limit = 1 if self._isolate > 0 else MAX_METRICS_PER_BATCH
+        records = self.journal.peek(limit)
+        if not records:
+            return
+        if records[0] is None:  # torn line from a crashed process
+            self._commit(1)
+            return
+        kind = records[0][0]
+        try:
+            if kind in ("m", "t"):
+                n = self._send_metrics_and_tags(records)
+            elif kind == "p":
+                self._send_params(records[0][1])
+                n = 1
+            elif kind == "a":
+                self._send_artifact(*records[0][1:])
+                n = 1
+            else:
+                raise MlflowException(f"unknown record kind {kind!r}", error_code="BAD_REQUEST")
+        except MlflowException as error:
+            if not _is_permanent(error):
+                raise
+            if len(records) > 1 and self._isolate == 0:
+                self._isolate = len(records)  # find the bad record: resend one at a time
+                return
+            log.warning("MLflow rejected a %s record, dropping it: %s", kind, error)
+            self.last_error = f"rejected: {error}"[:2000]
+            self.rejected += 1
+            n = 1
+        self._isolate = max(self._isolate - n, 0)
+        self._commit(n)
+
+    def _send_metrics_and_tags(self, records: list[Any]) -> int:
+        from mlflow.entities import Metric, RunTag
+
+        metrics, tags, n = [], {}, 0
+        for record in records:
+            if record is None or record[0] not in ("m", "t"):
+                break
+            if record[0] == "m":
+                if len(metrics) == MAX_METRICS_PER_BATCH:
+                    break
+                _, key, value, timestamp, step = record
+                metrics.append(Metric(key, float(value), int(timestamp), int(step)))
+            else:
+                if len(tags) == MAX_PARAMS_TAGS_PER_BATCH and record[1] not in tags:
+                    break
+                tags[record[1]] = record[2]  # a later value of the same tag wins, as it would in order
+            n += 1
+            if len(metrics) + len(tags) >= MAX_METRICS_PER_BATCH:
+                break
+        run_tags = [RunTag(k, v) for k, v in tags.items()]
+        self._mlflow().log_batch(self.run_id, metrics=metrics, tags=run_tags, synchronous=True)
+        return n
+
+    def _send_params(self, flat: dict[str, str]) -> None:
+        from mlflow.entities import Param, RunTag
+
+        client = self._mlflow()
+        existing = client.get_run(self.run_id).data.params
+        to_log, changed = split_params(flat, existing)
+        if changed:
+            log.warning("params changed on resume (kept as tags param_changed.*): %s", sorted(changed))
+        entities = [Param(k, v) for k, v in to_log.items()] + [RunTag(k, v) for k, v in changed.items()]
+        for i in range(0, len(entities), MAX_PARAMS_TAGS_PER_BATCH):
+            chunk = entities[i : i + MAX_PARAMS_TAGS_PER_BATCH]
+            client.log_batch(
+                self.run_id,
+                params=[e for e in chunk if isinstance(e, Param)],
+                tags=[e for e in chunk if isinstance(e, RunTag)],
+                synchronous=True,
+            )
+
+    def _send_artifact(self, path: str, artifact_path: str | None, staged: bool) -> None:
+        from mlflow.exceptions import MlflowException
+
+        if not os.path.exists(path):
+            raise MlflowException(f"artifact {path} no longer exists", error_code="BAD_REQUEST")
+        client = self._mlflow()
+        if os.path.isdir(path):
+            client.log_artifacts(self.run_id, path, artifact_path)
+        else:
+            client.log_artifact(self.run_id, path, artifact_path)
+        if staged:
+            shutil.rmtree(os.path.dirname(path), ignore_errors=True)
+
+    def _set_final_status(self) -> None:
+        if self._final_status is None or not self._run_ready:
+            return
+        try:
+            self._mlflow().update_run(self.run_id, status=self._final_status)
+            self.status_set = self._final_status
+        except Exception as error:  # best effort: the run stays RUNNING in the UI
+            self.last_error = f"status: {type(error).__name__}: {error}"[:2000]
+            log.warning("could not set MLflow run %s to %s: %s", self.run_id, self._final_status, error)

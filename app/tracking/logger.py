@@ -1,0 +1,397 @@
+"""``CrescentMLflowLogger``: a Lightning logger whose calls never block or fail training.
+
+Every ``log_*`` call turns its arguments into records and appends them to an in-memory queue; a background
+thread (``delivery.RunDelivery``) journals them to disk and delivers them in order. An unreachable tracking
+server costs nothing but disk: records wait in the journal and are sent when it returns (ARCHITECTURE.md,
+"MLflow hygiene").
+
+Run identity. MLflow assigns run ids on the server, so while the server is down there is no run id yet.
+The logger therefore has two identities:
+
+- ``run_key``: generated here (or given back from a checkpoint), known immediately, stored on the run as
+  the tag ``crescent.run_key``; it also names the local journal.
+- ``run_id``: MLflow's id, ``None`` until the run exists (``wait_for_run_id`` blocks for it).
+
+Store ``state_dict()`` (both) in every checkpoint. On resume pass them back (constructor args, or
+``load_state_dict`` before the first log call): with a ``run_id`` that run continues; with only a
+``run_key`` (the checkpoint was written during an outage) the run carrying that tag continues if it was
+created meanwhile, else it is created; in both cases the journal left by the previous process is delivered
+first, so nothing logged before the restart is lost.
+"""
+
+from __future__ import annotations
+
+import atexit
+import functools
+import json
+import logging
+import os
+import shutil
+import threading
+import time
+import uuid
+from argparse import Namespace
+from typing import Any
+
+from lightning.pytorch.loggers import Logger
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
+
+from app.tracking.delivery import RunDelivery
+from app.tracking.params import flatten_params, sanitize_key
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TRACKING_URI = "sqlite:///mlruns.db"
+_STATUSES = {
+    "success": "FINISHED", "finished": "FINISHED", "failed": "FAILED",
+    "killed": "KILLED", "interrupted": "KILLED", "aborted": "KILLED",
+}
+
+
+@functools.lru_cache(maxsize=8192)
+def _metric_key(key: str) -> str:
+    return sanitize_key(key)
+
+
+def resolve_tracking_uri(tracking_uri: str | None) -> str:
+    """The constructor's URI, else ``MLFLOW_TRACKING_URI``, else ``sqlite:///mlruns.db``.
+
+    A relative sqlite path is made absolute (against the working directory now) so that the store does not
+    move if the process changes directory.
+    """
+    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        uri = "sqlite:///" + os.path.abspath(uri[len("sqlite:///"):])
+    return uri
+
+
+def default_artifact_location(tracking_uri: str) -> str | None:
+    """For a sqlite store, ``mlartifacts`` next to the database file; servers choose their own."""
+    if tracking_uri.startswith("sqlite:///"):
+        db_path = tracking_uri[len("sqlite:///"):]
+        return os.path.join(os.path.dirname(db_path), "mlartifacts")
+    return None
+
+
+class CrescentMLflowLogger(Logger):
+    """MLflow logger for Crescent training (rank 0 logs; other ranks no-op). See the module docstring.
+
+    Args:
+        experiment_name: MLflow experiment (created if missing).
+        tracking_uri: MLflow tracking URI; default ``MLFLOW_TRACKING_URI`` or ``sqlite:///mlruns.db``.
+        run_name: display name of a new run.
+        tags: tags set on the run (again on resume).
+        run_id: continue this run (from a checkpoint).
+        run_key: the logger identity from a checkpoint (see module docstring); new one if not given.
+        artifact_location: artifact root of a newly created experiment (default: ``mlartifacts`` next to a
+            sqlite database; the server's default otherwise).
+        spool_dir: where the journal and staged artifacts live (put it on the checkpoint volume).
+        http_timeout_s, http_max_retries: defaults for ``MLFLOW_HTTP_REQUEST_TIMEOUT`` /
+            ``MLFLOW_HTTP_REQUEST_MAX_RETRIES`` when unset, so a dead server costs seconds per attempt;
+            retries are done by this logger with backoff instead.
+        finalize_timeout_s: how long ``finalize`` waits for delivery before leaving the rest journaled.
+        poll_interval_s: how often the delivery thread sends what has accumulated.
+        max_backoff_s: longest wait between attempts while the server is unreachable.
+        max_queue: records held in memory before the delivery thread journals them; beyond it records are
+            counted in ``stats()['overflowed']`` and lost (only if that thread is stuck for a long time).
+    """
+
+    def __init__(
+        self,
+        experiment_name: str = "crescent",
+        tracking_uri: str | None = None,
+        run_name: str | None = None,
+        tags: dict[str, str] | None = None,
+        run_id: str | None = None,
+        run_key: str | None = None,
+        artifact_location: str | None = None,
+        spool_dir: str = "mlflow-spool",
+        http_timeout_s: int = 10,
+        http_max_retries: int = 0,
+        finalize_timeout_s: float = 30.0,
+        poll_interval_s: float = 1.0,
+        max_backoff_s: float = 30.0,
+        max_queue: int = 1_000_000,
+    ):
+        super().__init__()
+        if not isinstance(experiment_name, str) or not experiment_name.strip():
+            raise ValueError(f"experiment_name must be a non-empty string, got {experiment_name!r}")
+        for field, value, minimum in (
+            ("http_timeout_s", http_timeout_s, 1), ("http_max_retries", http_max_retries, 0),
+            ("finalize_timeout_s", finalize_timeout_s, 0), ("poll_interval_s", poll_interval_s, 0.01),
+            ("max_backoff_s", max_backoff_s, 0.01), ("max_queue", max_queue, 1),
+        ):
+            if value < minimum:
+                raise ValueError(f"{field} must be >= {minimum}, got {value!r}")
+        self._experiment_name = experiment_name
+        self.tracking_uri = resolve_tracking_uri(tracking_uri)
+        self.artifact_location = artifact_location or default_artifact_location(self.tracking_uri)
+        self._run_name = run_name
+        self._tags = {sanitize_key(k): str(v) for k, v in (tags or {}).items()}
+        self._given_run_id = run_id
+        self._run_key_given = run_key is not None
+        self._run_key = run_key or uuid.uuid4().hex
+        self.spool_dir = os.path.abspath(spool_dir)
+        self._http = {"MLFLOW_HTTP_REQUEST_TIMEOUT": str(int(http_timeout_s)),
+                      "MLFLOW_HTTP_REQUEST_MAX_RETRIES": str(int(http_max_retries))}
+        self.finalize_timeout_s = finalize_timeout_s
+        self.poll_interval_s = poll_interval_s
+        self.max_backoff_s = max_backoff_s
+        self.max_queue = max_queue
+        self._delivery: RunDelivery | None = None
+        self._finished: list[RunDelivery] = []
+        self._start_lock = threading.Lock()
+
+    # ---- identity ------------------------------------------------------------------------------------
+    @property
+    def name(self) -> str:
+        return self._experiment_name
+
+    @property
+    def version(self) -> str:
+        """The run key: stable from the first moment (the run id may not exist yet)."""
+        return self._run_key
+
+    @property
+    def run_key(self) -> str:
+        return self._run_key
+
+    @property
+    def run_id(self) -> str | None:
+        """MLflow's run id once the run exists (or the id being resumed); ``None`` before that."""
+        if self._delivery is not None and self._delivery.run_id is not None:
+            return self._delivery.run_id
+        return self._given_run_id
+
+    @property
+    def experiment(self) -> CrescentMLflowLogger:
+        """The logger itself: its ``log_*`` methods are the non-blocking way to reach MLflow."""
+        return self
+
+    def state_dict(self) -> dict[str, str | None]:
+        """What a checkpoint must hold to continue this run: ``{"run_id": ..., "run_key": ...}``."""
+        return {"run_id": self.run_id, "run_key": self._run_key}
+
+    def load_state_dict(self, state: dict[str, str | None]) -> None:
+        """Continue the run of ``state_dict()``; must come before the first log call of this logger."""
+        if self._delivery is not None:
+            raise RuntimeError(
+                "CrescentMLflowLogger.load_state_dict must be called before the first log call "
+                f"(run {self.run_id or self._run_key} is already in use)"
+            )
+        if state.get("run_id"):
+            self._given_run_id = state["run_id"]
+        if state.get("run_key"):
+            self._run_key, self._run_key_given = state["run_key"], True
+
+    # ---- lifecycle -----------------------------------------------------------------------------------
+    @rank_zero_only
+    def start(self) -> None:
+        """Start the delivery thread now (creates or resumes the run in the background)."""
+        self._ensure_started()
+
+    def _ensure_started(self) -> RunDelivery:
+        delivery = self._delivery
+        if delivery is not None:
+            return delivery
+        with self._start_lock:
+            if self._delivery is None:
+                self._delivery = self._new_delivery()
+                atexit.register(self._at_exit)
+            return self._delivery
+
+    def _new_delivery(self) -> RunDelivery:
+        if self.tracking_uri.startswith(("http://", "https://")):
+            for key, value in self._http.items():
+                os.environ.setdefault(key, value)
+        delivery = RunDelivery(
+            tracking_uri=self.tracking_uri,
+            experiment_name=self._experiment_name,
+            artifact_location=self.artifact_location,
+            run_id=self.run_id,
+            run_key=self._run_key,
+            search_run_key=self._run_key_given,
+            run_name=self._run_name,
+            tags=self._tags,
+            journal_path=os.path.join(self.spool_dir, f"{self._run_key}.jsonl"),
+            poll_interval_s=self.poll_interval_s,
+            max_backoff_s=self.max_backoff_s,
+            max_queue=self.max_queue,
+        )
+        delivery.start()
+        return delivery
+
+    def _at_exit(self) -> None:
+        """Interpreter exit without ``finalize``: journal what is queued (delivered by the next run)."""
+        delivery = self._delivery
+        if delivery is not None and delivery.is_alive():
+            delivery.stop(None, timeout=0.0)
+            delivery.join(timeout=5.0)
+
+    def wait_for_run_id(self, timeout: float = 30.0) -> str | None:
+        """Block up to ``timeout`` s until the run exists; its id, or ``None`` (server still unreachable)."""
+        if self._delivery is None:
+            return self._given_run_id
+        deadline = time.monotonic() + timeout
+        while self._delivery.run_id is None and time.monotonic() < deadline and self._delivery.is_alive():
+            time.sleep(0.05)
+        return self._delivery.run_id
+
+    @rank_zero_only
+    def flush(self, timeout: float = 30.0) -> bool:
+        """Wait up to ``timeout`` s until everything logged so far is in MLflow; True if it is."""
+        if self._delivery is None:
+            return True
+        return self._delivery.wait_delivered(timeout)
+
+    @rank_zero_only
+    def finalize(self, status: str = "success") -> None:
+        """Flush for at most ``finalize_timeout_s``, set the run status, stop the thread (best effort).
+
+        ``status``: Lightning's ``success``/``failed``/``finished`` or ``killed``/``interrupted``/
+        ``aborted``, or MLflow's ``FINISHED``/``FAILED``/``KILLED``. What could not be delivered stays in
+        the journal for the next process with the same run key. Logging after ``finalize`` starts again.
+        """
+        mlflow_status = _STATUSES.get(status.lower()) if isinstance(status, str) else None
+        if mlflow_status is None and isinstance(status, str) and status.upper() in _STATUSES.values():
+            mlflow_status = status.upper()
+        if mlflow_status is None:
+            raise ValueError(
+                f"finalize status must be one of {sorted(_STATUSES)} or FINISHED/FAILED/KILLED, got {status!r}"
+            )
+        delivery = self._delivery
+        if delivery is None:
+            return
+        delivery.stop(mlflow_status, timeout=self.finalize_timeout_s)
+        delivery.join(timeout=self.finalize_timeout_s + int(self._http["MLFLOW_HTTP_REQUEST_TIMEOUT"]) + 5)
+        self._given_run_id = delivery.run_id or self._given_run_id
+        self._run_key_given = True  # a later start continues this run
+        self._finished.append(delivery)
+        self._delivery = None
+        atexit.unregister(self._at_exit)
+        try:  # staged artifacts are deleted once uploaded; drop their folder when it is empty
+            os.rmdir(os.path.join(self.spool_dir, f"{self._run_key}.files"))
+        except OSError:
+            pass
+
+    def stats(self) -> dict[str, Any]:
+        """Counters of the current (or last) delivery thread: enqueued, delivered, pending, overflowed,
+        rejected, failures, last_error, run_id, status_set."""
+        delivery = self._delivery or (self._finished[-1] if self._finished else None)
+        if delivery is None:
+            return {"enqueued": 0, "delivered": 0, "pending": 0, "overflowed": 0, "rejected": 0,
+                    "failures": 0, "last_error": None, "run_id": self.run_id, "status_set": None}
+        return {
+            "enqueued": delivery.enqueued, "delivered": delivery.delivered,
+            "pending": delivery.enqueued - delivery.delivered, "overflowed": delivery.overflowed,
+            "rejected": delivery.rejected, "failures": delivery.failures, "last_error": delivery.last_error,
+            "run_id": delivery.run_id, "status_set": delivery.status_set,
+        }
+
+    # ---- logging (rank 0 only; never blocks on the network, never raises) ----------------------------
+    @rank_zero_only
+    def log_hyperparams(self, params: dict[str, Any] | Namespace, *args: Any, **kwargs: Any) -> None:
+        """Log the (nested) config as flat params, once; see ``params.split_params`` for resume."""
+        try:
+            flat = flatten_params(params)
+        except Exception as error:  # a config object we cannot walk must not stop training
+            log.warning("could not flatten hyperparameters: %s", error)
+            return
+        if flat:
+            self._ensure_started().put([["p", flat]])
+
+    @rank_zero_only
+    def log_metrics(self, metrics: dict[str, Any], step: int | None = None) -> None:
+        """Queue one value per key at ``step`` (0 if None), timestamped now. Non-numeric values are skipped."""
+        timestamp = int(time.time() * 1000)
+        step = int(step) if step is not None else 0
+        records = []
+        for key, value in metrics.items():
+            try:
+                value = float(value.item() if hasattr(value, "item") else value)
+            except (TypeError, ValueError, RuntimeError):
+                log.debug("metric %s=%r is not a number; skipped", key, value)
+                continue
+            records.append(["m", _metric_key(str(key)), value, timestamp, step])
+        if records:
+            self._ensure_started().put(records)
+
+    @rank_zero_only
+    def set_tags(self, tags: dict[str, Any]) -> None:
+        """Queue run tags (values stringified)."""
+        records = [["t", sanitize_key(k), str(v)[:8000]] for k, v in tags.items()]
+        if records:
+            self._ensure_started().put(records)
+
+    def _staging_dir(self) -> str:
+        path = os.path.join(self.spool_dir, f"{self._run_key}.files", uuid.uuid4().hex)
+        os.makedirs(path, exist_ok=True)
+        return path
+
+    @rank_zero_only
+    def log_artifact(self, local_path: str, artifact_path: str | None = None, snapshot: bool = True) -> None:
+        """Queue a file or directory for upload under ``artifact_path``.
+
+        ``snapshot=True`` copies it now (later edits by the caller do not matter); ``snapshot=False``
+        uploads the path as it is at delivery time (for large exports the caller keeps in place).
+        """
+        try:
+            if not os.path.exists(local_path):
+                log.warning("log_artifact: %s does not exist; nothing logged", local_path)
+                return
+            path = os.path.abspath(local_path)
+            if snapshot:
+                target = os.path.join(self._staging_dir(), os.path.basename(path.rstrip("/")))
+                (shutil.copytree if os.path.isdir(path) else shutil.copy2)(path, target)
+                path = target
+            self._ensure_started().put([["a", path, artifact_path, snapshot]])
+        except OSError as error:
+            log.warning("log_artifact(%s) failed locally: %s", local_path, error)
+
+    def _log_staged(self, artifact_file: str, write) -> None:
+        try:
+            target = os.path.join(self._staging_dir(), os.path.basename(artifact_file))
+            write(target)
+            self._ensure_started().put([["a", target, os.path.dirname(artifact_file) or None, True]])
+        except Exception as error:
+            log.warning("could not stage artifact %s: %s", artifact_file, error)
+
+    @rank_zero_only
+    def log_dict(self, dictionary: dict[str, Any], artifact_file: str) -> None:
+        """Queue ``dictionary`` as ``artifact_file`` (YAML for .yaml/.yml, else JSON)."""
+
+        def write(target: str) -> None:
+            with open(target, "w") as f:
+                if artifact_file.endswith((".yaml", ".yml")):
+                    import yaml
+
+                    yaml.safe_dump(dictionary, f, sort_keys=False, default_flow_style=False)
+                else:
+                    json.dump(dictionary, f, indent=2, default=str)
+
+        self._log_staged(artifact_file, write)
+
+    @rank_zero_only
+    def log_text(self, text: str, artifact_file: str) -> None:
+        """Queue ``text`` as the artifact file ``artifact_file``."""
+
+        def write(target: str) -> None:
+            with open(target, "w") as f:
+                f.write(text)
+
+        self._log_staged(artifact_file, write)
+
+    @rank_zero_only
+    def log_figure(self, figure: Any, artifact_file: str, dpi: int = 100) -> None:
+        """Render a matplotlib figure now (PNG unless the extension says otherwise) and queue it."""
+        self._log_staged(artifact_file, lambda target: figure.savefig(target, dpi=dpi))
+
+    # ---- pickling (spawn launchers copy the logger into new processes) -------------------------------
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state.update(_delivery=None, _finished=[], _start_lock=None, _given_run_id=self.run_id)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._start_lock = threading.Lock()
