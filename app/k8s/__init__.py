@@ -1,0 +1,2 @@
+"""Kubernetes for Crescent: render the kustomize overlays in k8s/ with a run's parameters, check them, and
+apply them with the `kubernetes` client (server-side apply). `crescent k8s ...` is the command line."""

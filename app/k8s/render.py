@@ -1,0 +1,230 @@
+"""`crescent k8s render`: an overlay of k8s/ plus one run's parameters -> the objects to apply.
+
+The overlay holds the defaults (node count, GPUs, config name in the Job's `crescent/config` annotation); the
+parameters given here rewrite them consistently everywhere they appear (Job completions and parallelism, the
+torchrun flags, Lightning's num_nodes/devices, GPU resources, backoffLimit). The training config is read from
+app/configs/NAME.yaml (or a path) at render time into the ConfigMap the pods mount at /etc/crescent/config.yaml,
+so it is never copied by hand.
+"""
+from __future__ import annotations
+
+import copy
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from app.k8s import kustomize, policy
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+K8S_DIR = REPO_ROOT / "k8s"
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+
+TRAIN_JOB = "crescent-train"
+TRAIN_CONTAINER = "trainer"
+CONFIG_MAP = "crescent-train-config"
+CONFIG_ANNOTATION = "crescent/config"
+DATA_BUILD_JOB = "crescent-data-build"
+DATA_MERGE_JOB = "crescent-data-merge"
+GPU_RESOURCE = "nvidia.com/gpu"
+
+# Apply order: what others refer to comes first.
+KIND_ORDER = ["Namespace", "ServiceAccount", "Role", "RoleBinding", "Secret", "ConfigMap",
+              "PersistentVolumeClaim", "Service", "NetworkPolicy", "StatefulSet", "Deployment", "Job", "CronJob"]
+
+
+class RenderError(ValueError):
+    """Bad render parameters or an overlay that does not have what the parameters rewrite."""
+
+
+@dataclass
+class RenderParams:
+    """One run's parameters; None keeps the overlay's value."""
+
+    overlay: str = "dev"
+    nodes: int | None = None
+    gpus_per_node: int | None = None
+    cpu_procs_per_node: int = 1  # processes per node when gpus_per_node == 0 (CPU training with gloo)
+    image: str | None = None
+    eval_image: str | None = None
+    config: str | None = None
+    data_slices: int | None = None
+    max_restarts: int = 3  # restarts of the whole job; backoffLimit = max_restarts * nodes
+    train_overrides: list[tuple[str, str]] = field(default_factory=list)
+    engine: str = "auto"
+
+    def __post_init__(self) -> None:
+        for name in ("nodes", "data_slices"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise RenderError(f"{name}={value!r}: must be an integer >= 1")
+        if self.gpus_per_node is not None and (not isinstance(self.gpus_per_node, int) or self.gpus_per_node < 0):
+            raise RenderError(f"gpus_per_node={self.gpus_per_node!r}: must be an integer >= 0 (0 = CPU)")
+        if self.cpu_procs_per_node < 1:
+            raise RenderError(f"cpu_procs_per_node={self.cpu_procs_per_node!r}: must be >= 1")
+        if self.max_restarts < 0:
+            raise RenderError(f"max_restarts={self.max_restarts!r}: must be >= 0")
+        for name in ("image", "eval_image"):
+            value = getattr(self, name)
+            if value is not None:
+                check_image_ref(value, name)
+        for key, _ in self.train_overrides:
+            if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_.]*", key):
+                raise RenderError(f"train override key {key!r}: expected dotted names like trainer.max_steps")
+
+
+def check_image_ref(ref: str, what: str = "image") -> None:
+    """An image must be pinned: an explicit tag other than `latest`, or a digest."""
+    if "@sha256:" in ref:
+        return
+    last = ref.rsplit("/", 1)[-1]
+    if ":" not in last:
+        raise RenderError(f"{what}={ref!r}: no tag; pin a version (e.g. {ref}:0.1.0)")
+    if last.rsplit(":", 1)[1] == "latest":
+        raise RenderError(f"{what}={ref!r}: the tag `latest` is not allowed; pin a version")
+
+
+def overlay_dir(overlay: str) -> Path:
+    path = Path(overlay)
+    if (path / "kustomization.yaml").is_file():
+        return path
+    candidate = K8S_DIR / "overlays" / overlay
+    if (candidate / "kustomization.yaml").is_file():
+        return candidate
+    available = sorted(p.name for p in (K8S_DIR / "overlays").iterdir() if (p / "kustomization.yaml").is_file())
+    raise RenderError(f"overlay={overlay!r}: not a kustomization directory; available overlays: {available}")
+
+
+def resolve_config(config: str) -> Path:
+    """`tiny-cpu` -> app/configs/tiny-cpu.yaml; a path is taken as it is."""
+    path = Path(config)
+    if path.suffix in (".yaml", ".yml") and path.is_file():
+        return path
+    candidate = CONFIG_DIR / f"{config}.yaml"
+    if candidate.is_file():
+        return candidate
+    available = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")) if CONFIG_DIR.is_dir() else []
+    raise RenderError(f"config={config!r}: {candidate} does not exist (nor a file of that name); "
+                      f"available configs: {available or 'none yet'}")
+
+
+def render(params: RenderParams) -> list[dict]:
+    """The overlay's objects with the parameters applied and the config ConfigMap added, in apply order."""
+    try:
+        objects = copy.deepcopy(kustomize.build(overlay_dir(params.overlay), params.engine))
+    except kustomize.KustomizeError as err:
+        raise RenderError(str(err)) from err
+    job = find(objects, "Job", TRAIN_JOB)
+    config = params.config or job["metadata"].get("annotations", {}).get(CONFIG_ANNOTATION)
+    if not config:
+        raise RenderError(f"no config: pass --config or set the {CONFIG_ANNOTATION} annotation on the Job")
+    config_path = resolve_config(config)
+    job["metadata"].setdefault("annotations", {})[CONFIG_ANNOTATION] = config
+    objects.append(config_map(config_path, job["metadata"].get("namespace"), job["metadata"].get("labels", {})))
+    _apply_training(job, params)
+    _apply_images(objects, params)
+    if params.data_slices is not None:
+        _apply_data_slices(objects, params.data_slices)
+    issues = policy.problems(objects)
+    if issues:
+        raise RenderError("the rendered objects break the deployment rules:\n  " + "\n  ".join(issues))
+    return sorted(objects, key=_order)
+
+
+def config_map(path: Path, namespace: str | None, labels: dict) -> dict:
+    text = path.read_text()
+    try:
+        yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise RenderError(f"config file {path} is not valid YAML: {err}") from err
+    meta = {"name": CONFIG_MAP, "labels": {**labels, "app.kubernetes.io/component": "train"}}
+    if namespace:
+        meta["namespace"] = namespace
+    return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": meta, "data": {"config.yaml": text}}
+
+
+def find(objects: list[dict], kind: str, name: str) -> dict:
+    for obj in objects:
+        if obj["kind"] == kind and obj["metadata"]["name"] == name:
+            return obj
+    raise RenderError(f"the overlay has no {kind}/{name}")
+
+
+def container(pod_spec: dict, name: str) -> dict:
+    for c in pod_spec["containers"]:
+        if c["name"] == name:
+            return c
+    raise RenderError(f"no container {name!r} in the pod template")
+
+
+def _apply_training(job: dict, params: RenderParams) -> None:
+    spec = job["spec"]
+    trainer = container(spec["template"]["spec"], TRAIN_CONTAINER)
+    args = trainer["args"]
+    nodes = params.nodes if params.nodes is not None else int(spec["completions"])
+    spec["completions"] = spec["parallelism"] = nodes
+    spec["backoffLimit"] = params.max_restarts * nodes
+    _set_flag(args, "--nnodes", str(nodes))
+    _set_option(args, "--trainer.num_nodes", str(nodes))
+    if params.gpus_per_node is not None:
+        gpus = params.gpus_per_node
+        procs = gpus if gpus > 0 else params.cpu_procs_per_node
+        _set_flag(args, "--nproc-per-node", str(procs))
+        _set_option(args, "--trainer.devices", str(procs))
+        resources = trainer.setdefault("resources", {})
+        for section in ("requests", "limits"):
+            values = resources.setdefault(section, {})
+            if gpus > 0:
+                values[GPU_RESOURCE] = str(gpus)
+            else:
+                values.pop(GPU_RESOURCE, None)
+    for key, value in params.train_overrides:
+        _set_option(args, f"--{key}", value)
+
+
+def _apply_images(objects: list[dict], params: RenderParams) -> None:
+    for obj in objects:
+        for template in kustomize.pod_templates(obj):
+            for c in template["spec"]["containers"] + template["spec"].get("initContainers", []):
+                component = template.get("metadata", {}).get("labels", {}).get("app.kubernetes.io/component")
+                if params.image and component in ("train", "data"):
+                    c["image"] = params.image
+                if params.eval_image and component == "eval":
+                    c["image"] = params.eval_image
+
+
+def _apply_data_slices(objects: list[dict], slices: int) -> None:
+    build = find(objects, "Job", DATA_BUILD_JOB)
+    build["spec"]["completions"] = slices
+    build["spec"]["parallelism"] = min(int(build["spec"].get("parallelism", slices)), slices)
+    _set_option(container(build["spec"]["template"]["spec"], "build")["args"], "--num-slices", str(slices))
+    merge = find(objects, "Job", DATA_MERGE_JOB)
+    _set_option(container(merge["spec"]["template"]["spec"], "merge")["args"], "--parts", str(slices))
+
+
+def _set_flag(args: list[str], flag: str, value: str) -> None:
+    """`--flag=value` in place."""
+    for i, arg in enumerate(args):
+        if arg.startswith(flag + "="):
+            args[i] = f"{flag}={value}"
+            return
+    raise RenderError(f"the training command has no {flag}=...: {args}")
+
+
+def _set_option(args: list[str], option: str, value: str) -> None:
+    """`--option value` in place (before the command's positional end), or appended."""
+    for i, arg in enumerate(args[:-1]):
+        if arg == option:
+            args[i + 1] = value
+            return
+    args += [option, value]
+
+
+def _order(obj: dict) -> tuple[int, str]:
+    kind = obj["kind"]
+    return (KIND_ORDER.index(kind) if kind in KIND_ORDER else len(KIND_ORDER), obj["metadata"]["name"])
+
+
+def to_yaml(objects: list[dict]) -> str:
+    return yaml.safe_dump_all(objects, sort_keys=False, default_flow_style=False, width=120)
