@@ -1,0 +1,254 @@
+"""Muon with AdamW groups in one optimizer (Moonlight §2, Eqs. 1–4; AdamW shares η and λ as in the paper).
+
+Groups carry `algorithm: 'muon' | 'adamw'`. Muon groups hold matrices and stacks of matrices ([E, A, B]: one matrix
+per expert); NS runs once per `step()` whatever the gradient accumulation. A parameter whose gradient is None is
+skipped; so is a Muon matrix (one expert of a stack) whose gradient is exactly zero — an expert that got no tokens —
+so neither its momentum nor its weights move. Non-finite gradients either skip the whole step (counted in
+`skipped_steps`) or raise. After each step `last_stats` holds update/weight RMS per group and NS time.
+
+The same class runs unchanged on FSDP2 parameters (DTensor, Shard(0)): see `dtensor.py`.
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+from torch.distributed.tensor import DTensor
+
+from components.optim.newton_schulz import newton_schulz, resolve_coefficients, resolve_dtype
+from components.optim.telemetry import StepStats
+from components.optim.update import (
+    SCALE_MODES,
+    adamw_step,
+    apply_update,
+    momentum_step,
+    scaled_update,
+    update_scale,
+)
+
+ALGORITHMS = ("muon", "adamw")
+NONFINITE_POLICIES = ("skip", "raise")
+# Codes of the per-matrix gradient summary: no gradient (None, or an all-zero Muon matrix), finite, non-finite.
+NO_GRAD, FINITE, NONFINITE = 0.0, 1.0, 2.0
+
+
+def local(t: torch.Tensor) -> torch.Tensor:
+    """The rank-local tensor of a DTensor (shares storage), the tensor itself otherwise."""
+    return t._local_tensor if isinstance(t, DTensor) else t
+
+
+def num_matrices(p: torch.Tensor) -> int:
+    n = 1
+    for d in p.shape[:-2]:
+        n *= d
+    return n
+
+
+class Muon(torch.optim.Optimizer):
+    """Moonlight's Muon for matrices plus AdamW for the rest, sharing lr and weight decay.
+
+    Args mirror the paper: momentum μ=0.95 (sum form) with Nesterov, 5 NS steps with the fixed quintic in bf16,
+    scale_mode 'moonlight' (0.2·sqrt(max(A, B))), AdamW betas (0.9, 0.95), eps 1e-8.
+    """
+
+    def __init__(self, params, lr: float = 1e-3, weight_decay: float = 0.1, momentum: float = 0.95,
+                 nesterov: bool = True, ns_steps: int = 5, ns_coefficients="quintic",
+                 ns_dtype: torch.dtype | str = torch.bfloat16, ns_eps: float = 1e-7, scale_mode: str = "moonlight",
+                 scale_hidden_size: int | None = None, adamw_betas: tuple[float, float] = (0.9, 0.95),
+                 adamw_eps: float = 1e-8, nonfinite: str = "skip", telemetry: bool = True):
+        if nonfinite not in NONFINITE_POLICIES:
+            raise ValueError(f"nonfinite={nonfinite!r} is unknown; choose one of {NONFINITE_POLICIES}")
+        defaults = dict(lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps,
+                        ns_coefficients=ns_coefficients, ns_dtype=ns_dtype, ns_eps=ns_eps, scale_mode=scale_mode,
+                        scale_hidden_size=scale_hidden_size, adamw_betas=tuple(adamw_betas), adamw_eps=adamw_eps,
+                        algorithm="muon", skipped_steps=0)
+        super().__init__(params, defaults)
+        self.nonfinite = nonfinite
+        self.telemetry = telemetry
+        self.last_stats: dict[str, float] = {}
+        self._init_state()
+
+    # ----------------------------------------------------------------------------------------- construction
+    def add_param_group(self, param_group: dict) -> None:
+        super().add_param_group(param_group)
+        validate_group(self.param_groups[-1])
+
+    def _init_state(self) -> None:
+        """Eager, rank-symmetric state (same keys for every parameter from the start) so DCP can save it."""
+        for group in self.param_groups:
+            for p in group["params"]:
+                state = self.state[p]
+                if state:
+                    continue
+                if group["algorithm"] == "muon":
+                    state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                else:
+                    state["step"] = torch.tensor(0.0)
+                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+
+    # ----------------------------------------------------------------------------------------- the step
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        codes = self._grad_codes()
+        if self._handle_nonfinite(codes):
+            return loss
+        stats = StepStats()
+        for group in self.param_groups:
+            if group["algorithm"] == "muon":
+                if any(isinstance(p, DTensor) for p in group["params"]):
+                    from components.optim.dtensor import muon_group_step_dtensor
+                    muon_group_step_dtensor(self, group, codes, stats)
+                else:
+                    self._muon_group_step(group, codes, stats)
+            else:
+                self._adamw_group_step(group, codes, stats)
+        self._finish_stats(stats)
+        return loss
+
+    def _muon_group_step(self, group: dict, codes: dict, stats: StepStats) -> None:
+        key = group_key(group)
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            active = codes[p] == FINITE
+            if not bool(active.any()):
+                continue
+            keep = None if bool(active.all()) else (~active).to(p.device).view(*p.shape[:-2], 1, 1)
+            x = momentum_step(self.state[p]["momentum_buffer"], p.grad, group["momentum"], group["nesterov"], keep)
+            update = orthogonal_update(x, group, p.dtype, stats)
+            apply_update(p, update, group["lr"], group["weight_decay"], keep)
+            if self.telemetry:
+                stats.add(key, update if keep is None else update[active.to(p.device)], p)
+
+    def _adamw_group_step(self, group: dict, codes: dict, stats: StepStats) -> None:
+        params, grads, exp_avgs, exp_avg_sqs, steps = [], [], [], [], []
+        for p in group["params"]:
+            if p.grad is None or float(codes[p][0]) == NO_GRAD:
+                continue
+            state = self.state[p]
+            state["step"] += 1
+            params.append(local(p))
+            grads.append(local(p.grad))
+            exp_avgs.append(local(state["exp_avg"]))
+            exp_avg_sqs.append(local(state["exp_avg_sq"]))
+            steps.append(float(state["step"]))
+        updates = adamw_step(params, grads, exp_avgs, exp_avg_sqs, steps, group["lr"], group["weight_decay"],
+                             group["adamw_betas"], group["adamw_eps"], want_update=self.telemetry)
+        if self.telemetry:
+            for u, p in zip(updates, params):
+                stats.add(group_key(group), u, p)
+
+    # ----------------------------------------------------------------------------------------- gradient summary
+    def _grad_codes(self) -> dict[torch.Tensor, torch.Tensor]:
+        """Per parameter, one code per matrix (Muon) or one per tensor (AdamW): NO_GRAD / FINITE / NONFINITE.
+
+        One host sync for the whole model; distributed subclasses all-reduce (MAX) the same vector.
+        """
+        order, pieces = [], []
+        for group in self.param_groups:
+            for p in group["params"]:
+                n = num_matrices(p) if group["algorithm"] == "muon" else 1
+                order.append((p, n))
+                pieces.append(self._local_codes(p, group["algorithm"], n))
+        flat = self._reduce_codes(torch.cat(pieces).cpu() if pieces else torch.zeros(0))
+        out, offset = {}, 0
+        for p, n in order:
+            out[p] = flat[offset:offset + n]
+            offset += n
+        return out
+
+    def _local_codes(self, p: torch.Tensor, algorithm: str, n: int) -> torch.Tensor:
+        g = p.grad
+        if g is None:
+            return torch.full((n,), NO_GRAD, device=local(p).device)
+        g = local(g)
+        if algorithm == "muon":
+            amax = g.abs().amax(dim=(-2, -1)).reshape(-1) if g.numel() else g.new_zeros(n)
+            code = torch.where(amax > 0, FINITE, NO_GRAD)
+        else:
+            amax = g.abs().amax().reshape(1) if g.numel() else g.new_zeros(1)
+            code = torch.full_like(amax, FINITE)
+        return torch.where(torch.isfinite(amax), code, NONFINITE).float()
+
+    def _reduce_codes(self, codes: torch.Tensor) -> torch.Tensor:
+        return codes
+
+    def _handle_nonfinite(self, codes: dict) -> bool:
+        bad = [p for p, c in codes.items() if bool((c == NONFINITE).any())]
+        if not bad:
+            return False
+        names = self._param_names()
+        where = ", ".join(names.get(p, f"param #{i}") for i, p in enumerate(bad[:3]))
+        if self.nonfinite == "raise":
+            raise FloatingPointError(f"Muon: non-finite gradient in {len(bad)} parameter(s), e.g. {where}; "
+                                     "nothing was updated (set nonfinite='skip' to skip such steps)")
+        for group in self.param_groups:
+            group["skipped_steps"] += 1
+        self.last_stats = {"skipped_steps": float(self.param_groups[0]["skipped_steps"]), "nonfinite": 1.0,
+                           "ns_seconds": 0.0}
+        return True
+
+    def _param_names(self) -> dict:
+        out = {}
+        for group in self.param_groups:
+            for p, name in zip(group["params"], group.get("param_names", [])):
+                out[p] = name
+        return out
+
+    def _finish_stats(self, stats: StepStats, process_group=None, distributed: bool = False) -> None:
+        extra = {"skipped_steps": float(self.param_groups[0]["skipped_steps"]), "nonfinite": 0.0}
+        if not self.telemetry:
+            self.last_stats = {"ns_seconds": stats.ns_seconds, **extra}
+            return
+        self.last_stats = stats.finish(process_group, distributed, extra)
+
+
+def orthogonal_update(x: torch.Tensor, group: dict, dtype: torch.dtype, stats: StepStats | None = None
+                      ) -> torch.Tensor:
+    """U = s·NS(x) for a matrix or a stack of matrices, with the group's NS settings and scale mode."""
+    start = time.perf_counter()
+    o = newton_schulz(x, steps=group["ns_steps"], coefficients=group["ns_coefficients"],
+                      dtype=resolve_dtype(group["ns_dtype"]), eps=group["ns_eps"], out_dtype=resolve_dtype(group["ns_dtype"]))
+    if stats is not None:
+        stats.ns_seconds += time.perf_counter() - start
+    scale = update_scale(group["scale_mode"], x.shape, o, group["scale_hidden_size"])
+    return scaled_update(o, scale, dtype)
+
+
+def group_key(group: dict) -> str:
+    return group.get("name") or group["algorithm"]
+
+
+def validate_group(group: dict) -> None:
+    """ValueError naming the field, its value and what is allowed; Muon parameters must have >= 2 dims."""
+    def check(ok: bool, field: str, rule: str) -> None:
+        if not ok:
+            raise ValueError(f"Muon: {field}={group[field]!r} {rule}")
+
+    check(group["algorithm"] in ALGORITHMS, "algorithm", f"must be one of {ALGORITHMS}")
+    check(isinstance(group["lr"], (int, float)) and group["lr"] >= 0, "lr", "must be a number >= 0")
+    check(group["weight_decay"] >= 0, "weight_decay", "must be >= 0")
+    check(0 <= group["momentum"] < 1, "momentum", "must be in [0, 1)")
+    check(isinstance(group["ns_steps"], int) and 0 <= group["ns_steps"] < 100, "ns_steps", "must be an int in [0, 100)")
+    check(group["ns_eps"] > 0, "ns_eps", "must be > 0")
+    check(group["scale_mode"] in SCALE_MODES, "scale_mode", f"must be one of {SCALE_MODES}")
+    if group["scale_mode"] == "baseline":
+        check(isinstance(group["scale_hidden_size"], int) and group["scale_hidden_size"] > 0, "scale_hidden_size",
+              "must be the model's hidden size H (a positive int) for scale_mode='baseline'")
+    betas = group["adamw_betas"]
+    check(len(betas) == 2 and all(0 <= b < 1 for b in betas), "adamw_betas", "must be two numbers in [0, 1)")
+    check(group["adamw_eps"] > 0, "adamw_eps", "must be > 0")
+    resolve_coefficients(group["ns_coefficients"])
+    group["ns_dtype"] = str(resolve_dtype(group["ns_dtype"])).removeprefix("torch.")
+    group["adamw_betas"] = tuple(betas)
+    if group["algorithm"] == "muon":
+        names = group.get("param_names") or [f"param #{i} of the group" for i in range(len(group["params"]))]
+        for p, name in zip(group["params"], names):
+            if p.ndim < 2:
+                raise ValueError(f"Muon: parameter {name!r} has shape {tuple(p.shape)} (< 2 dims) and cannot use "
+                                 "algorithm='muon'; route it to 'adamw'")

@@ -1,0 +1,127 @@
+"""Newton–Schulz orthogonalization (Moonlight Eq. 2) with pluggable coefficient schedules.
+
+    X_0 = G / (s·||G||_F + eps)                      s = 1 (paper) or a small safety margin (Polar Express)
+    X_k = a_k X + b_k (X Xᵀ) X + c_k (X Xᵀ)² X       k = 1..steps
+
+The iteration runs on the wide orientation (rows <= columns, transposing tall matrices) and is batched over every
+leading dimension, so a stacked expert tensor [E, A, B] is E independent matrices. It never writes into its input
+(torch #194664: `G.bfloat16()` aliases G when G is already bf16).
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+Triple = tuple[float, float, float]
+
+
+@dataclass(frozen=True)
+class CoefficientSchedule:
+    """Per-step (a, b, c) triples; steps beyond the list repeat the last triple.
+
+    `norm_safety` multiplies the Frobenius norm in the normalization (> 1 keeps the spectral norm safely below 1
+    in low precision, as Polar Express does).
+    """
+
+    name: str
+    triples: tuple[Triple, ...]
+    norm_safety: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not self.triples or any(len(t) != 3 for t in self.triples):
+            raise ValueError(f"ns_coefficients: {self.name!r} needs at least one (a, b, c) triple, got {self.triples!r}")
+        if not self.norm_safety > 0:
+            raise ValueError(f"ns_coefficients: norm_safety={self.norm_safety!r} must be > 0")
+
+    def for_steps(self, steps: int) -> list[Triple]:
+        return [self.triples[min(k, len(self.triples) - 1)] for k in range(steps)]
+
+
+# Moonlight §2.1 / Eq. 2: the fixed quintic of Keller Jordan's Muon, used for all 5 steps.
+QUINTIC = CoefficientSchedule("quintic", ((3.4445, -4.7750, 2.0315),))
+# Polar Express (Amsel et al. 2025, arXiv 2505.16932): minimax-optimal per-step quintics for 5 iterations, with the
+# 2% normalization safety margin of the 5-step set used by modded-nanogpt and microsoft/dion.
+POLAR_EXPRESS = CoefficientSchedule(
+    "polar_express",
+    (
+        (8.156554524902461, -22.48329292557795, 15.878769915207462),
+        (4.042929935166739, -2.808917465908714, 0.5000178451051316),
+        (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
+        (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
+        (2.3465413258596377, -1.7097828382687081, 0.42323551169305323),
+    ),
+    norm_safety=1.02,
+)
+SCHEDULES: dict[str, CoefficientSchedule] = {"quintic": QUINTIC, "moonlight": QUINTIC, "polar_express": POLAR_EXPRESS}
+
+
+def resolve_coefficients(coefficients: str | CoefficientSchedule | Sequence) -> CoefficientSchedule:
+    """A schedule from a name ('quintic' = the paper's fixed triple, 'polar_express'), one triple or a list of them."""
+    if isinstance(coefficients, CoefficientSchedule):
+        return coefficients
+    if isinstance(coefficients, str):
+        if coefficients not in SCHEDULES:
+            raise ValueError(f"ns_coefficients={coefficients!r} is unknown; choose one of {sorted(SCHEDULES)} "
+                             "or pass (a, b, c) triples")
+        return SCHEDULES[coefficients]
+    try:
+        items = list(coefficients)
+        if len(items) == 3 and all(isinstance(x, (int, float)) for x in items):
+            return CoefficientSchedule("custom", (tuple(float(x) for x in items),))
+        return CoefficientSchedule("custom", tuple(tuple(float(x) for x in t) for t in items))
+    except TypeError as exc:
+        raise ValueError(f"ns_coefficients={coefficients!r} must be a name, an (a, b, c) triple or a list of "
+                         "triples") from exc
+
+
+def resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    allowed = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float32": torch.float32, "fp32": torch.float32,
+               "float16": torch.float16, "fp16": torch.float16, "float64": torch.float64}
+    if dtype not in allowed:
+        raise ValueError(f"ns_dtype={dtype!r} is unknown; choose one of {sorted(allowed)} or a torch.dtype")
+    return allowed[dtype]
+
+
+def newton_schulz(
+    G: torch.Tensor,
+    steps: int = 5,
+    coefficients: str | CoefficientSchedule | Sequence = "quintic",
+    dtype: torch.dtype | str = torch.bfloat16,
+    eps: float = 1e-7,
+    out_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """Approximate the orthogonal polar factor U Vᵀ of each matrix in G [..., A, B] (Moonlight Eq. 2).
+
+    Returns a new tensor of G's shape in `out_dtype` (default: G's dtype); G is not modified.
+    """
+    if G.ndim < 2:
+        raise ValueError(f"newton_schulz: G must have at least 2 dimensions, got shape {tuple(G.shape)}")
+    if steps < 0:
+        raise ValueError(f"newton_schulz: steps={steps} must be >= 0")
+    schedule = resolve_coefficients(coefficients)
+    compute = resolve_dtype(dtype)
+    shape = G.shape
+    X = G.to(dtype=compute, copy=True)  # always a private copy: the in-place ops below never touch G
+    if X.ndim > 3:
+        X = X.reshape(-1, *shape[-2:])
+    tall = X.shape[-2] > X.shape[-1]
+    if tall:
+        X = X.mT
+    norm = torch.linalg.matrix_norm(X, keepdim=True)
+    X = X / (norm * schedule.norm_safety + eps)
+    batched = X.ndim == 3
+    for a, b, c in schedule.for_steps(steps):
+        A = X @ X.mT
+        if batched:
+            B = torch.baddbmm(A, A, A, beta=b, alpha=c)
+            X = torch.baddbmm(X, B, X, beta=a)
+        else:
+            B = torch.addmm(A, A, A, beta=b, alpha=c)
+            X = torch.addmm(X, B, X, beta=a)
+    if tall:
+        X = X.mT
+    return X.reshape(shape).to(out_dtype or G.dtype)

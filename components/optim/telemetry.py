@@ -1,0 +1,47 @@
+"""Per-step optimizer telemetry: update RMS and weight RMS per parameter group, time in Newton–Schulz.
+
+Sums are kept as tensors and read back once per step (one host sync, one small all-reduce when distributed).
+Algorithm 1 of Moonlight returns sqrt(mean(u²)) for logging; with scale_mode='moonlight' it should sit near 0.2.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+
+class StepStats:
+    def __init__(self) -> None:
+        self._sums: dict[str, list[torch.Tensor]] = {}
+        self._counts: dict[str, list[float]] = {}
+        self.ns_seconds = 0.0
+        self.reduced_bytes = 0  # payload of the telemetry all-reduce, for the communication counters
+
+    def add(self, key: str, update: torch.Tensor, weight: torch.Tensor) -> None:
+        sums = self._sums.setdefault(key, [torch.zeros((), device=update.device)] * 2)
+        counts = self._counts.setdefault(key, [0.0, 0.0])
+        sums[0] = sums[0] + update.float().square().sum().to(sums[0].device)
+        sums[1] = sums[1] + weight.float().square().sum().to(sums[1].device)
+        counts[0] += update.numel()
+        counts[1] += weight.numel()
+
+    def finish(self, process_group=None, distributed: bool = False, extra: dict | None = None) -> dict[str, float]:
+        """Reduce (sum over ranks when `distributed`) and return {'<group>/update_rms', '<group>/weight_rms', ...}."""
+        keys = sorted(self._sums)
+        out: dict[str, float] = {}
+        if keys:
+            device = self._sums[keys[0]][0].device
+            sums = torch.stack([s for k in keys for s in self._sums[k]]).double().cpu()
+            counts = torch.tensor([c for k in keys for c in self._counts[k]], dtype=torch.float64)
+            packed = torch.cat([sums, counts])
+            if distributed:
+                packed = packed.to(device if device.type != "meta" else "cpu")
+                dist.all_reduce(packed, group=process_group)
+                self.reduced_bytes = packed.numel() * packed.element_size()
+                packed = packed.cpu()
+            sums, counts = packed[: len(sums)], packed[len(sums):]
+            for i, key in enumerate(keys):
+                out[f"{key}/update_rms"] = float((sums[2 * i] / counts[2 * i].clamp(min=1)).sqrt())
+                out[f"{key}/weight_rms"] = float((sums[2 * i + 1] / counts[2 * i + 1].clamp(min=1)).sqrt())
+        out["ns_seconds"] = self.ns_seconds
+        out.update(extra or {})
+        return out

@@ -1,0 +1,190 @@
+"""The single-device Muon + AdamW optimizer (Moonlight Eqs. 1–4)."""
+import io
+
+import pytest
+import torch
+from torch import nn
+
+import components.optim.muon as muon_module
+from components.optim.muon import Muon
+
+
+def _params(seed=0, shapes=((16, 24), (24, 8), (3, 6, 10))):
+    gen = torch.Generator().manual_seed(seed)
+    return [nn.Parameter(torch.randn(*s, generator=gen) * 0.1) for s in shapes]
+
+
+def _grads(params, step, seed=100):
+    gen = torch.Generator().manual_seed(seed + step)
+    return [torch.randn(p.shape, generator=gen) for p in params]
+
+
+def _run(opt, params, steps, start=0):
+    for t in range(start, start + steps):
+        for p, g in zip(params, _grads(params, t)):
+            p.grad = g.clone()
+        opt.step()
+
+
+def test_matches_torch_muon_match_rms_adamw_after_10_steps():
+    ours_p = _params(shapes=((32, 48), (48, 16), (24, 24)))
+    ref_p = [nn.Parameter(p.detach().clone()) for p in ours_p]
+    start = [p.detach().clone() for p in ours_p]
+    ours = Muon([{"params": ours_p, "algorithm": "muon"}], lr=0.02, weight_decay=0.1)
+    ref = torch.optim.Muon(ref_p, lr=0.02, weight_decay=0.1, momentum=0.95, nesterov=True,
+                           adjust_lr_fn="match_rms_adamw")
+    _run(ours, ours_p, 10)
+    _run(ref, ref_p, 10)
+    for a, b, s in zip(ours_p, ref_p, start):
+        delta_ours, delta_ref = a.detach() - s, b.detach() - s
+        rel = (delta_ours - delta_ref).norm() / delta_ref.norm()
+        assert rel <= 1e-2, float(rel)
+
+
+def test_update_rms_telemetry_follows_lemma1_with_ns5():
+    p = _params(shapes=((64, 256), (8, 128, 32)))
+    opt = Muon([{"params": p, "algorithm": "muon", "name": "hidden"}], lr=0.01)
+    _run(opt, p, 1)
+    stats = opt.last_stats
+    assert 0.15 <= stats["hidden/update_rms"] <= 0.25
+    assert stats["hidden/weight_rms"] > 0 and stats["ns_seconds"] > 0 and stats["skipped_steps"] == 0
+
+
+def test_one_step_is_the_papers_equation_4_with_fp32_ns():
+    p = nn.Parameter(torch.randn(12, 20, generator=torch.Generator().manual_seed(1)))
+    w0 = p.detach().clone()
+    g = torch.randn(12, 20, generator=torch.Generator().manual_seed(2))
+    opt = Muon([p], lr=0.1, weight_decay=0.2, momentum=0.9, ns_dtype=torch.float32)
+    p.grad = g.clone()
+    opt.step()
+    x = g + 0.9 * g  # Nesterov input μM + g with M = g after the first step
+    o = muon_module.newton_schulz(x, dtype=torch.float32)
+    expected = w0 * (1 - 0.1 * 0.2) - 0.1 * 0.2 * (20 ** 0.5) * o
+    torch.testing.assert_close(p.detach(), expected, rtol=0, atol=1e-6)
+    torch.testing.assert_close(opt.state[p]["momentum_buffer"], g)
+
+
+def test_gradient_accumulation_runs_newton_schulz_once_per_step(monkeypatch):
+    calls = []
+    real = muon_module.newton_schulz
+    monkeypatch.setattr(muon_module, "newton_schulz", lambda *a, **k: calls.append(1) or real(*a, **k))
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 10, bias=False), nn.Tanh(), nn.Linear(10, 3, bias=False))
+    twin = nn.Sequential(nn.Linear(6, 10, bias=False), nn.Tanh(), nn.Linear(10, 3, bias=False))
+    twin.load_state_dict(model.state_dict())
+    opt = Muon(model.parameters(), lr=0.05, ns_dtype=torch.float32)
+    opt_twin = Muon(twin.parameters(), lr=0.05, ns_dtype=torch.float32)
+    x = torch.randn(8, 6)
+    for micro in x.chunk(4):  # 4 micro-batches, one optimizer step
+        (model(micro).square().mean() / 4).backward()
+    opt.step()
+    assert len(calls) == 2  # one NS per matrix, not per micro-batch
+    twin(x).square().mean().backward()
+    opt_twin.step()
+    for a, b in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+
+
+def test_parameters_without_gradient_and_experts_without_tokens_do_not_move():
+    stack, unused, norm = _params(shapes=((4, 6, 8), (5, 5), (7, 7)))
+    bias = nn.Parameter(torch.ones(5))
+    opt = Muon([{"params": [stack, unused], "algorithm": "muon"},
+                {"params": [norm, bias], "algorithm": "adamw"}], lr=0.05)
+    before = [t.detach().clone() for t in (stack, unused, bias)]
+    for _ in range(3):
+        g = torch.randn(4, 6, 8)
+        g[2] = 0  # expert 2 got no tokens this step
+        stack.grad = g
+        norm.grad = torch.randn(7, 7)
+        opt.step()
+    assert torch.equal(stack[2], before[0][2])
+    assert torch.count_nonzero(opt.state[stack]["momentum_buffer"][2]) == 0
+    assert not torch.equal(stack[0], before[0][0])
+    assert torch.equal(unused, before[1]) and torch.count_nonzero(opt.state[unused]["momentum_buffer"]) == 0
+    assert torch.equal(bias, before[2]) and float(opt.state[bias]["step"]) == 0
+    assert float(opt.state[norm]["step"]) == 3
+
+
+def test_nesterov_off_with_bf16_params_does_not_normalize_the_momentum_in_place():
+    p = nn.Parameter(torch.randn(8, 12).bfloat16())
+    g = torch.randn(8, 12).bfloat16()
+    opt = Muon([p], lr=0.01, nesterov=False)
+    p.grad = g.clone()
+    opt.step()
+    assert torch.equal(opt.state[p]["momentum_buffer"], g)  # M = g, not g / ||g||
+
+
+@pytest.mark.parametrize("policy", ["skip", "raise"])
+def test_nonfinite_gradient_is_skipped_and_counted_or_raises(policy):
+    params = _params()
+    opt = Muon([{"params": params, "algorithm": "muon", "param_names": ["a", "b", "experts"]}], lr=0.05,
+               nonfinite=policy)
+    _run(opt, params, 1)
+    snapshot = [p.detach().clone() for p in params] + [opt.state[p]["momentum_buffer"].clone() for p in params]
+    for p, g in zip(params, _grads(params, 5)):
+        p.grad = g
+    params[2].grad[1, 0, 0] = float("nan")
+    if policy == "raise":
+        with pytest.raises(FloatingPointError, match="experts"):
+            opt.step()
+    else:
+        opt.step()
+        assert opt.last_stats["skipped_steps"] == 1 and opt.last_stats["nonfinite"] == 1
+        assert opt.param_groups[0]["skipped_steps"] == 1
+    after = [p.detach() for p in params] + [opt.state[p]["momentum_buffer"] for p in params]
+    assert all(torch.equal(a, b) for a, b in zip(snapshot, after))
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"lr": -1.0}, "lr=-1.0"),
+    ({"momentum": 1.0}, "momentum=1.0"),
+    ({"scale_mode": "spectral"}, "scale_mode='spectral'"),
+    ({"scale_mode": "baseline"}, "scale_hidden_size=None"),
+    ({"ns_coefficients": "cubic"}, "ns_coefficients='cubic'"),
+    ({"nonfinite": "ignore"}, "nonfinite='ignore'"),
+    ({"weight_decay": -0.1}, "weight_decay=-0.1"),
+])
+def test_invalid_hyperparameters_raise_at_construction(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        Muon(_params(), **kwargs)
+
+
+def test_vector_forced_onto_muon_is_rejected_by_name():
+    with pytest.raises(ValueError, match="'final_norm.weight'"):
+        Muon([{"params": [nn.Parameter(torch.ones(4))], "param_names": ["final_norm.weight"], "algorithm": "muon"}])
+
+
+def test_resume_from_state_dict_gives_bitwise_identical_steps():
+    def build(params):
+        return Muon([{"params": params[:2], "algorithm": "muon"}, {"params": params[2:], "algorithm": "adamw"}],
+                    lr=0.03, weight_decay=0.1, ns_dtype=torch.float32)
+
+    shapes = ((16, 24), (3, 6, 10), (24,), (7, 5))
+    full_p = _params(shapes=shapes)
+    full = build(full_p)
+    _run(full, full_p, 5)
+
+    part_p = _params(shapes=shapes)
+    part = build(part_p)
+    _run(part, part_p, 3)
+    buffer = io.BytesIO()
+    torch.save({"params": [p.detach() for p in part_p], "optim": part.state_dict()}, buffer)
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=True)
+    fresh_p = [nn.Parameter(t.clone()) for t in saved["params"]]
+    fresh = build(fresh_p)
+    fresh.load_state_dict(saved["optim"])
+    _run(fresh, fresh_p, 2, start=3)
+    for a, b in zip(fresh_p, full_p):
+        assert torch.equal(a, b)
+
+
+def test_changing_group_lr_between_steps_takes_effect():
+    params = _params()
+    opt = Muon(params, lr=0.1)
+    _run(opt, params, 1)
+    for group in opt.param_groups:
+        group["lr"] = 0.0
+    before = [p.detach().clone() for p in params]
+    _run(opt, params, 1, start=1)
+    assert all(torch.equal(a, b) for a, b in zip(before, params))
