@@ -87,7 +87,7 @@ def load_hf(path: str | Path, device: str | torch.device = "cpu", dtype: torch.d
     model.to_empty(device=device)
     if dtype is not None:
         model.to(dtype)
-    model.reset_parameters()  # fills rotary tables and zero biases; every weight is overwritten below
+    model.init_buffers()  # rotary tables and zero biases; every weight is overwritten below
     targets = dict(model.named_parameters())
     targets.update(dict(model.named_buffers()))
     unfilled = {k for k in targets if not k.endswith("inv_freq")}

@@ -5,6 +5,8 @@ one to one except for the stacked expert tensors (see `hf.py`). The model knows 
 """
 from __future__ import annotations
 
+import contextlib
+import zlib
 from dataclasses import dataclass
 
 import torch
@@ -54,29 +56,37 @@ class DecoderModel(nn.Module):
 class CrescentForCausalLM(nn.Module):
     """Moonlight / DeepSeek-V3 architecture (no multi-token prediction: Moonlight App. C)."""
 
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, seed: int = 0):
         super().__init__()
         self.config = config
         self.model = DecoderModel(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
-        self.reset_parameters()
+        self.reset_parameters(seed)
 
     @torch.no_grad()
-    def reset_parameters(self, seed: int | None = None) -> None:
-        """N(0, initializer_range) for every matrix, embedding and expert stack; ones for norms; zero bias."""
-        gen = None
-        if seed is not None:
-            gen = torch.Generator(device=self.lm_head.weight.device).manual_seed(seed)
+    def reset_parameters(self, seed: int = 0) -> None:
+        """N(0, initializer_range) for every matrix, embedding and expert stack; ones for norms; zero routing bias.
+
+        Each parameter draws from its own generator seeded by (seed, name), so the values do not depend on how
+        the model is laid out: a sharded (DTensor) parameter gets exactly its slice of the single-device tensor.
+        """
         std = self.config.initializer_range
-        for p in self.parameters():
+        for name, p in self.named_parameters():
             if p.device.type == "meta":
                 continue
-            if p.ndim >= 2:
-                p.normal_(0.0, std, generator=gen)
-            else:
+            if p.ndim < 2:
                 p.fill_(1.0)  # the only 1-D parameters are RMSNorm weights
+                continue
+            gen = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+            full = torch.empty(p.shape, dtype=torch.float32).normal_(0.0, std, generator=gen)
+            _copy_global_slice(p, full)
+        self.init_buffers()
+
+    @torch.no_grad()
+    def init_buffers(self) -> None:
+        """Rotary tables (not saved in checkpoints) and zero routing biases."""
         for module in self.modules():
             if hasattr(module, "e_score_correction_bias") and module.e_score_correction_bias.device.type != "meta":
                 module.e_score_correction_bias.zero_()
@@ -151,10 +161,20 @@ class CrescentForCausalLM(nn.Module):
         return KVCache(self.config.num_hidden_layers, max_length)
 
 
-def build_model(config: ModelConfig, device: torch.device | str | None = None, seed: int | None = None) -> CrescentForCausalLM:
-    """Build (on `device`, e.g. "meta" to count parameters of a 16B model without memory) and initialize."""
-    with torch.device(device or "cpu"):
-        model = CrescentForCausalLM(config)
-    if seed is not None and str(device) != "meta":
-        model.reset_parameters(seed)
+def _copy_global_slice(p: torch.Tensor, full: torch.Tensor) -> None:
+    """p ← full, or for a DTensor its local slice of `full` (any placement layout)."""
+    if hasattr(p, "device_mesh") and hasattr(p, "to_local"):
+        from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+        shape, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
+        index = tuple(slice(o, o + n) for o, n in zip(offset, shape))
+        p.to_local().copy_(full[index])
+    else:
+        p.copy_(full)
+
+
+def build_model(config: ModelConfig, device: torch.device | str | None = None, seed: int = 0) -> CrescentForCausalLM:
+    """Build on `device` (default: the current default device; "meta" allocates nothing) and initialize."""
+    with torch.device(device) if device is not None else contextlib.nullcontext():
+        model = CrescentForCausalLM(config, seed=seed)
     return model
