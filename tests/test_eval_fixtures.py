@@ -51,10 +51,24 @@ def tiny_config(**overrides):
 
 
 def write_export(root: Path, tokenizer_dir: Path, *, step: int = 100, seed: int = 0, run_id=None,
-                 tracking_uri=None, **config_overrides) -> Path:
+                 tracking_uri=None, spread: float | None = None, **config_overrides) -> Path:
+    """A random tiny export; `spread` widens the weights (and routing bias) so that predictions are far from
+    uniform and score differences between implementations would show."""
+    import torch
+
     from components.checkpoint import save_export
     from components.model.transformer import build_model
 
     model = build_model(tiny_config(**config_overrides), seed=seed)
+    if spread:
+        gen = torch.Generator().manual_seed(seed + 1)
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.ndim >= 2:
+                    p.copy_(torch.randn(p.shape, generator=gen) * spread)
+            for module in model.modules():
+                if hasattr(module, "e_score_correction_bias"):
+                    module.e_score_correction_bias.copy_(torch.randn(module.e_score_correction_bias.shape,
+                                                                     generator=gen) * 0.3)
     return save_export(model, root, step=step, tokenizer_dir=tokenizer_dir, run_id=run_id,
                        tracking_uri=tracking_uri, extra={"tokens_seen": step * 1024})

@@ -1,0 +1,193 @@
+"""lm-eval's `LM` interface over a Crescent export checkpoint, registered as model `crescent`.
+
+    lm_eval --model crescent --model_args pretrained=runs/x/exports/step-00001000 --tasks ...
+
+Requests follow lm-eval's conventions exactly (tokenization of context/continuation pairs through `TemplateLM`,
+left truncation to the model's context, rolling windows for perplexity, stop sequences including EOS), so scores
+are comparable with lm-eval's own `hf` model on the HF export of the same checkpoint. Identical model inputs
+(e.g. the four answer letters of an MMLU question) are computed once. Single process; weights come from
+safetensors only (`components.checkpoint.load_export`).
+"""
+from __future__ import annotations
+
+import json
+import logging
+
+import torch
+import torch.nn.functional as F
+from lm_eval import utils as lm_utils
+from lm_eval.api.model import TemplateLM
+from lm_eval.api.registry import register_model
+from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text
+from tqdm import tqdm
+
+from components.checkpoint import load_export
+from eval.generation import SamplingConfig, generate
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": None}
+
+
+@register_model("crescent")
+class CrescentLM(TemplateLM):
+    def __init__(self, pretrained: str | None = None, checkpoint: str | None = None, device: str = "cpu",
+                 dtype: str = "float32", batch_size: int | str = 16, max_length: int | None = None,
+                 max_gen_toks: int = 256, use_cache: bool = True, seed: int = 1234, **unused) -> None:
+        super().__init__()
+        path = checkpoint or pretrained
+        if path is None:
+            raise ValueError("crescent LM: pass pretrained=PATH (an export checkpoint directory)")
+        if str(dtype) not in _DTYPES:
+            raise ValueError(f"crescent LM: dtype={dtype!r}; choose one of {list(_DTYPES)}")
+        if unused:
+            log.warning("crescent LM: ignoring unsupported arguments %s", sorted(unused))
+        from components.data.tokenizer import load_tokenizer
+
+        self._device = torch.device(device)
+        self.model, self.metadata = load_export(path, device=self._device, dtype=_DTYPES[str(dtype)])
+        self.tokenizer = load_tokenizer(path)
+        if self.tokenizer.vocab_size > self.model.config.vocab_size:
+            raise ValueError(f"crescent LM: tokenizer vocab_size={self.tokenizer.vocab_size} exceeds the model's "
+                             f"vocab_size={self.model.config.vocab_size}")
+        self.path = str(path)
+        self.batch_size = 16 if str(batch_size).startswith("auto") else int(batch_size)
+        self._max_length = int(max_length) if max_length else self.model.config.max_position_embeddings
+        self._max_gen_toks = int(max_gen_toks)
+        self.use_cache = str(use_cache).lower() not in ("false", "0", "no")
+        self.generator = torch.Generator(device=self._device).manual_seed(int(seed))
+
+    # --- lm-eval plumbing -------------------------------------------------------------------------------------
+    @property
+    def eot_token_id(self) -> int:
+        return self.tokenizer.eos_id
+
+    @property
+    def prefix_token_id(self) -> int:
+        return self.tokenizer.bos_id if self.tokenizer.bos_id is not None else self.tokenizer.eos_id
+
+    @property
+    def max_length(self) -> int:
+        return self._max_length
+
+    @property
+    def max_gen_toks(self) -> int:
+        return self._max_gen_toks
+
+    @property
+    def tokenizer_name(self) -> str:
+        return f"crescent-{self.tokenizer.fingerprint[:16]}"
+
+    def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs) -> list[int]:
+        ids = self.tokenizer.encode(string)
+        if add_special_tokens and self.tokenizer.bos_id is not None:
+            ids = [self.tokenizer.bos_id] + ids
+        return ids
+
+    def tok_decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids)
+
+    # --- scoring ----------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
+        """requests: [(key, context_ids, continuation_ids)] -> [(sum log p(continuation), is_greedy)]."""
+        limit = self.max_length
+        inputs: dict[tuple[int, ...], list[tuple[int, list[int]]]] = {}
+        for index, (_, context, continuation) in enumerate(requests):
+            if not context or not continuation:
+                raise ValueError(f"loglikelihood request {index}: context and continuation need tokens")
+            if len(continuation) > limit:
+                raise ValueError(f"loglikelihood request {index}: continuation of {len(continuation)} tokens "
+                                 f"exceeds max_length={limit}")
+            whole = (context + continuation)[-(limit + 1):]  # left truncation, as lm-eval's hf model does
+            inputs.setdefault(tuple(whole[:-1]), []).append((index, continuation))
+        order = sorted(inputs, key=lambda k: (-len(k), k))
+        results: list[tuple[float, bool] | None] = [None] * len(requests)
+        bar = tqdm(total=len(requests), disable=disable_tqdm, desc="crescent loglikelihood")
+        for start in range(0, len(order), self.batch_size):
+            batch = order[start:start + self.batch_size]
+            width = len(batch[0])
+            ids = torch.full((len(batch), width), self.eot_token_id, dtype=torch.long)
+            first_scored = width
+            for row, key in enumerate(batch):
+                ids[row, :len(key)] = torch.tensor(key)
+                first_scored = min(first_scored, len(key) - max(len(c) for _, c in inputs[key]))
+            keep = width - first_scored  # right padding + causal attention: only these positions are needed
+            logits = self.model(ids.to(self._device), logits_to_keep=keep).logits
+            logprobs = F.log_softmax(logits.float(), dim=-1)
+            for row, key in enumerate(batch):
+                for index, continuation in inputs[key]:
+                    end = len(key) - first_scored
+                    rows = logprobs[row, end - len(continuation):end]
+                    target = torch.tensor(continuation, device=rows.device)
+                    score = rows.gather(-1, target[:, None]).sum().item()
+                    greedy = bool((rows.argmax(-1) == target).all())
+                    results[index] = (score, greedy)
+                    if requests[index][0] is not None:
+                        self.cache_hook.add_partial("loglikelihood", requests[index][0], results[index])
+                    bar.update(1)
+        bar.close()
+        return results
+
+    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
+        """Whole-document log-likelihood in disjoint windows of max_length tokens (lm-eval's rolling scheme)."""
+        windows, owners = [], []
+        for index, (string,) in enumerate(req.args for req in requests):
+            for context, continuation in map(lm_utils.make_disjoint_window, lm_utils.get_rolling_token_windows(
+                    token_list=self.tok_encode(string), prefix_token=self.prefix_token_id,
+                    max_seq_len=self.max_length, context_len=1)):
+                windows.append((None, context, continuation))
+                owners.append(index)
+        scores = self._loglikelihood_tokens(windows, disable_tqdm=disable_tqdm)
+        totals = [0.0] * len(requests)
+        for owner, (score, _) in zip(owners, scores):
+            totals[owner] += score
+        for req, total in zip(requests, totals):
+            self.cache_hook.add_partial("loglikelihood_rolling", req.args, total)
+        return totals
+
+    # --- generation -------------------------------------------------------------------------------------------
+    def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+        groups: dict[str, list[int]] = {}
+        for index, req in enumerate(requests):
+            groups.setdefault(json.dumps(req.args[1], sort_keys=True, default=str), []).append(index)
+        results: list[str | None] = [None] * len(requests)
+        eos_text = self.tok_decode([self.eot_token_id])
+        bar = tqdm(total=len(requests), disable=disable_tqdm, desc="crescent generate_until")
+        for indices in groups.values():
+            kwargs = normalize_gen_kwargs(requests[indices[0]].args[1], self.max_gen_toks)
+            until = handle_stop_sequences(kwargs.pop("until", None), eos=eos_text)
+            max_new = int(kwargs.pop("max_gen_toks"))
+            if max_new >= self.max_length:
+                raise ValueError(f"generate_until: max_gen_toks={max_new} must be below max_length={self.max_length}")
+            sampling = SamplingConfig(do_sample=bool(kwargs.get("do_sample")),
+                                      temperature=float(kwargs.get("temperature") or 1.0),
+                                      top_k=int(kwargs.get("top_k") or 0), top_p=float(kwargs.get("top_p") or 1.0))
+            budget = self.max_length - max_new
+            encoded = {i: self.tok_encode(requests[i].args[0])[-budget:] or [self.prefix_token_id] for i in indices}
+            ordered = sorted(indices, key=lambda i: -len(encoded[i]))
+            for start in range(0, len(ordered), self.batch_size):
+                chunk = ordered[start:start + self.batch_size]
+                outputs = generate(self.model, [encoded[i] for i in chunk], max_new,
+                                   stop_ids={self.eot_token_id}, should_stop=self._stop_check(until),
+                                   sampling=sampling, use_cache=self.use_cache, pad_id=self.eot_token_id,
+                                   generator=self.generator)
+                for i, tokens in zip(chunk, outputs):
+                    text = postprocess_generated_text(self.tok_decode(tokens), stop=until, think_end_token=None)
+                    results[i] = text
+                    self.cache_hook.add_partial("generate_until", requests[i].args, text)
+                    bar.update(1)
+        bar.close()
+        return results
+
+    def _stop_check(self, until: list[str]):
+        stops = [s for s in until if s]
+        if not stops:
+            return None
+        tail = 4 * max(len(s) for s in stops) + 4  # a byte-level token covers at least a byte of the stop text
+
+        def should_stop(tokens: list[int]) -> bool:
+            text = self.tok_decode(tokens[-tail:])
+            return any(s in text for s in stops)
+
+        return should_stop

@@ -1,0 +1,129 @@
+"""Our lm-eval `LM` against lm-eval's own `hf` model (transformers DeepseekV3) on the same export."""
+import random
+
+import pytest
+import torch
+from lm_eval.api.instance import Instance
+from test_eval_fixtures import corpus_text, write_export, write_tokenizer
+
+from eval.generation import SamplingConfig, generate
+from eval.lm import CrescentLM
+
+
+@pytest.fixture(scope="module")
+def export(tmp_path_factory):
+    tok = write_tokenizer(tmp_path_factory.mktemp("tok"))
+    return write_export(tmp_path_factory.mktemp("exports"), tok, spread=0.1)
+
+
+@pytest.fixture(scope="module")
+def ours(export):
+    return CrescentLM(pretrained=str(export), batch_size=8)
+
+
+@pytest.fixture(scope="module")
+def hf(export):
+    pytest.importorskip("accelerate")
+    from lm_eval.models.huggingface import HFLM
+
+    return HFLM(pretrained=str(export), tokenizer=str(export), device="cpu", dtype="float32", batch_size=8)
+
+
+def _loglikelihood_requests(n: int, seed: int = 0) -> list[Instance]:
+    """Contexts of 1 to ~1500 characters (some beyond max_length=256 tokens), word-boundary continuations,
+    empty contexts, and multiple-choice groups sharing one context."""
+    text = corpus_text(80_000)
+    rnd = random.Random(seed)
+    reqs = []
+    while len(reqs) < n:
+        a = rnd.randrange(0, len(text) - 3000)
+        a = text.index(" ", a) + 1
+        cut = text.index(" ", a + rnd.choice([3, 40, 300, 1500]))
+        context = text[a:cut]
+        if not context.strip():
+            continue
+        if len(reqs) % 10 == 0:
+            for letter in (" A", " B", " C", " D"):
+                reqs.append(Instance("loglikelihood", {}, (context + "\nAnswer:", letter), len(reqs)))
+        elif len(reqs) % 17 == 0:
+            reqs.append(Instance("loglikelihood", {}, ("", text[a:cut]), len(reqs)))
+        else:
+            end = text.index(" ", cut + rnd.choice([1, 8, 60]))
+            reqs.append(Instance("loglikelihood", {}, (context, text[cut:end]), len(reqs)))
+    return reqs
+
+
+def test_loglikelihood_matches_lm_eval_hf_within_1e3(ours, hf):
+    reqs = _loglikelihood_requests(300)
+    got = ours.loglikelihood(reqs, disable_tqdm=True)
+    expected = hf.loglikelihood(reqs, disable_tqdm=True)
+    diffs = [abs(a[0] - b[0]) for a, b in zip(got, expected)]
+    assert max(diffs) < 1e-3
+    assert min(s for s, _ in got) < -20  # far from uniform: the comparison has something to compare
+    same_greedy = sum(a[1] == b[1] for a, b in zip(got, expected))
+    assert same_greedy >= len(reqs) - 2
+
+
+def test_loglikelihood_rolling_matches_lm_eval_hf(ours, hf):
+    text = corpus_text(40_000)
+    reqs = [Instance("loglikelihood_rolling", {}, (text[i * 5000:i * 5000 + n],), i)
+            for i, n in enumerate([40, 900, 3000])]  # 1 window and several windows of 256 tokens
+    got = ours.loglikelihood_rolling(reqs, disable_tqdm=True)
+    expected = hf.loglikelihood_rolling(reqs, disable_tqdm=True)
+    for a, b in zip(got, expected):
+        assert abs(a - b) < 1e-3 + 1e-6 * abs(b)
+
+
+def test_left_truncation_keeps_the_last_max_length_tokens(ours):
+    context = corpus_text(20_000)[:6000]
+    cut = context.rindex(" ")
+    full = ours.loglikelihood([Instance("loglikelihood", {}, (context[:cut], context[cut:]), 0)],
+                              disable_tqdm=True)[0][0]
+    ctx, cont = ours._encode_pair(context[:cut], context[cut:])
+    assert len(ctx) > 256
+    kept = (ctx + cont)[-257:]
+    direct = ours._loglikelihood_tokens([(None, kept[:-len(cont)], cont)], disable_tqdm=True)[0][0]
+    assert full == pytest.approx(direct, abs=1e-5)
+
+
+def test_generation_with_kv_cache_equals_without_token_for_token(ours):
+    tokens = ours.tok_encode(corpus_text(10_000))
+    prompts = [tokens[:5], tokens[100:160], tokens[300:301], tokens[500:530]]
+    with_cache = generate(ours.model, prompts, 40, use_cache=True)
+    without = generate(ours.model, prompts, 40, use_cache=False)
+    assert with_cache == without
+    assert all(len(o) == 40 for o in with_cache) and len({tuple(o) for o in with_cache}) == 4
+    alone = [generate(ours.model, [p], 40)[0] for p in prompts]  # left padding changes nothing
+    assert alone == with_cache
+    sampling = SamplingConfig(do_sample=True, temperature=0.8, top_k=50, top_p=0.9)
+    a = generate(ours.model, prompts, 20, sampling=sampling, generator=torch.Generator().manual_seed(3))
+    b = generate(ours.model, prompts, 20, sampling=sampling, use_cache=False,
+                 generator=torch.Generator().manual_seed(3))
+    assert a == b and a != [o[:20] for o in with_cache]
+
+
+def test_generate_until_matches_lm_eval_hf_and_honours_stops(ours, hf):
+    text = corpus_text(30_000)
+    contexts = [text[i * 700:i * 700 + 200] for i in range(6)]
+    gen_kwargs = {"until": ["\n\n"], "max_gen_toks": 24, "do_sample": False}
+    reqs = [Instance("generate_until", {}, (c, gen_kwargs), i) for i, c in enumerate(contexts)]
+    got = ours.generate_until(reqs, disable_tqdm=True)
+    expected = hf.generate_until(reqs, disable_tqdm=True)
+    assert got == expected
+    assert all("\n\n" not in g for g in got)
+    limited = ours.generate_until([Instance("generate_until", {}, (contexts[0], {"until": [], "max_gen_toks": 5}),
+                                            0)], disable_tqdm=True)[0]
+    longer = generate(ours.model, [ours.tok_encode(contexts[0])], 24)[0]
+    assert limited == ours.tok_decode(longer[:5])
+
+
+def test_registered_and_bad_arguments_are_named(export):
+    from lm_eval.api.registry import get_model
+
+    assert get_model("crescent") is CrescentLM
+    with pytest.raises(ValueError, match="dtype='float8'"):
+        CrescentLM(pretrained=str(export), dtype="float8")
+    with pytest.raises(ValueError, match="pretrained=PATH"):
+        CrescentLM()
+    with pytest.raises(ValueError, match="max_new_tokens=-1"):
+        generate(None, [[1]], -1)
