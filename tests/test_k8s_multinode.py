@@ -1,0 +1,167 @@
+"""Multi-node for real on one machine: the rendered training Job's pods as two hosts.
+
+Each "node" is a network namespace joined to the other by a veth pair, with its own hostname (a UTS namespace,
+as a pod has) and its own /etc/hosts (ip netns exec bind-mounts /etc/netns/NAME/hosts) resolving the headless
+Service's pod names, exactly the names the Job's torchrun flags use. Each pod's command, arguments and
+environment come from the rendered manifest: the Job controller's JOB_COMPLETION_INDEX is added, $(VAR)
+references are expanded as the kubelet does, and volume mount paths map to local directories (the ConfigMap's
+files are written out). Needs root (network namespaces); CI runs as root.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shutil
+import subprocess
+import sys
+import textwrap
+import uuid
+from pathlib import Path
+
+import pytest
+
+from app.k8s.render import RenderParams, find, render
+
+ROOT = Path(__file__).resolve().parents[1]
+VENV_BIN = Path(sys.executable).parent
+SUBNET = "10.231.{}.{}"
+
+pytestmark = pytest.mark.skipif(
+    os.geteuid() != 0 or shutil.which("ip") is None or shutil.which("unshare") is None,
+    reason="needs root with iproute2 and util-linux (network namespaces); run .ci/setup-system.sh")
+
+
+def expand_k8s_vars(text: str, env: dict[str, str]) -> str:
+    """The kubelet's $(VAR) expansion: defined names are replaced, $$ escapes, unknown references stay."""
+    def sub(match: re.Match) -> str:
+        if match.group(0) == "$$":
+            return "$"
+        return env.get(match.group(1), match.group(0))
+    return re.sub(r"\$\$|\$\(([A-Za-z_][A-Za-z0-9_]*)\)", sub, text)
+
+
+def pod_process(objects: list[dict], index: int, mounts: dict[str, Path]) -> tuple[list[str], dict[str, str]]:
+    """argv and environment of the training container of pod `index`, as the kubelet would start it."""
+    job = find(objects, "Job", "crescent-train")
+    pod = job["spec"]["template"]["spec"]
+    container = next(c for c in pod["containers"] if c["name"] == "trainer")
+    env: dict[str, str] = {"JOB_COMPLETION_INDEX": str(index), "HOSTNAME": f"{job['metadata']['name']}-{index}"}
+    for item in container.get("env", []):
+        assert "value" in item, f"env {item['name']} comes from {item.get('valueFrom')}: not emulated here"
+        env[item["name"]] = expand_k8s_vars(item["value"], env)
+    argv = [expand_k8s_vars(a, env) for a in container.get("command", []) + container.get("args", [])]
+    for mount in container.get("volumeMounts", []):
+        if mount["mountPath"] in mounts:
+            local = str(mounts[mount["mountPath"]])
+            argv = [local + a[len(mount["mountPath"]):] if a.startswith(mount["mountPath"]) else a for a in argv]
+    return argv, env
+
+
+def config_map_files(objects: list[dict], directory: Path) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    for name, text in find(objects, "ConfigMap", "crescent-train-config")["data"].items():
+        (directory / name).write_text(text)
+    return directory
+
+
+def _ip(*args: str) -> None:
+    subprocess.run(["ip", *args], check=True, capture_output=True, text=True)
+
+
+@contextlib.contextmanager
+def two_hosts(hostnames: list[str], service: str):
+    """Two network namespaces on a veth pair; each resolves `<hostname>.<service>` of both through its hosts file."""
+    tag = uuid.uuid4().hex[:6]
+    names = [f"crescent-{tag}-{i}" for i in range(2)]
+    veths = [f"cv{tag}{i}" for i in range(2)]
+    addresses = [SUBNET.format(int(tag[:2], 16) % 250, i + 1) for i in range(2)]
+    hosts = "127.0.0.1 localhost\n" + "".join(f"{addr} {h}.{service} {h}\n" for addr, h in zip(addresses, hostnames))
+    try:
+        for name in names:
+            _ip("netns", "add", name)
+            Path(f"/etc/netns/{name}").mkdir(parents=True, exist_ok=True)
+            Path(f"/etc/netns/{name}/hosts").write_text(hosts)
+        _ip("link", "add", veths[0], "type", "veth", "peer", "name", veths[1])
+        for name, veth, addr in zip(names, veths, addresses):
+            _ip("link", "set", veth, "netns", name)
+            _ip("-n", name, "addr", "add", f"{addr}/24", "dev", veth)
+            _ip("-n", name, "link", "set", veth, "up")
+            _ip("-n", name, "link", "set", "lo", "up")
+        yield names
+    finally:
+        for name in names:
+            subprocess.run(["ip", "netns", "delete", name], capture_output=True)
+            shutil.rmtree(f"/etc/netns/{name}", ignore_errors=True)
+
+
+def run_pods(namespaces: list[str], processes: list[tuple[list[str], dict[str, str]]], cwd: Path,
+             timeout: float = 300) -> list[subprocess.CompletedProcess]:
+    """Start every pod's process in its namespace and UTS hostname; wait for all; return their results."""
+    procs = []
+    for ns, (argv, env) in zip(namespaces, processes):
+        full_env = {"PATH": f"{VENV_BIN}:/usr/local/bin:/usr/bin:/bin", "HOME": str(cwd), "LANG": "C.UTF-8",
+                    **env}
+        # `hostname` inside a fresh UTS namespace, then exec the pod's command: the pod's view of itself.
+        cmd = ["ip", "netns", "exec", ns, "unshare", "--uts", "sh", "-c", 'hostname "$HOSTNAME" && exec "$@"',
+               "pod", *argv]
+        procs.append(subprocess.Popen(cmd, env=full_env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                      text=True))
+    results = []
+    for proc in procs:
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            for p in procs:
+                p.kill()
+            out, err = proc.communicate()
+            raise AssertionError(f"pod timed out:\n{out[-3000:]}\n{err[-3000:]}") from None
+        results.append(subprocess.CompletedProcess(proc.args, proc.returncode, out, err))
+    return results
+
+
+ALL_REDUCE = textwrap.dedent("""
+    import os, socket, torch, torch.distributed as dist
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    x = torch.tensor([float(rank + 1)])
+    dist.all_reduce(x)
+    print(f"RESULT host={socket.gethostname()} rank={rank} world={world} node={os.environ['GROUP_RANK']} "
+          f"master={os.environ['MASTER_ADDR']} sum={x.item()}", flush=True)
+    dist.destroy_process_group()
+""")
+
+
+def test_kubelet_variable_expansion():
+    env = {"JOB_COMPLETION_INDEX": "1"}
+    assert expand_k8s_vars("--node-rank=$(JOB_COMPLETION_INDEX)", env) == "--node-rank=1"
+    assert expand_k8s_vars("$$(JOB_COMPLETION_INDEX) $(UNKNOWN)", env) == "$(JOB_COMPLETION_INDEX) $(UNKNOWN)"
+
+
+@pytest.mark.slow
+def test_rendered_job_rendezvous_across_two_network_namespaces(tmp_path):
+    """torchrun from the manifest, with a gloo all_reduce program in place of training: both nodes meet at pod 0's
+    Service DNS name and agree on the result."""
+    config = tmp_path / "run.yaml"
+    config.write_text("trainer:\n  max_steps: 1\n")
+    objects = render(RenderParams(overlay="dev", nodes=2, gpus_per_node=0, cpu_procs_per_node=1, config=str(config)))
+    mounts = {"/etc/crescent": config_map_files(objects, tmp_path / "configmap")}
+    script = tmp_path / "all_reduce.py"
+    script.write_text(ALL_REDUCE)
+    processes = []
+    for index in range(2):
+        argv, env = pod_process(objects, index, mounts)
+        assert argv[:4] == ["torchrun", "--nnodes=2", "--nproc-per-node=1", f"--node-rank={index}"]
+        assert "--master-addr=crescent-train-0.crescent-train" in argv
+        program = argv.index("-m")  # keep the manifest's torchrun flags, swap the program
+        processes.append((argv[:program] + [str(script)], env))
+    with two_hosts(["crescent-train-0", "crescent-train-1"], "crescent-train") as namespaces:
+        results = run_pods(namespaces, processes, tmp_path, timeout=180)
+    lines = []
+    for r in results:
+        assert r.returncode == 0, r.stderr[-3000:]
+        lines += [ln for ln in r.stdout.splitlines() if ln.startswith("RESULT")]
+    assert sorted(lines) == [
+        "RESULT host=crescent-train-0 rank=0 world=2 node=0 master=crescent-train-0.crescent-train sum=3.0",
+        "RESULT host=crescent-train-1 rank=1 world=2 node=1 master=crescent-train-0.crescent-train sum=3.0",
+    ]
