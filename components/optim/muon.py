@@ -25,6 +25,7 @@ from components.optim.update import (
     scaled_update,
     update_scale,
 )
+from components.optim.zero1_layout import sent_bytes
 
 ALGORITHMS = ("muon", "adamw")
 NONFINITE_POLICIES = ("skip", "raise")
@@ -66,6 +67,7 @@ class Muon(torch.optim.Optimizer):
         self.nonfinite = nonfinite
         self.telemetry = telemetry
         self.last_stats: dict[str, float] = {}
+        self.comm = None  # a CountingComm on the distributed paths: bytes per collective in `comm.last`
         self._init_state()
 
     # ----------------------------------------------------------------------------------------- construction
@@ -87,6 +89,11 @@ class Muon(torch.optim.Optimizer):
                     state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                     state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
 
+    @property
+    def comm_bytes(self) -> dict[str, int]:
+        """Bytes this rank sent per collective in the last step (empty on a single device)."""
+        return dict(self.comm.last) if self.comm is not None else {}
+
     # ----------------------------------------------------------------------------------------- the step
     @torch.no_grad()
     def step(self, closure=None):
@@ -94,11 +101,15 @@ class Muon(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        sharded = self._dtensor_comm()
+        if sharded is not None:
+            sharded.new_step()
         codes = self._grad_codes()
         if self._handle_nonfinite(codes):
             return loss
         stats = StepStats()
         for group in self.param_groups:
+            stats.ensure(group_key(group), local(group["params"][0]).device if group["params"] else "cpu")
             if group["algorithm"] == "muon":
                 if any(isinstance(p, DTensor) for p in group["params"]):
                     from components.optim.dtensor import muon_group_step_dtensor
@@ -107,8 +118,22 @@ class Muon(torch.optim.Optimizer):
                     self._muon_group_step(group, codes, stats)
             else:
                 self._adamw_group_step(group, codes, stats)
-        self._finish_stats(stats)
+        if sharded is None:
+            self._finish_stats(stats)
+        else:
+            self._finish_stats(stats, sharded.group, distributed=True)
+            if stats.reduced_bytes:
+                sharded.count("all_reduce_telemetry", sent_bytes("all_reduce", stats.reduced_bytes,
+                                                                 sharded.world_size))
         return loss
+
+    def _dtensor_comm(self):
+        """A counting communicator over the FSDP2 mesh when parameters are DTensors (else None)."""
+        if not hasattr(self, "_sharded_comm"):
+            from components.optim.dtensor import dtensor_comm
+            self._sharded_comm = dtensor_comm(self)
+        self.comm = self._sharded_comm
+        return self._sharded_comm
 
     def _muon_group_step(self, group: dict, codes: dict, stats: StepStats) -> None:
         key = group_key(group)
@@ -163,9 +188,12 @@ class Muon(torch.optim.Optimizer):
         return out
 
     def _local_codes(self, p: torch.Tensor, algorithm: str, n: int) -> torch.Tensor:
+        if isinstance(p, DTensor):
+            from components.optim.dtensor import dtensor_local_codes
+            return dtensor_local_codes(p, algorithm, n)
         g = p.grad
         if g is None:
-            return torch.full((n,), NO_GRAD, device=local(p).device)
+            return torch.full((n,), NO_GRAD, device=p.device)
         g = local(g)
         if algorithm == "muon":
             amax = g.abs().amax(dim=(-2, -1)).reshape(-1) if g.numel() else g.new_zeros(n)
@@ -176,7 +204,13 @@ class Muon(torch.optim.Optimizer):
         return torch.where(torch.isfinite(amax), code, NONFINITE).float()
 
     def _reduce_codes(self, codes: torch.Tensor) -> torch.Tensor:
-        return codes
+        comm = self._dtensor_comm()
+        if comm is None:
+            return codes
+        device = local(self.param_groups[0]["params"][0]).device
+        codes = codes.to(device)
+        comm.all_reduce("all_reduce_grad_codes", codes, op=torch.distributed.ReduceOp.MAX)
+        return codes.cpu()
 
     def _handle_nonfinite(self, codes: dict) -> bool:
         bad = [p for p, c in codes.items() if bool((c == NONFINITE).any())]
@@ -208,14 +242,21 @@ class Muon(torch.optim.Optimizer):
         self.last_stats = stats.finish(process_group, distributed, extra)
 
 
+def orthogonalize(x: torch.Tensor, group: dict, stats: StepStats | None = None) -> torch.Tensor:
+    """O = NS(x) in the group's NS dtype (steps, coefficients, eps), timed into `stats`."""
+    start = time.perf_counter()
+    ns_dtype = resolve_dtype(group["ns_dtype"])
+    o = newton_schulz(x, steps=group["ns_steps"], coefficients=group["ns_coefficients"], dtype=ns_dtype,
+                      eps=group["ns_eps"], out_dtype=ns_dtype)
+    if stats is not None:
+        stats.ns_seconds += time.perf_counter() - start
+    return o
+
+
 def orthogonal_update(x: torch.Tensor, group: dict, dtype: torch.dtype, stats: StepStats | None = None
                       ) -> torch.Tensor:
     """U = s·NS(x) for a matrix or a stack of matrices, with the group's NS settings and scale mode."""
-    start = time.perf_counter()
-    o = newton_schulz(x, steps=group["ns_steps"], coefficients=group["ns_coefficients"],
-                      dtype=resolve_dtype(group["ns_dtype"]), eps=group["ns_eps"], out_dtype=resolve_dtype(group["ns_dtype"]))
-    if stats is not None:
-        stats.ns_seconds += time.perf_counter() - start
+    o = orthogonalize(x, group, stats)
     scale = update_scale(group["scale_mode"], x.shape, o, group["scale_hidden_size"])
     return scaled_update(o, scale, dtype)
 

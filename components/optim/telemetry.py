@@ -16,6 +16,11 @@ class StepStats:
         self.ns_seconds = 0.0
         self.reduced_bytes = 0  # payload of the telemetry all-reduce, for the communication counters
 
+    def ensure(self, key: str, device: torch.device) -> None:
+        """Register `key` even if this rank updates nothing in it (distributed reductions need equal layouts)."""
+        self._sums.setdefault(key, [torch.zeros((), device=device)] * 2)
+        self._counts.setdefault(key, [0.0, 0.0])
+
     def add(self, key: str, update: torch.Tensor, weight: torch.Tensor) -> None:
         sums = self._sums.setdefault(key, [torch.zeros((), device=update.device)] * 2)
         counts = self._counts.setdefault(key, [0.0, 0.0])
