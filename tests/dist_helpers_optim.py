@@ -66,5 +66,9 @@ def _entry(rank: int, world: int, port: int, fn, args) -> None:
 
 
 def launch(fn, world: int, *args) -> None:
-    """Run fn(rank, world, *args) in `world` fresh gloo processes (a fresh process group each call)."""
-    mp.spawn(_entry, args=(world, free_port(), fn, args), nprocs=world, join=True)
+    """Run fn(rank, world, *args) in `world` fresh gloo processes (a fresh process group each call).
+
+    Forked, not spawned: the children inherit the imported torch instead of importing it again (seconds each
+    on a busy 2-core machine). Nothing in the parent has started a process group or a CUDA context.
+    """
+    mp.start_processes(_entry, args=(world, free_port(), fn, args), nprocs=world, join=True, start_method="fork")

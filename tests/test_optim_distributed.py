@@ -1,0 +1,188 @@
+"""Distributed Muon equals single-device Muon: ZeRO-1 (Algorithm 1) and FSDP2/DTensor, 2 and 4 gloo processes.
+
+The toy model has matrices whose dimensions 2 and 4 do not divide, a 3-expert stack whose expert 2 never gets a
+token, and a matrix that never gets a gradient. Every process computes its share of the same global batch.
+"""
+import copy
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from dist_helpers_optim import ToyMoE, batch, launch, local_batch
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor, Shard
+
+from components.optim.routing import build_muon
+from components.optim.zero1 import ZeroOneMuon
+
+pytestmark = pytest.mark.distributed
+SETTINGS = dict(lr=0.05, weight_decay=0.1, ns_dtype=torch.float32)
+TOL = 1e-6
+
+
+def _train(model, opt, steps, rank=0, world=1, start=0):
+    for s in range(start, start + steps):
+        ids, targets = local_batch(s, rank, world) if world > 1 else batch(s)
+        model(ids, targets).backward()
+        opt.step()
+        opt.zero_grad()
+
+
+@pytest.fixture(scope="module")
+def single_device():
+    """Parameters after 3 and 5 steps and the optimizer state after 3 and 5 steps, on one process."""
+    model = ToyMoE()
+    opt = build_muon(model, **SETTINGS)
+    _train(model, opt, 3)
+    at3 = {n: p.detach().clone() for n, p in model.named_parameters()}
+    state3 = copy.deepcopy(opt.state_dict())
+    _train(model, opt, 2, start=3)
+    return {"params3": at3, "state3": state3, "params5": {n: p.detach().clone() for n, p in model.named_parameters()},
+            "state5": copy.deepcopy(opt.state_dict()), "initial": {n: p.detach().clone() for n, p in ToyMoE().named_parameters()}}
+
+
+def _assert_params_close(got: dict, want: dict, atol=TOL):
+    for name, value in want.items():
+        diff = float((got[name] - value).abs().max())
+        assert diff <= atol, f"{name}: max |diff| {diff:.3g} > {atol}"
+
+
+def _assert_state_close(got: dict, want: dict):
+    assert set(got["state"]) == set(want["state"])
+    for i, entry in want["state"].items():
+        for key, value in entry.items():
+            diff = float((got["state"][i][key].double() - value.double()).abs().max())
+            assert diff <= TOL, f"state[{i}][{key}] differs by {diff:.3g}"
+    for g_got, g_want in zip(got["param_groups"], want["param_groups"]):
+        assert g_got == g_want
+
+
+# ------------------------------------------------------------------------------------------------ ZeRO-1
+def _zero1_run(rank, world, partition, out):
+    model = ToyMoE()
+    opt = build_muon(model, optimizer_cls=ZeroOneMuon, partition=partition, **SETTINGS)
+    _train(model, opt, 3, rank, world)
+    full3 = opt.full_state_dict()
+    torch.save(opt.state_dict(), out / f"shard3_rank{rank}.pt")
+    _train(model, opt, 2, rank, world, start=3)
+    full5 = opt.full_state_dict(rank0_only=True)
+    expected = opt.layout.step_bytes(rank, ns_bytes=4, code_count=sum(p.ndim >= 3 and p.shape[0] or 1
+                                                                        for p in model.parameters()),
+                                     telemetry_keys=len(opt.param_groups))
+    torch.save({"comm": opt.comm_bytes, "expected": expected}, out / f"comm_rank{rank}.pt")
+    if rank == 0:
+        torch.save({"params3_state": full3, "state5": full5, "model5": dict(model.named_parameters()),
+                    "model3": None}, out / "result.pt")
+
+
+@pytest.mark.parametrize(("world", "partition"), [(2, "flat"), (4, "flat"), (4, "owner")])
+def test_zero1_equals_single_device_and_counts_its_bytes(world, partition, single_device, tmp_path):
+    launch(_zero1_run, world, partition, tmp_path)
+    result = torch.load(tmp_path / "result.pt", weights_only=False)
+    _assert_params_close({n: p.detach() for n, p in result["model5"].items()}, single_device["params5"])
+    _assert_state_close(result["params3_state"], single_device["state3"])
+    _assert_state_close(result["state5"], single_device["state5"])
+    initial, final = single_device["initial"], result["model5"]
+    assert torch.equal(final["unused"].detach(), initial["unused"])  # never had a gradient
+    assert torch.equal(final["experts"].detach()[2], initial["experts"][2])  # expert 2 never got a token
+    for rank in range(world):
+        counted = torch.load(tmp_path / f"comm_rank{rank}.pt")
+        assert counted["comm"] == counted["expected"], rank
+    if partition == "owner":
+        assert all("gather_boundary_matrices" not in torch.load(tmp_path / f"comm_rank{r}.pt")["comm"]
+                   for r in range(world))
+
+
+def _zero1_resume(rank, world, source, out, same_world):
+    model = ToyMoE()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(source["params3"][name])
+    opt = build_muon(model, optimizer_cls=ZeroOneMuon, partition="flat", **SETTINGS)
+    if same_world:
+        opt.load_state_dict(torch.load(out / f"shard3_rank{rank}.pt", weights_only=False))
+    else:
+        opt.load_full_state_dict(source["state3"])
+    _train(model, opt, 2, rank, world, start=3)
+    if rank == 0:
+        torch.save({n: p.detach() for n, p in model.named_parameters()}, out / f"resumed_{world}.pt")
+
+
+def test_zero1_resume_same_and_different_world_size(single_device, tmp_path):
+    launch(_zero1_run, 2, "flat", tmp_path)
+    uninterrupted = {n: p.detach() for n, p in torch.load(tmp_path / "result.pt", weights_only=False)
+                     ["model5"].items()}
+    source = {"params3": single_device["params3"], "state3": single_device["state3"]}
+    launch(_zero1_resume, 4, source, tmp_path, False)  # consolidated single-device state, 2 -> 4 processes
+    _assert_params_close(torch.load(tmp_path / "resumed_4.pt"), single_device["params5"])
+    zero1_params3 = dict(single_device["params3"])
+    launch(_zero1_resume, 2, {"params3": zero1_params3, "state3": None}, tmp_path, True)
+    _assert_params_close(torch.load(tmp_path / "resumed_2.pt"), uninterrupted)
+
+
+def _zero1_nonfinite(rank, world, out):
+    model = ToyMoE()
+    opt = build_muon(model, optimizer_cls=ZeroOneMuon, **SETTINGS)
+    ids, targets = local_batch(0, rank, world)
+    model(ids, targets).backward()
+    if rank == 1:
+        model.w2.grad[0, 0] = float("inf")
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt.step()
+    unchanged = all(torch.equal(before[n], p) for n, p in model.named_parameters())
+    flags = torch.tensor([float(unchanged), opt.last_stats["skipped_steps"]])
+    dist.all_reduce(flags, op=dist.ReduceOp.MIN)
+    if rank == 0:
+        torch.save(flags, out / "flags.pt")
+
+
+def test_zero1_nonfinite_gradient_on_one_rank_skips_the_step_everywhere(tmp_path):
+    launch(_zero1_nonfinite, 2, tmp_path)
+    assert torch.load(tmp_path / "flags.pt").tolist() == [1.0, 1.0]
+
+
+# ------------------------------------------------------------------------------------------------ FSDP2
+def _fsdp_model(world):
+    model = ToyMoE()
+    fully_shard(model, mesh=init_device_mesh("cpu", (world,)))
+    return model
+
+
+def _fsdp_run(rank, world, out, steps, save_at, load):
+    model = _fsdp_model(world)
+    opt = build_muon(model, **SETTINGS)
+    start = 0
+    if load:
+        model_sd, optim_sd = get_state_dict(model, opt)
+        dcp.load({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(out / "dcp"))
+        set_state_dict(model, opt, model_state_dict=model_sd, optim_state_dict=optim_sd)
+        start = save_at
+    _train(model, opt, steps, rank, world, start=start)
+    if save_at is not None and not load:
+        model_sd, optim_sd = get_state_dict(model, opt)
+        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(out / "dcp"))
+    buf = opt.state[model.experts]["momentum_buffer"]
+    placement_ok = isinstance(buf, DTensor) and tuple(buf.placements) == (Shard(0),)
+    full = {n: p.full_tensor().detach() for n, p in model.named_parameters()}
+    if rank == 0:
+        torch.save({"params": full, "placement_ok": placement_ok, "comm": opt.comm_bytes}, out / "fsdp.pt")
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_fsdp2_equals_single_device(world, single_device, tmp_path):
+    launch(_fsdp_run, world, tmp_path, 5, None, False)
+    result = torch.load(tmp_path / "fsdp.pt", weights_only=False)
+    _assert_params_close(result["params"], single_device["params5"])
+    assert result["placement_ok"]
+    assert result["comm"]["gather_matrices_to_owner"] > 0
+    assert torch.equal(result["params"]["experts"][2], single_device["initial"]["experts"][2])
+
+
+def test_fsdp2_dcp_resume_in_a_fresh_process_group(single_device, tmp_path):
+    launch(_fsdp_run, 2, tmp_path, 3, 3, False)
+    _assert_params_close(torch.load(tmp_path / "fsdp.pt", weights_only=False)["params"], single_device["params3"])
+    launch(_fsdp_run, 2, tmp_path, 2, 3, True)
+    _assert_params_close(torch.load(tmp_path / "fsdp.pt", weights_only=False)["params"], single_device["params5"])
