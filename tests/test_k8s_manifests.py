@@ -45,7 +45,7 @@ def test_strict_validation_rejects_an_unknown_field(config_file):
         kubernetes_validate.validate(job, "1.34", strict=True)
 
 
-@pytest.mark.parametrize("overlay", OVERLAYS)
+@pytest.mark.parametrize("overlay", OVERLAYS + ["kubeflow"])
 def test_python_builder_equals_kubectl_kustomize(overlay):
     directory = overlay_dir(overlay)
     key = lambda o: (o["kind"], o["metadata"]["name"])  # noqa: E731
@@ -230,3 +230,24 @@ def test_render_cli_prints_yaml_and_fails_cleanly(config_file, capsys):
     assert find(docs, "Job", "crescent-train")["spec"]["completions"] == 2
     assert main(["render", "--overlay", "dev", "--config", config_file, "--image", "x:latest"]) == 2
     assert "image='x:latest': the tag `latest` is not allowed" in capsys.readouterr().err
+
+
+def test_kubeflow_overlay_runs_training_as_a_trainjob(config_file):
+    objects = render(RenderParams(overlay="kubeflow", config=config_file, nodes=3, gpus_per_node=2,
+                                  image="reg.example/crescent/train:1.2.3"))
+    assert not [o for o in objects if o["kind"] == "Job" and o["metadata"]["name"] == "crescent-train"]
+    assert policy.problems(objects) == []
+    for obj in objects:
+        if obj["kind"] not in ("TrainJob", "TrainingRuntime"):  # CRDs: no bundled schema
+            kubernetes_validate.validate(obj, "1.34", strict=True)
+    trainer = find(objects, "TrainJob", "crescent-train")["spec"]["trainer"]
+    runtime = find(objects, "TrainingRuntime", "crescent-torch")
+    assert trainer["numNodes"] == runtime["spec"]["mlPolicy"]["numNodes"] == 3
+    assert runtime["spec"]["mlPolicy"]["torch"]["numProcPerNode"] == 2
+    assert trainer["resourcesPerNode"]["limits"]["nvidia.com/gpu"] == "2"
+    args = trainer["args"]
+    assert args[args.index("--trainer.num_nodes") + 1] == "3" and args[args.index("--trainer.devices") + 1] == "2"
+    assert trainer["image"] == "reg.example/crescent/train:1.2.3"
+    pod = kustomize.pod_templates(runtime)[0]["spec"]
+    assert pod["containers"][0]["image"] == "reg.example/crescent/train:1.2.3"
+    assert {v["name"] for v in pod["volumes"]} == {"config", "data", "checkpoints", "dshm"}

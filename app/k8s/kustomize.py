@@ -115,7 +115,10 @@ def _apply_patch(objects: list[dict], patch: dict, directory: Path) -> None:
             if not matches:
                 raise KustomizeError(f"patch for {doc['kind']}/{doc['metadata']['name']} matches no resource")
             for obj in matches:
-                _merge(obj, doc)
+                if doc.get("$patch") == "delete":
+                    objects.remove(obj)
+                else:
+                    _merge(obj, doc)
 
 
 def _merge(base: dict, patch: dict) -> None:
@@ -163,6 +166,8 @@ def pod_templates(obj: dict) -> list[dict]:
     spec = obj.get("spec", {})
     if obj["kind"] == "CronJob":
         return [spec["jobTemplate"]["spec"]["template"]]
+    if obj["kind"] == "TrainingRuntime":  # Kubeflow Trainer: a JobSet template of Jobs
+        return [job["template"]["spec"]["template"] for job in spec["template"]["spec"]["replicatedJobs"]]
     if obj["kind"] in ("Deployment", "StatefulSet", "DaemonSet", "ReplicaSet", "Job"):
         return [spec["template"]]
     return []

@@ -90,6 +90,23 @@ def _object_problems(obj: dict, objects: list[dict]) -> list[str]:
         out += _pod_problems(kind, template["spec"], spec)
     if kind == "Job" and spec.get("completionMode") == "Indexed" and _is_torchrun(obj):
         out += _training_job_problems(obj, objects)
+    if kind == "TrainJob":
+        out += _trainjob_problems(obj)
+    return out
+
+
+def _trainjob_problems(trainjob: dict) -> list[str]:
+    trainer = trainjob["spec"]["trainer"]
+    args = trainer.get("args", [])
+    out = []
+    problem = image_problem(trainer.get("image", ""))
+    if problem:
+        out.append(problem)
+    if "--trainer.num_nodes" in args and args[args.index("--trainer.num_nodes") + 1] != str(trainer["numNodes"]):
+        out.append(f"--trainer.num_nodes disagrees with numNodes={trainer['numNodes']}")
+    gpus = trainer.get("resourcesPerNode", {}).get("limits", {}).get("nvidia.com/gpu")
+    if gpus is not None and "--trainer.devices" in args and args[args.index("--trainer.devices") + 1] != str(gpus):
+        out.append(f"--trainer.devices disagrees with {gpus} GPUs per node")
     return out
 
 

@@ -31,7 +31,8 @@ GPU_RESOURCE = "nvidia.com/gpu"
 
 # Apply order: what others refer to comes first.
 KIND_ORDER = ["Namespace", "ServiceAccount", "Role", "RoleBinding", "Secret", "ConfigMap",
-              "PersistentVolumeClaim", "Service", "NetworkPolicy", "StatefulSet", "Deployment", "Job", "CronJob"]
+              "PersistentVolumeClaim", "Service", "NetworkPolicy", "StatefulSet", "Deployment", "Job", "CronJob",
+              "TrainingRuntime", "TrainJob"]
 
 
 class RenderError(ValueError):
@@ -115,14 +116,18 @@ def render(params: RenderParams) -> list[dict]:
         objects = copy.deepcopy(kustomize.build(overlay_dir(params.overlay), params.engine))
     except kustomize.KustomizeError as err:
         raise RenderError(str(err)) from err
-    job = find(objects, "Job", TRAIN_JOB)
+    trainjobs = [o for o in objects if o["kind"] == "TrainJob"]  # the kubeflow overlay
+    job = trainjobs[0] if trainjobs else find(objects, "Job", TRAIN_JOB)
     config = params.config or job["metadata"].get("annotations", {}).get(CONFIG_ANNOTATION)
     if not config:
         raise RenderError(f"no config: pass --config or set the {CONFIG_ANNOTATION} annotation on the Job")
     config_path = resolve_config(config)
     job["metadata"].setdefault("annotations", {})[CONFIG_ANNOTATION] = config
     objects.append(config_map(config_path, job["metadata"].get("namespace"), job["metadata"].get("labels", {})))
-    _apply_training(job, params)
+    if trainjobs:
+        _apply_trainjob(job, find(objects, "TrainingRuntime", job["spec"]["runtimeRef"]["name"]), params)
+    else:
+        _apply_training(job, params)
     _apply_images(objects, params)
     if params.data_slices is not None:
         _apply_data_slices(objects, params.data_slices)
@@ -179,6 +184,31 @@ def _apply_training(job: dict, params: RenderParams) -> None:
                 values[GPU_RESOURCE] = str(gpus)
             else:
                 values.pop(GPU_RESOURCE, None)
+    for key, value in params.train_overrides:
+        _set_option(args, f"--{key}", value)
+
+
+def _apply_trainjob(trainjob: dict, runtime: dict, params: RenderParams) -> None:
+    """The Kubeflow TrainJob form: node count and per-node resources are TrainJob fields; torchrun's flags come
+    from the runtime's torch plugin (PET_* variables), so only Lightning's num_nodes/devices are in the args."""
+    trainer = trainjob["spec"]["trainer"]
+    args = trainer["args"]
+    nodes = params.nodes if params.nodes is not None else int(trainer["numNodes"])
+    trainer["numNodes"] = runtime["spec"]["mlPolicy"]["numNodes"] = nodes
+    _set_option(args, "--trainer.num_nodes", str(nodes))
+    if params.gpus_per_node is not None:
+        gpus = params.gpus_per_node
+        procs = gpus if gpus > 0 else params.cpu_procs_per_node
+        runtime["spec"]["mlPolicy"]["torch"]["numProcPerNode"] = procs
+        _set_option(args, "--trainer.devices", str(procs))
+        for section in ("requests", "limits"):
+            values = trainer.setdefault("resourcesPerNode", {}).setdefault(section, {})
+            if gpus > 0:
+                values[GPU_RESOURCE] = str(gpus)
+            else:
+                values.pop(GPU_RESOURCE, None)
+    if params.image:
+        trainer["image"] = params.image
     for key, value in params.train_overrides:
         _set_option(args, f"--{key}", value)
 

@@ -22,7 +22,8 @@ POSTGRES_SECRET = "mlflow-postgres"
 PLURALS = {"Namespace": "namespaces", "ServiceAccount": "serviceaccounts", "Secret": "secrets",
            "ConfigMap": "configmaps", "PersistentVolumeClaim": "persistentvolumeclaims", "Service": "services",
            "Role": "roles", "RoleBinding": "rolebindings", "NetworkPolicy": "networkpolicies",
-           "StatefulSet": "statefulsets", "Deployment": "deployments", "Job": "jobs", "CronJob": "cronjobs"}
+           "StatefulSet": "statefulsets", "Deployment": "deployments", "Job": "jobs", "CronJob": "cronjobs",
+           "TrainingRuntime": "trainingruntimes", "TrainJob": "trainjobs"}
 CLUSTER_SCOPED = {"Namespace"}
 KEEP_ON_DELETE = {"Namespace", "PersistentVolumeClaim"}
 
