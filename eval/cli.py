@@ -1,0 +1,118 @@
+"""`crescent eval data | run | watch`."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+DEFAULT_DATA_DIR = "data/eval"
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="crescent eval", description="evaluate export checkpoints with lm-eval")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    data = sub.add_parser("data", help="build the local (offline) copies of the evaluation sets")
+    data.add_argument("--out", default=DEFAULT_DATA_DIR, help=f"output directory (default {DEFAULT_DATA_DIR})")
+    data.add_argument("--mmlu-dir", help="the original MMLU release (data/dev/*_dev.csv, data/test/*_test.csv)")
+    data.add_argument("--gsm8k-test", help="GSM8K test questions, JSON lines {question, answer ending '#### N'}")
+    data.add_argument("--gsm8k-train", help="GSM8K train questions (the few-shot pool), same format")
+
+    for name, help_ in (("run", "evaluate one checkpoint"), ("watch", "evaluate every new checkpoint once, then exit")):
+        p = sub.add_parser(name, help=help_)
+        if name == "run":
+            p.add_argument("--checkpoint", required=True, help="an export checkpoint directory (step-N)")
+            p.add_argument("--output", help="results JSON path (default eval-results/<checkpoint>.json)")
+            p.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")
+        else:
+            p.add_argument("--checkpoints", required=True, help="the directory training writes exports into")
+            p.add_argument("--results-dir", help="also write each checkpoint's results JSON here")
+            p.add_argument("--retry-failed", action="store_true", help="evaluate checkpoints recorded as failed again")
+        p.add_argument("--tasks", default="mmlu,gsm8k,humaneval", help="comma-separated (default mmlu,gsm8k,humaneval)")
+        p.add_argument("--limit", type=int, help="evaluate only the first N documents of each task")
+        p.add_argument("--allow-code-execution", action="store_true",
+                       help="run generated programs (HumanEval) in the sandbox; without it such tasks are refused")
+        p.add_argument("--tracking-uri", help="MLflow URI (default $MLFLOW_TRACKING_URI, the checkpoint's, "
+                                              "or sqlite:///mlruns.db)")
+        p.add_argument("--data-dir", default=DEFAULT_DATA_DIR, help="where `crescent eval data` wrote the sets")
+        p.add_argument("--task-source", default="auto", choices=["auto", "local", "hub"],
+                       help="local copies, lm-eval's Hub tasks, or local when present (default)")
+        p.add_argument("--num-fewshot", help="per-task few-shot counts, e.g. mmlu=5,gsm8k=4 (paper defaults)")
+        p.add_argument("--batch-size", type=int, default=16)
+        p.add_argument("--device", default="cpu")
+        p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+        p.add_argument("--sandbox-workers", type=int, default=2, help="programs run in parallel (default 2)")
+    return parser
+
+
+def _request(args):
+    from eval.offline_tasks import parse_fewshot
+    from eval.runner import EvalRequest
+
+    return EvalRequest(tasks=[t.strip() for t in args.tasks.split(",") if t.strip()], data_dir=args.data_dir,
+                       limit=args.limit, allow_code_execution=args.allow_code_execution,
+                       task_source=args.task_source, fewshot=parse_fewshot(args.num_fewshot),
+                       batch_size=args.batch_size, device=args.device, dtype=args.dtype,
+                       sandbox_workers=args.sandbox_workers)
+
+
+def _run(args) -> int:
+    from components.checkpoint import read_metadata
+    from eval.runner import check_code_execution, evaluate_checkpoint, format_table
+    from eval.tracking import EvalTracker, resolve_tracking_uri
+
+    request = _request(args)
+    check_code_execution(request)
+    checkpoint = Path(args.checkpoint)
+    metadata = read_metadata(checkpoint)
+    doc = evaluate_checkpoint(checkpoint, request)
+    print(format_table(doc))
+    output = Path(args.output or Path("eval-results") / f"{checkpoint.resolve().name}.json")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(doc, indent=2, default=str) + "\n")
+    print(f"results: {output}")
+    if not args.no_mlflow:
+        uri = resolve_tracking_uri(args.tracking_uri, metadata)
+        tracker = EvalTracker(uri)
+        run_id = tracker.target_run(metadata, checkpoint)
+        tracker.log_results(run_id, doc)
+        tracker.mark(run_id, doc["step"], "done")
+        print(f"mlflow: {uri} run {run_id} step {doc['step']}")
+    return 0
+
+
+def _watch(args) -> int:
+    from eval.watch import watch
+
+    report = watch(args.checkpoints, _request(args), tracking_uri=args.tracking_uri,
+                   results_dir=args.results_dir, retry_failed=args.retry_failed)
+    print(f"watch: evaluated {report.evaluated}, failed {report.failed}, skipped {report.skipped}")
+    return 1 if report.failed else 0
+
+
+def _data(args) -> int:
+    from eval.data import build_eval_data
+
+    manifest = build_eval_data(args.out, mmlu_dir=args.mmlu_dir, gsm8k_test=args.gsm8k_test,
+                               gsm8k_train=args.gsm8k_train)
+    for name, entry in manifest["tasks"].items():
+        sizes = ", ".join(f"{k} {v}" for k, v in entry.items() if isinstance(v, int) and not isinstance(v, bool))
+        print(f"{name}: {sizes}")
+    if "gsm8k" not in manifest["tasks"]:
+        print("gsm8k: no local copy (pass --gsm8k-test FILE); `run` falls back to lm-eval's Hub task")
+    print(f"wrote {args.out}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=os.environ.get("CRESCENT_LOG_LEVEL", "WARNING"),
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return {"data": _data, "run": _run, "watch": _watch}[args.command](args)
+    except (PermissionError, ValueError, FileNotFoundError) as err:
+        print(f"crescent eval {args.command}: {err}", file=sys.stderr)
+        return 2

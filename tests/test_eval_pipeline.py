@@ -1,0 +1,157 @@
+"""`crescent eval data|run|watch` end to end: real lm-eval, real sandbox, a real MLflow sqlite store."""
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+from test_eval_fixtures import write_export, write_tokenizer
+
+from eval.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+GSM8K = [
+    ("Tom has 3 apples and buys 4 more. How many apples does he have?", "3 + 4 = <<3+4=7>>7 apples.\n#### 7"),
+    ("A box holds 12 pens. How many pens are in 2 boxes?", "2 * 12 = <<2*12=24>>24 pens.\n#### 24"),
+    ("Sara had 10 dollars and spent 6. How much is left?", "10 - 6 = <<10-6=4>>4 dollars.\n#### 4"),
+    ("There are 5 cats with 4 legs each. How many legs?", "5 * 4 = <<5*4=20>>20 legs.\n#### 20"),
+    ("A train goes 60 miles per hour for 2 hours. How far?", "60 * 2 = <<60*2=120>>120 miles.\n#### 120"),
+    ("Ann reads 15 pages a day for 3 days. How many pages?", "15 * 3 = <<15*3=45>>45 pages.\n#### 45"),
+]
+
+
+def _write_gsm8k(path: Path, items=GSM8K) -> Path:
+    path.write_text("".join(json.dumps({"question": q, "answer": a}) + "\n" for q, a in items))
+    return path
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    root = tmp_path_factory.mktemp("evalws")
+    tok = write_tokenizer(root / "tok")
+    assert main(["data", "--out", str(root / "data"), "--gsm8k-test", str(_write_gsm8k(root / "gsm8k.jsonl"))]) == 0
+    return root, tok
+
+
+@pytest.fixture
+def store(tmp_path, monkeypatch):
+    """A training run in a real sqlite MLflow store, with its loss curve."""
+    monkeypatch.chdir(tmp_path)  # artifacts land in ./mlruns of this test
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    run = client.create_run(client.create_experiment("train"))
+    for step in (50, 100, 150, 200):
+        client.log_metric(run.info.run_id, "train/loss", 5.0 - step / 100, step=step)
+    return uri, client, run.info.run_id
+
+
+def test_data_builds_all_three_sets(workspace):
+    root, _ = workspace
+    manifest = json.loads((root / "data" / "manifest.json").read_text())["tasks"]
+    assert manifest["humaneval"]["test"] == 164
+    assert len(manifest["mmlu"]["subjects"]) == 57 and manifest["mmlu"]["dev"] >= 280
+    assert manifest["gsm8k"]["test"] == 6
+    first = json.loads((root / "data" / "mmlu" / "dev" / "anatomy.jsonl").read_text().splitlines()[0])
+    assert len(first["choices"]) == 4 and first["answer"] in range(4)
+
+
+def test_data_rejects_bad_gsm8k_and_reads_original_mmlu(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"question": "q", "answer": "no final number"}) + "\n")
+    with pytest.raises(ValueError, match=r"bad.jsonl:1: answer must end with '#### <number>'"):
+        from eval.data import build_eval_data
+        build_eval_data(tmp_path / "out", gsm8k_test=bad)
+    mmlu = tmp_path / "mmlu" / "data"
+    for split, n in (("dev", 5), ("test", 7)):
+        (mmlu / split).mkdir(parents=True)
+        rows = "".join(f'"Q{i} of {split}?",w,x,y,z,{"ABCD"[i % 4]}\n' for i in range(n))
+        (mmlu / split / f"anatomy_{split}.csv").write_text(rows)
+    from eval.data import build_eval_data
+    manifest = build_eval_data(tmp_path / "out2", mmlu_dir=tmp_path / "mmlu")["tasks"]["mmlu"]
+    assert manifest["subjects"] == ["anatomy"] and manifest["test"] == 7 and not manifest["test_is_dev"]
+
+
+def test_run_puts_metrics_on_the_training_run_at_the_checkpoint_step(workspace, store, tmp_path, capsys):
+    root, tok = workspace
+    uri, client, run_id = store
+    export = write_export(tmp_path / "exports", tok, step=100, run_id=run_id, tracking_uri=uri)
+    rc = main(["run", "--checkpoint", str(export), "--tasks", "mmlu,gsm8k,humaneval", "--limit", "2",
+               "--allow-code-execution", "--data-dir", str(root / "data"), "--output", str(tmp_path / "r.json")])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert re.search(r"mmlu\s+local\s+4\s+2\s+114\s+acc", out)  # 2 per subject; dev-only pool: 4-shot at most
+    for key in ("eval/mmlu/acc", "eval/gsm8k/exact_match/strict-match", "eval/humaneval/pass_at_1"):
+        history = client.get_metric_history(run_id, key)
+        assert [(m.step, 0.0 <= m.value <= 1.0) for m in history] == [(100, True)], key
+    tags = client.get_run(run_id).data.tags
+    assert tags["eval.gsm8k.num_fewshot"] == "4" and tags["eval.humaneval.num_fewshot"] == "0"
+    assert tags["eval.mmlu.limit"] == "2" and tags["crescent.eval.step-00000100"] == "done"
+    artifacts = [a.path for a in client.list_artifacts(run_id, "eval/step-00000100")]
+    assert artifacts == ["eval/step-00000100/results.json"]
+    saved = json.loads((tmp_path / "r.json").read_text())
+    assert saved["step"] == 100 and saved["tasks"]["humaneval"]["documents"] == 2
+    assert saved["sandbox"] in ("namespaces", "limits-only")
+
+
+def test_run_without_run_id_goes_to_the_eval_experiment(workspace, store, tmp_path):
+    root, tok = workspace
+    uri, client, _ = store
+    export = write_export(tmp_path / "exports", tok, step=30)
+    assert main(["run", "--checkpoint", str(export), "--tasks", "gsm8k", "--limit", "2", "--tracking-uri", uri,
+                 "--data-dir", str(root / "data"), "--output", str(tmp_path / "r.json")]) == 0
+    runs = client.search_runs([client.get_experiment_by_name("eval").experiment_id])
+    assert len(runs) == 1 and runs[0].data.tags["crescent.checkpoint"] == str(export.resolve())
+    assert [m.step for m in client.get_metric_history(runs[0].info.run_id, "eval/gsm8k/exact_match/strict-match")] == [30]
+
+
+def test_humaneval_is_refused_without_allow_code_execution(workspace, tmp_path, capsys):
+    root, tok = workspace
+    export = write_export(tmp_path / "exports", tok, step=1)
+    rc = main(["run", "--checkpoint", str(export), "--tasks", "humaneval", "--data-dir", str(root / "data"),
+               "--no-mlflow"])
+    assert rc == 2 and "--allow-code-execution" in capsys.readouterr().err
+
+
+def test_watch_evaluates_each_checkpoint_once_and_records_a_broken_one(workspace, store, tmp_path, capsys):
+    root, tok = workspace
+    uri, client, run_id = store
+    exports = tmp_path / "exports"
+    for step in (200, 100, 150):
+        write_export(exports, tok, step=step, run_id=run_id, tracking_uri=uri)
+    (exports / "step-00000150" / "model.safetensors").write_bytes(b"not a safetensors file")
+    args = ["watch", "--checkpoints", str(exports), "--tasks", "gsm8k", "--limit", "2", "--data-dir", str(root / "data")]
+    assert main(args) == 1  # a failure was recorded
+    assert "evaluated [100, 200], failed [150], skipped []" in capsys.readouterr().out
+    history = client.get_metric_history(run_id, "eval/gsm8k/exact_match/strict-match")
+    assert sorted(m.step for m in history) == [100, 200]
+    tags = client.get_run(run_id).data.tags
+    assert tags["crescent.eval.step-00000150"].startswith("failed:")
+    assert main(args) == 0
+    assert "evaluated [], failed [], skipped [100, 150, 200]" in capsys.readouterr().out
+    assert len(client.get_metric_history(run_id, "eval/gsm8k/exact_match/strict-match")) == 2
+
+
+def test_two_concurrent_watchers_evaluate_each_checkpoint_once(workspace, store, tmp_path):
+    root, tok = workspace
+    uri, client, run_id = store
+    exports = tmp_path / "exports"
+    steps = [100, 200, 300]
+    for step in steps:
+        write_export(exports, tok, step=step, run_id=run_id, tracking_uri=uri)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    command = [sys.executable, "-m", "app.cli", "eval", "watch", "--checkpoints", str(exports), "--tasks", "gsm8k",
+               "--limit", "2", "--data-dir", str(root / "data")]
+    procs = [subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for _ in range(2)]
+    outputs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs
+    evaluated = []
+    for out, _ in outputs:
+        evaluated += json.loads(re.search(r"watch: evaluated (\[[^\]]*\])", out).group(1))
+    assert sorted(evaluated) == steps
+    history = client.get_metric_history(run_id, "eval/gsm8k/exact_match/strict-match")
+    assert sorted(m.step for m in history) == steps
