@@ -6,9 +6,12 @@ from argparse import Namespace
 
 import matplotlib.figure
 import pytest
+import torch
 import yaml
+from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from mlflow import MlflowClient
+from torch.utils.data import DataLoader, TensorDataset
 
 from app import plots
 from app.tracking import CrescentMLflowLogger
@@ -200,3 +203,36 @@ def test_tracking_uri_resolution(monkeypatch, tmp_path):
     from_env = CrescentMLflowLogger()
     assert (from_env.tracking_uri, from_env.artifact_location) == ("http://mlflow:5000", None)
     assert CrescentMLflowLogger(tracking_uri="sqlite:////x/y.db").tracking_uri == "sqlite:////x/y.db"
+
+
+class _TinyRegression(LightningModule):
+    def __init__(self, lr: float = 0.05, hidden: int = 4):
+        super().__init__()
+        self.save_hyperparameters()
+        self.layer = torch.nn.Linear(hidden, 1)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = torch.nn.functional.mse_loss(self.layer(x), y)
+        self.log("train/loss", loss)
+        return loss
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=self.hparams.lr)
+
+
+def test_lightning_trainer_logs_through_the_logger(store, tmp_path):
+    torch.manual_seed(0)
+    x = torch.randn(32, 4)
+    data = DataLoader(TensorDataset(x, x.sum(-1, keepdim=True)), batch_size=4)
+    logger = _logger(store, tmp_path, save_dir=str(tmp_path / "logs"))
+    trainer = Trainer(max_steps=8, logger=logger, log_every_n_steps=1, enable_checkpointing=False,
+                      enable_progress_bar=False, enable_model_summary=False, accelerator="cpu",
+                      default_root_dir=str(tmp_path))
+    trainer.fit(_TinyRegression(), data)  # Lightning calls finalize("success") at the end
+    client = MlflowClient(store)
+    run = client.get_run(logger.run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params == {"lr": "0.05", "hidden": "4"}
+    assert [m.step for m in client.get_metric_history(logger.run_id, "train/loss")] == list(range(8))
+    assert trainer.log_dir == str(tmp_path / "logs")

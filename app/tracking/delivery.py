@@ -34,6 +34,24 @@ MAX_PARAMS_TAGS_PER_BATCH = 100
 _PERMANENT_ERRORS = {"INVALID_PARAMETER_VALUE", "BAD_REQUEST", "INVALID_STATE", "RESOURCE_DOES_NOT_EXIST"}
 
 
+_STATUSES = {
+    "success": "FINISHED", "finished": "FINISHED", "failed": "FAILED",
+    "killed": "KILLED", "interrupted": "KILLED", "aborted": "KILLED",
+}
+
+
+def run_status(status: str) -> str:
+    """MLflow's run status for Lightning's ``finalize`` status (or an MLflow status itself)."""
+    if isinstance(status, str):
+        if status.lower() in _STATUSES:
+            return _STATUSES[status.lower()]
+        if status in _STATUSES.values():
+            return status
+    raise ValueError(
+        f"finalize status must be one of {sorted(_STATUSES)} or FINISHED/FAILED/KILLED, got {status!r}"
+    )
+
+
 def _is_permanent(error: Exception) -> bool:
     return getattr(error, "error_code", None) in _PERMANENT_ERRORS
 
@@ -72,6 +90,8 @@ class RunDelivery(threading.Thread):
 
         self.queue: collections.deque = collections.deque()
         self._put_lock = threading.Lock()
+        self._journal_lock = threading.Lock()  # journal I/O only; never held across a network call
+        self._closed = False
         self._progress = threading.Condition()
         self._wake = threading.Event()
         self._search_run_key = search_run_key
@@ -88,6 +108,18 @@ class RunDelivery(threading.Thread):
         self.failures = 0  # failed attempts (each followed by a backoff)
         self.last_error: str | None = None
         self.status_set: str | None = None
+
+    EMPTY_STATS = {"enqueued": 0, "delivered": 0, "pending": 0, "overflowed": 0, "rejected": 0,
+                   "failures": 0, "last_error": None, "run_id": None, "status_set": None}
+
+    def stats(self) -> dict[str, Any]:
+        """enqueued/delivered/pending record counts, overflowed and rejected (lost) records, failed attempts,
+        the last error, the run id and the status set at the end (None until then)."""
+        return {
+            "enqueued": self.enqueued, "delivered": self.delivered, "pending": self.enqueued - self.delivered,
+            "overflowed": self.overflowed, "rejected": self.rejected, "failures": self.failures,
+            "last_error": self.last_error, "run_id": self.run_id, "status_set": self.status_set,
+        }
 
     # ---- called from the training thread -------------------------------------------------------------
     def put(self, records: list[Any]) -> None:
@@ -123,19 +155,19 @@ class RunDelivery(threading.Thread):
         backoff = 0.5
         try:
             while True:
-                self._drain_queue()
                 stopping = self._stop_deadline is not None
-                if stopping and (not self.journal.has_pending or time.monotonic() >= self._stop_deadline):
-                    break
-                if self._run_ready and not self.journal.has_pending:
-                    self._sleep(self.poll_interval_s)
-                    continue
                 try:
+                    self._drain_queue()
+                    if stopping and (not self.journal.has_pending or time.monotonic() >= self._stop_deadline):
+                        break
+                    if self._run_ready and not self.journal.has_pending:
+                        self._sleep(self.poll_interval_s)
+                        continue
                     if not self._run_ready:
                         self._resolve_run()
-                    elif self.journal.has_pending:
+                    else:
                         self._deliver_next()
-                    if self.failures and backoff > 0.5:
+                    if backoff > 0.5:
                         log.info("MLflow reachable again at %s; delivering the backlog", self.tracking_uri)
                     backoff = 0.5
                 except Exception as error:  # any failure: keep the records, retry later
@@ -146,13 +178,17 @@ class RunDelivery(threading.Thread):
                                     self.tracking_uri, self.last_error[:300], self.journal.path)
                     wait = backoff
                     if stopping:
-                        wait = min(wait, max(self._stop_deadline - time.monotonic(), 0.0))
-                    self._sleep(wait)
+                        wait = self._stop_deadline - time.monotonic()
+                        if wait <= 0:
+                            break
+                    self._sleep(min(wait, backoff))
                     backoff = min(backoff * 2, self.max_backoff_s)
-            self._drain_queue()
+            self.journal_queued()
             self._set_final_status()
         finally:
-            self.journal.close()
+            with self._journal_lock:
+                self._closed = True
+                self.journal.close()
             with self._progress:
                 self._progress.notify_all()
 
@@ -161,13 +197,31 @@ class RunDelivery(threading.Thread):
         self._wake.clear()
 
     def _drain_queue(self) -> None:
-        records = []
-        while self.queue:
-            records.append(self.queue.popleft())
-        self.journal.append(records)
+        """Move queued records into the journal, in order; on a write error they stay queued."""
+        with self._journal_lock:
+            if self._closed:
+                return
+            records = []
+            while self.queue:
+                records.append(self.queue.popleft())
+            try:
+                self.journal.append(records)
+            except BaseException:
+                self.queue.extendleft(reversed(records))
+                raise
+
+    def journal_queued(self) -> bool:
+        """Write what is queued to the journal now (safe from any thread); False if that failed."""
+        try:
+            self._drain_queue()
+            return True
+        except Exception as error:
+            log.warning("could not journal %d queued MLflow records: %s", len(self.queue), error)
+            return False
 
     def _commit(self, n: int) -> None:
-        self.journal.commit(n)
+        with self._journal_lock:
+            self.journal.commit(n)
         with self._progress:
             self.delivered += n
             self._progress.notify_all()
@@ -243,7 +297,8 @@ class RunDelivery(threading.Thread):
         from mlflow.exceptions import MlflowException
 
         limit = 1 if self._isolate > 0 else MAX_METRICS_PER_BATCH
-        records = self.journal.peek(limit)
+        with self._journal_lock:
+            records = self.journal.peek(limit)
         if not records:
             return
         if records[0] is None:  # torn line from a crashed process

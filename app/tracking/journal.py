@@ -17,6 +17,15 @@ from typing import Any
 _COMPACT_BYTES = 8 * 1024 * 1024
 
 
+def _reopen_truncated(writer, path: str, size: int):
+    try:
+        writer.close()
+    except OSError:
+        pass  # its unwritten buffer is discarded with it
+    os.truncate(path, size)
+    return open(path, "ab")  # noqa: SIM115
+
+
 class Journal:
     """FIFO of JSON records in ``path``; the read/delivered position is kept in ``path + '.pos'``."""
 
@@ -61,8 +70,12 @@ class Journal:
         if not records:
             return
         data = b"".join(json.dumps(r, separators=(",", ":")).encode() + b"\n" for r in records)
-        self._writer.write(data)
-        self._writer.flush()
+        try:
+            self._writer.write(data)
+            self._writer.flush()
+        except OSError:  # e.g. disk full: cut a partial write back so the file stays whole lines
+            self._writer = _reopen_truncated(self._writer, self.path, self._end)
+            raise
         self._end += len(data)
 
     @property

@@ -36,21 +36,23 @@ from typing import Any
 from lightning.pytorch.loggers import Logger
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
-from app.tracking.delivery import RunDelivery
+from app.tracking.delivery import RunDelivery, run_status
 from app.tracking.params import flatten_params, sanitize_key
 
 log = logging.getLogger(__name__)
 
 DEFAULT_TRACKING_URI = "sqlite:///mlruns.db"
-_STATUSES = {
-    "success": "FINISHED", "finished": "FINISHED", "failed": "FAILED",
-    "killed": "KILLED", "interrupted": "KILLED", "aborted": "KILLED",
-}
-
 
 @functools.lru_cache(maxsize=8192)
 def _metric_key(key: str) -> str:
     return sanitize_key(key)
+
+
+def _http_timeout_s() -> float:
+    try:
+        return float(os.environ.get("MLFLOW_HTTP_REQUEST_TIMEOUT", 120))
+    except ValueError:
+        return 120.0
 
 
 def resolve_tracking_uri(tracking_uri: str | None) -> str:
@@ -86,6 +88,8 @@ class CrescentMLflowLogger(Logger):
         artifact_location: artifact root of a newly created experiment (default: ``mlartifacts`` next to a
             sqlite database; the server's default otherwise).
         spool_dir: where the journal and staged artifacts live (put it on the checkpoint volume).
+        save_dir: the local directory Lightning treats as this logger's (``trainer.log_dir``, where
+            LightningCLI's SaveConfigCallback writes ``config.yaml``); default: the working directory.
         http_timeout_s, http_max_retries: defaults for ``MLFLOW_HTTP_REQUEST_TIMEOUT`` /
             ``MLFLOW_HTTP_REQUEST_MAX_RETRIES`` when unset, so a dead server costs seconds per attempt;
             retries are done by this logger with backoff instead.
@@ -106,6 +110,7 @@ class CrescentMLflowLogger(Logger):
         run_key: str | None = None,
         artifact_location: str | None = None,
         spool_dir: str = "mlflow-spool",
+        save_dir: str | None = None,
         http_timeout_s: int = 10,
         http_max_retries: int = 0,
         finalize_timeout_s: float = 30.0,
@@ -132,6 +137,7 @@ class CrescentMLflowLogger(Logger):
         self._run_key_given = run_key is not None
         self._run_key = run_key or uuid.uuid4().hex
         self.spool_dir = os.path.abspath(spool_dir)
+        self._save_dir = os.path.abspath(save_dir or os.getcwd())
         self._http = {"MLFLOW_HTTP_REQUEST_TIMEOUT": str(int(http_timeout_s)),
                       "MLFLOW_HTTP_REQUEST_MAX_RETRIES": str(int(http_max_retries))}
         self.finalize_timeout_s = finalize_timeout_s
@@ -151,6 +157,10 @@ class CrescentMLflowLogger(Logger):
     def version(self) -> str:
         """The run key: stable from the first moment (the run id may not exist yet)."""
         return self._run_key
+
+    @property
+    def save_dir(self) -> str:
+        return self._save_dir
 
     @property
     def run_key(self) -> str:
@@ -226,7 +236,9 @@ class CrescentMLflowLogger(Logger):
         delivery = self._delivery
         if delivery is not None and delivery.is_alive():
             delivery.stop(None, timeout=0.0)
-            delivery.join(timeout=5.0)
+            delivery.join(timeout=2.0)
+            if delivery.is_alive():  # stuck in a network call: journal the queue from here
+                delivery.journal_queued()
 
     def wait_for_run_id(self, timeout: float = 30.0) -> str | None:
         """Block up to ``timeout`` s until the run exists; its id, or ``None`` (server still unreachable)."""
@@ -245,25 +257,23 @@ class CrescentMLflowLogger(Logger):
         return self._delivery.wait_delivered(timeout)
 
     @rank_zero_only
-    def finalize(self, status: str = "success") -> None:
-        """Flush for at most ``finalize_timeout_s``, set the run status, stop the thread (best effort).
+    def finalize(self, status: str = "success", timeout: float | None = None) -> None:
+        """Flush for at most ``timeout`` s (default ``finalize_timeout_s``), set the run status, stop the
+        thread (best effort). Under a preemption grace period pass a short ``timeout``.
 
         ``status``: Lightning's ``success``/``failed``/``finished`` or ``killed``/``interrupted``/
         ``aborted``, or MLflow's ``FINISHED``/``FAILED``/``KILLED``. What could not be delivered stays in
         the journal for the next process with the same run key. Logging after ``finalize`` starts again.
         """
-        mlflow_status = _STATUSES.get(status.lower()) if isinstance(status, str) else None
-        if mlflow_status is None and isinstance(status, str) and status.upper() in _STATUSES.values():
-            mlflow_status = status.upper()
-        if mlflow_status is None:
-            raise ValueError(
-                f"finalize status must be one of {sorted(_STATUSES)} or FINISHED/FAILED/KILLED, got {status!r}"
-            )
+        mlflow_status = run_status(status)
         delivery = self._delivery
         if delivery is None:
             return
-        delivery.stop(mlflow_status, timeout=self.finalize_timeout_s)
-        delivery.join(timeout=self.finalize_timeout_s + int(self._http["MLFLOW_HTTP_REQUEST_TIMEOUT"]) + 5)
+        timeout = self.finalize_timeout_s if timeout is None else max(float(timeout), 0.0)
+        delivery.stop(mlflow_status, timeout=timeout)
+        delivery.join(timeout=timeout + _http_timeout_s() + 2)
+        if delivery.is_alive():  # stuck in a network call: make sure the queue is on disk
+            delivery.journal_queued()
         self._given_run_id = delivery.run_id or self._given_run_id
         self._run_key_given = True  # a later start continues this run
         self._finished.append(delivery)
@@ -275,18 +285,9 @@ class CrescentMLflowLogger(Logger):
             pass
 
     def stats(self) -> dict[str, Any]:
-        """Counters of the current (or last) delivery thread: enqueued, delivered, pending, overflowed,
-        rejected, failures, last_error, run_id, status_set."""
+        """Counters of the current (or last) delivery thread; see ``RunDelivery.stats``."""
         delivery = self._delivery or (self._finished[-1] if self._finished else None)
-        if delivery is None:
-            return {"enqueued": 0, "delivered": 0, "pending": 0, "overflowed": 0, "rejected": 0,
-                    "failures": 0, "last_error": None, "run_id": self.run_id, "status_set": None}
-        return {
-            "enqueued": delivery.enqueued, "delivered": delivery.delivered,
-            "pending": delivery.enqueued - delivery.delivered, "overflowed": delivery.overflowed,
-            "rejected": delivery.rejected, "failures": delivery.failures, "last_error": delivery.last_error,
-            "run_id": delivery.run_id, "status_set": delivery.status_set,
-        }
+        return delivery.stats() if delivery is not None else {**RunDelivery.EMPTY_STATS, "run_id": self.run_id}
 
     # ---- logging (rank 0 only; never blocks on the network, never raises) ----------------------------
     @rank_zero_only
