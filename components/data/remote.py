@@ -1,0 +1,69 @@
+"""Where shard sets live: local paths (or a shared volume), or URLs (https://, s3://, gs://, ...).
+
+URLs go through fsspec when the protocol's implementation is installed (http/https via aiohttp here; s3fs,
+gcsfs in the training image), and otherwise through webdataset's URL openers (`curl`, `aws s3 cp`, `gsutil`).
+"""
+from __future__ import annotations
+
+import os
+from urllib.parse import urlparse
+
+
+def is_url(location: str) -> bool:
+    scheme = urlparse(str(location)).scheme
+    return len(scheme) > 1 and scheme != "file"  # one letter would be a Windows drive
+
+
+def local_path(location: str) -> str:
+    return urlparse(location).path if str(location).startswith("file://") else str(location)
+
+
+def join(location: str, name: str) -> str:
+    if is_url(location):
+        return location.rstrip("/") + "/" + name
+    return os.path.join(local_path(location), name)
+
+
+def _fsspec_filesystem(url: str):
+    """(filesystem, path) through fsspec, or None when the protocol's package is not installed."""
+    import fsspec
+
+    try:
+        return fsspec.core.url_to_fs(url)
+    except (ImportError, ValueError):
+        return None
+
+
+def read_bytes(location: str) -> bytes:
+    """The whole object. Raises FileNotFoundError (or the opener's OSError) when it is not there."""
+    if not is_url(location):
+        with open(local_path(location), "rb") as f:
+            return f.read()
+    found = _fsspec_filesystem(location)
+    if found is not None:
+        fs, path = found
+        with fs.open(path, "rb") as f:
+            return f.read()
+    from webdataset.gopen import gopen
+
+    with gopen(location, "rb") as f:
+        data = f.read()
+    if not data:
+        raise FileNotFoundError(f"{location}: empty or unreachable")
+    return data
+
+
+def exists(location: str) -> bool:
+    if not is_url(location):
+        return os.path.exists(local_path(location))
+    found = _fsspec_filesystem(location)
+    if found is not None:
+        fs, path = found
+        try:
+            return bool(fs.exists(path))
+        except OSError:
+            return False
+    try:
+        return len(read_bytes(location)) > 0
+    except OSError:
+        return False

@@ -1,0 +1,241 @@
+"""Shard sets: packed token samples in webdataset tar shards, plus `manifest.json`.
+
+A sample is `seq_len + 1` consecutive tokens of the document stream (documents joined by EOS), so the model
+reads tokens [0, seq_len) and predicts tokens [1, seq_len]. Samples are shuffled with the seed and written as
+tar members `{sample_id:010d}.tokens` (raw little-endian uint16 when the vocabulary fits, else uint32), where
+`sample_id` is the sample's position in the packed (unshuffled) stream. Tar headers are fixed (mtime 0,
+uid/gid 0, no user names, ustar format) so the same inputs give byte-identical shards.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import tarfile
+from dataclasses import dataclass
+from multiprocessing import get_context
+from pathlib import Path
+
+import numpy as np
+
+from . import remote
+from .sources import iter_documents
+from .tokenizer import Tokenizer, load_tokenizer
+
+FORMAT = "crescent.shards.v1"
+MANIFEST = "manifest.json"
+SAMPLE_EXT = "tokens"
+
+
+def token_dtype(vocab_size: int) -> str:
+    return "uint16" if vocab_size <= 2**16 else "uint32"
+
+
+# ---------------------------------------------------------------------------------------------- tokenizing
+_worker_tokenizer: Tokenizer | None = None
+
+
+def _init_worker(tokenizer_dir: str) -> None:
+    global _worker_tokenizer
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one process per core already; no nested thread pools
+    _worker_tokenizer = load_tokenizer(tokenizer_dir)
+
+
+def _tokenize_chunk(texts: list[str]) -> tuple[np.ndarray, int]:
+    """(token ids of the documents, each followed by EOS, as one uint32 array; number of documents)."""
+    tok = _worker_tokenizer
+    pieces = []
+    for ids in tok.encode_batch(texts):
+        pieces.append(np.asarray(ids, dtype=np.uint32))
+        pieces.append(np.asarray([tok.eos_id], dtype=np.uint32))
+    return (np.concatenate(pieces) if pieces else np.zeros(0, np.uint32)), len(texts)
+
+
+def _chunks(docs, size: int):
+    chunk: list[str] = []
+    for doc in docs:
+        chunk.append(doc)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def tokenize_sources(sources: list[str], tokenizer_dir: str, workers: int = 1, text_field: str = "text",
+                     progress: bool = False) -> tuple[np.ndarray, int]:
+    """(token stream, document count): every document tokenized in order and terminated by EOS."""
+    from tqdm import tqdm
+
+    docs = iter_documents(sources, text_field)
+    bar = tqdm(desc="tokenize", unit="doc", disable=not progress)
+    arrays, n_docs = [], 0
+    if workers <= 1:
+        _init_worker(tokenizer_dir)
+        stream = map(_tokenize_chunk, _chunks(docs, 64))
+        pool = None
+    else:
+        pool = get_context("spawn").Pool(workers, initializer=_init_worker, initargs=(tokenizer_dir,))
+        stream = pool.imap(_tokenize_chunk, _chunks(docs, 64))  # imap keeps document order
+    try:
+        for arr, n in stream:
+            arrays.append(arr)
+            n_docs += n
+            bar.update(n)
+    finally:
+        bar.close()
+        if pool is not None:
+            pool.close()
+            pool.join()
+    tokens = np.concatenate(arrays) if arrays else np.zeros(0, np.uint32)
+    return tokens, n_docs
+
+
+# ---------------------------------------------------------------------------------------------- writing
+def _tar_bytes(members: list[tuple[str, bytes]]) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size, info.mtime, info.mode = len(data), 0, 0o644
+            info.uid = info.gid = 0
+            info.uname = info.gname = ""
+            tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def shard_name(index: int) -> str:
+    return f"shard-{index:06d}.tar"
+
+
+def build_shards(sources: list[str], out_dir: str | os.PathLike, tokenizer_dir: str | os.PathLike,
+                 seq_len: int = 256, shard_samples: int = 1024, seed: int = 0, workers: int = 1,
+                 text_field: str = "text", name: str | None = None, progress: bool = False) -> dict:
+    """Tokenize `sources`, pack into samples of seq_len+1 tokens, shuffle with `seed`, write shards + manifest.
+
+    Returns the manifest. The tail of the token stream that does not fill a whole sample is dropped (and counted
+    in `dropped_tokens`). The build holds its token stream in memory: build a very large corpus as several shard
+    sets (one per part, e.g. one per Kubernetes Indexed Job index) rather than one.
+    """
+    for field, value, low in (("seq_len", seq_len, 1), ("shard_samples", shard_samples, 1), ("workers", workers, 0)):
+        if not isinstance(value, int) or value < low:
+            raise ValueError(f"{field}={value!r} must be an integer >= {low}")
+    if not sources:
+        raise ValueError("sources=[] : give at least one text file, directory, glob, JSONL or parquet file")
+    tokenizer_dir = str(tokenizer_dir)
+    tok = load_tokenizer(tokenizer_dir)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+
+    stream, n_docs = tokenize_sources(list(sources), tokenizer_dir, workers, text_field, progress)
+    sample_len = seq_len + 1
+    n_samples = len(stream) // sample_len
+    if n_samples == 0:
+        raise ValueError(f"sources hold {len(stream)} tokens, fewer than one sample of seq_len+1={sample_len}")
+    dtype = token_dtype(tok.vocab_size)
+    samples = stream[: n_samples * sample_len].astype(dtype).reshape(n_samples, sample_len)
+    order = np.random.default_rng(seed).permutation(n_samples)
+    little = np.dtype(dtype).newbyteorder("<")
+
+    shards = []
+    for index, start in enumerate(range(0, n_samples, shard_samples)):
+        ids = order[start:start + shard_samples]
+        members = [(f"{int(i):010d}.{SAMPLE_EXT}", samples[i].astype(little).tobytes()) for i in ids]
+        data = _tar_bytes(members)
+        _write_atomic(out / shard_name(index), data)
+        shards.append({"file": shard_name(index), "samples": len(ids), "tokens": len(ids) * sample_len,
+                       "sha256": hashlib.sha256(data).hexdigest()})
+    keep = {s["file"] for s in shards}
+    for stale in out.glob("shard-*.tar"):
+        if stale.name not in keep:
+            stale.unlink()
+
+    manifest = {
+        "format": FORMAT,
+        "name": name or out.resolve().name,
+        "seq_len": seq_len,
+        "sample_tokens": sample_len,
+        "dtype": dtype,
+        "seed": seed,
+        "sources": [str(s) for s in sources],
+        "text_field": text_field,
+        "tokenizer": tok.describe(),
+        "documents": n_docs,
+        "samples": n_samples,
+        "tokens": n_samples * sample_len,
+        "dropped_tokens": int(len(stream) - n_samples * sample_len),
+        "shard_samples": shard_samples,
+        "shards": shards,
+    }
+    _write_atomic(out / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode())
+    return manifest
+
+
+# ---------------------------------------------------------------------------------------------- reading
+def read_manifest(location: str) -> dict:
+    """The manifest of a shard set (a local directory or a URL prefix). Clear error when missing or malformed."""
+    path = remote.join(location, MANIFEST)
+    try:
+        manifest = json.loads(remote.read_bytes(path))
+    except FileNotFoundError as err:
+        raise ValueError(f"shard set {location!r}: no {MANIFEST} at {path!r}") from err
+    except (OSError, json.JSONDecodeError) as err:
+        raise ValueError(f"shard set {location!r}: cannot read {path!r}: {err}") from err
+    if manifest.get("format") != FORMAT:
+        raise ValueError(f"shard set {location!r}: format={manifest.get('format')!r}, expected {FORMAT!r}")
+    return manifest
+
+
+@dataclass
+class ShardSamples:
+    """One shard decoded: `tokens[k]` and `sample_ids[k]` for k < `valid`; rows from `valid` on were lost."""
+
+    tokens: np.ndarray      # [expected, seq_len + 1], the manifest's dtype
+    sample_ids: np.ndarray  # [expected] int64, -1 where lost
+    valid: int              # samples read intact, a prefix of the shard
+    bad: int                # samples present but malformed (wrong length, bad name)
+    error: str | None       # why reading stopped early (truncated / corrupt / missing), if it did
+
+
+def decode_shard(data: bytes | None, expected: int, sample_len: int, dtype: str, error: str | None = None
+                 ) -> ShardSamples:
+    """Parse a shard's tar bytes. Never raises on bad data: what cannot be read is reported, not thrown."""
+    from webdataset.tariterators import tar_file_iterator
+
+    item = np.dtype(dtype).newbyteorder("<")
+    tokens = np.zeros((expected, sample_len), dtype=dtype)
+    ids = np.full(expected, -1, dtype=np.int64)
+    ok = bad = 0
+    want = sample_len * item.itemsize
+    if data is not None:
+        failure: list[BaseException] = []
+
+        def stop(exn: BaseException) -> bool:
+            failure.append(exn)
+            return False
+
+        try:
+            for k, member in enumerate(tar_file_iterator(io.BytesIO(data), handler=stop)):
+                if k >= expected:
+                    break
+                stem, _, ext = member["fname"].rpartition("/")[-1].partition(".")
+                if ext != SAMPLE_EXT or len(member["data"]) != want or not stem.isdigit():
+                    bad += 1
+                    continue
+                tokens[ok] = np.frombuffer(member["data"], dtype=item)
+                ids[ok] = int(stem)
+                ok += 1
+        except (tarfile.TarError, OSError, EOFError, ValueError) as exn:
+            failure.append(exn)
+        if failure and error is None:
+            error = f"{type(failure[0]).__name__}: {failure[0]}"
+    if error is None and ok + bad < expected:
+        error = f"shard ended after {ok + bad} of {expected} samples"
+    return ShardSamples(tokens, ids, ok, bad, error)
