@@ -236,3 +236,23 @@ def test_lightning_trainer_logs_through_the_logger(store, tmp_path):
     assert run.data.params == {"lr": "0.05", "hidden": "4"}
     assert [m.step for m in client.get_metric_history(logger.run_id, "train/loss")] == list(range(8))
     assert trainer.log_dir == str(tmp_path / "logs")
+
+
+def test_resume_state_loaded_after_params_like_lightning_does_under_fsdp(store, tmp_path):
+    first = _logger(store, tmp_path)
+    first.log_hyperparams({"lr": 0.1, "seed": 1})
+    first.log_metrics({"loss": 2.0}, step=0)
+    first.finalize("killed")
+
+    second = _logger(store, tmp_path)  # a fresh process: its own run key until the checkpoint is restored
+    second.log_hyperparams({"lr": 0.2, "seed": 1})  # ModelParallelStrategy logs params before restoring
+    second.load_state_dict(first.state_dict())
+    second.log_metrics({"loss": 1.0}, step=1)
+    assert second.flush(timeout=60)
+    assert (second.run_id, second.run_key) == (first.run_id, first.run_key)
+    run = MlflowClient(store).get_run(first.run_id)
+    assert run.data.params == {"lr": "0.1", "seed": "1"} and run.data.tags["param_changed.lr"] == "0.2"
+    assert _history(MlflowClient(store), first.run_id, "loss") == [(0, 2.0), (1, 1.0)]
+    with pytest.raises(RuntimeError, match="before the first metric is logged"):
+        second.load_state_dict({"run_id": None, "run_key": "another"})
+    second.finalize("success")

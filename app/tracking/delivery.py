@@ -23,33 +23,14 @@ from typing import Any
 
 from app.tracking.journal import Journal
 from app.tracking.params import split_params
+from app.tracking.store import MAX_PARAMS_TAGS_PER_BATCH, resolve_run
 
 log = logging.getLogger(__name__)
 
-RUN_KEY_TAG = "crescent.run_key"
 # mlflow.utils.validation limits for one log_batch call.
 MAX_METRICS_PER_BATCH = 1000
-MAX_PARAMS_TAGS_PER_BATCH = 100
 # Errors that retrying cannot fix: the record itself is bad, or the run is gone.
 _PERMANENT_ERRORS = {"INVALID_PARAMETER_VALUE", "BAD_REQUEST", "INVALID_STATE", "RESOURCE_DOES_NOT_EXIST"}
-
-
-_STATUSES = {
-    "success": "FINISHED", "finished": "FINISHED", "failed": "FAILED",
-    "killed": "KILLED", "interrupted": "KILLED", "aborted": "KILLED",
-}
-
-
-def run_status(status: str) -> str:
-    """MLflow's run status for Lightning's ``finalize`` status (or an MLflow status itself)."""
-    if isinstance(status, str):
-        if status.lower() in _STATUSES:
-            return _STATUSES[status.lower()]
-        if status in _STATUSES.values():
-            return status
-    raise ValueError(
-        f"finalize status must be one of {sorted(_STATUSES)} or FINISHED/FAILED/KILLED, got {status!r}"
-    )
 
 
 def _is_permanent(error: Exception) -> bool:
@@ -97,6 +78,10 @@ class RunDelivery(threading.Thread):
         self._search_run_key = search_run_key
         self._client = None
         self._run_ready = False
+        self._resolving = False
+        # The run is created/continued only once the gate opens (first metric, artifact, flush, finalize):
+        # until then ``retarget`` may still switch to the run of a checkpoint restored after setup.
+        self.gate = threading.Event()
         self._isolate = 0  # after a rejected batch, send this many records one by one
         self._stop_deadline: float | None = None
         self._final_status: str | None = None
@@ -144,6 +129,25 @@ class RunDelivery(threading.Thread):
                 self._progress.wait(min(remaining, 0.2))
         return self.delivered >= target
 
+    def retarget(self, run_id: str | None, run_key: str) -> None:
+        """Continue another run (a checkpoint's) instead: allowed until the run is being resolved.
+
+        Records journaled so far move behind the backlog of ``run_key``'s journal (a previous process').
+        """
+        with self._journal_lock:
+            if self._resolving or self._closed:
+                raise RuntimeError(
+                    f"MLflow run {self.run_id or self.run_key} is already in use; resume state must be loaded "
+                    "before the first metric is logged"
+                )
+            records = [r for r in self.journal.peek(2**62) if r is not None]
+            self.journal.discard()
+            self.journal = Journal(os.path.join(os.path.dirname(self.journal.path), f"{run_key}.jsonl"))
+            self.journal.append(records)
+            with self._put_lock:
+                self.enqueued += self.journal.pending_at_open
+            self.run_id, self.run_key, self._search_run_key = run_id, run_key, True
+
     def stop(self, status: str | None, timeout: float) -> None:
         """Deliver for at most ``timeout`` seconds, set ``status`` on the run (best effort), end the thread."""
         self._final_status = status
@@ -160,10 +164,13 @@ class RunDelivery(threading.Thread):
                     self._drain_queue()
                     if stopping and (not self.journal.has_pending or time.monotonic() >= self._stop_deadline):
                         break
-                    if self._run_ready and not self.journal.has_pending:
+                    idle = not self.journal.has_pending if self._run_ready else not self.gate.is_set()
+                    if idle:
                         self._sleep(self.poll_interval_s)
                         continue
                     if not self._run_ready:
+                        with self._journal_lock:
+                            self._resolving = True  # from here on the run identity is fixed
                         self._resolve_run()
                     else:
                         self._deliver_next()
@@ -233,64 +240,18 @@ class RunDelivery(threading.Thread):
             self._client = MlflowClient(tracking_uri=self.tracking_uri)
         return self._client
 
-    # ---- run creation / resume -----------------------------------------------------------------------
-    def _experiment_id(self, client) -> str:
-        from mlflow.exceptions import MlflowException
-
-        experiment = client.get_experiment_by_name(self.experiment_name)
-        if experiment is None:
-            try:
-                return client.create_experiment(self.experiment_name, artifact_location=self.artifact_location)
-            except MlflowException as error:  # created concurrently by another process
-                if error.error_code != "RESOURCE_ALREADY_EXISTS":
-                    raise
-                experiment = client.get_experiment_by_name(self.experiment_name)
-        if experiment.lifecycle_stage == "deleted":
-            log.warning("MLflow experiment %r was deleted; restoring it", self.experiment_name)
-            client.restore_experiment(experiment.experiment_id)
-        return experiment.experiment_id
-
     def _resolve_run(self) -> None:
-        """Continue ``run_id`` (or the run tagged with our run key), else create a run; mark it RUNNING."""
-        from mlflow.entities import RunTag
-        from mlflow.exceptions import MlflowException
-
-        client = self._mlflow()
-        if self.run_id is not None:
-            try:
-                run = client.get_run(self.run_id)
-                if run.info.lifecycle_stage == "deleted":
-                    raise MlflowException("run is deleted", error_code="RESOURCE_DOES_NOT_EXIST")
-            except MlflowException as error:
-                if error.error_code != "RESOURCE_DOES_NOT_EXIST":
-                    raise
-                log.warning("MLflow run %s not found in %s; starting a new run", self.run_id, self.tracking_uri)
-                self.tags["crescent.resumed_from_missing_run"] = self.run_id
-                self.run_id = None
-        created = False
-        if self.run_id is None:
-            experiment_id = self._experiment_id(client)
-            found = []
-            if self._search_run_key:
-                found = client.search_runs(
-                    [experiment_id], filter_string=f"tags.`{RUN_KEY_TAG}` = '{self.run_key}'", max_results=1
-                )
-            if found:
-                self.run_id = found[0].info.run_id
-            else:
-                # If the reply is lost the run may exist anyway: the next attempt looks it up by key first.
-                self._search_run_key = True
-                tags = {**self.tags, RUN_KEY_TAG: self.run_key}
-                run = client.create_run(experiment_id, run_name=self.run_name, tags=tags)
-                self.run_id = run.info.run_id
-                created = True
-        if not created:
-            client.update_run(self.run_id, status="RUNNING")
-            tags = [RunTag(k, v) for k, v in self.tags.items()]
-            for i in range(0, len(tags), MAX_PARAMS_TAGS_PER_BATCH):
-                client.log_batch(self.run_id, tags=tags[i : i + MAX_PARAMS_TAGS_PER_BATCH], synchronous=True)
-        self._run_ready = True
-        log.info("MLflow run %s (%s)", self.run_id, "created" if created else "continued")
+        try:
+            run_id, created = resolve_run(
+                self._mlflow(), experiment_name=self.experiment_name, artifact_location=self.artifact_location,
+                run_id=self.run_id, run_key=self.run_key, search_run_key=self._search_run_key,
+                run_name=self.run_name, tags=self.tags,
+            )
+        finally:
+            # A create whose reply was lost may have made the run: later attempts look it up by key first.
+            self._search_run_key = True
+        self.run_id, self._run_ready = run_id, True
+        log.info("MLflow run %s (%s)", run_id, "created" if created else "continued")
 
     # ---- delivery ------------------------------------------------------------------------------------
     def _deliver_next(self) -> None:

@@ -114,6 +114,16 @@ class Journal:
             self._delivered = self._end = 0
         self._write_pos()
 
+    def discard(self) -> None:
+        """Close and delete the journal, delivered or not (its records were moved elsewhere)."""
+        self._writer.close()
+        self._reader.close()
+        for p in (self.path, self._pos_path):
+            try:
+                os.remove(p)
+            except FileNotFoundError:
+                pass
+
     def close(self) -> None:
         """Close the files; an empty, fully delivered journal is removed."""
         self._writer.close()

@@ -13,10 +13,12 @@ The logger therefore has two identities:
 - ``run_id``: MLflow's id, ``None`` until the run exists (``wait_for_run_id`` blocks for it).
 
 Store ``state_dict()`` (both) in every checkpoint. On resume pass them back (constructor args, or
-``load_state_dict`` before the first log call): with a ``run_id`` that run continues; with only a
-``run_key`` (the checkpoint was written during an outage) the run carrying that tag continues if it was
-created meanwhile, else it is created; in both cases the journal left by the previous process is delivered
-first, so nothing logged before the restart is lost.
+``load_state_dict``): with a ``run_id`` that run continues; with only a ``run_key`` (the checkpoint was written
+during an outage) the run carrying that tag continues if it was created meanwhile, else it is created; in
+both cases the journal left by the previous process is delivered first, so nothing logged before the
+restart is lost. The run is only created/continued at the first metric, artifact, ``flush``, ``start`` or
+``finalize``, so ``load_state_dict`` also works after ``log_hyperparams`` (Lightning logs params before it
+restores a checkpoint under FSDP / ModelParallelStrategy).
 """
 
 from __future__ import annotations
@@ -36,43 +38,16 @@ from typing import Any
 from lightning.pytorch.loggers import Logger
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
-from app.tracking.delivery import RunDelivery, run_status
+from app.tracking.delivery import RunDelivery
 from app.tracking.params import flatten_params, sanitize_key
+from app.tracking.store import default_artifact_location, http_timeout_s, resolve_tracking_uri, run_status
 
 log = logging.getLogger(__name__)
 
-DEFAULT_TRACKING_URI = "sqlite:///mlruns.db"
 
 @functools.lru_cache(maxsize=8192)
 def _metric_key(key: str) -> str:
     return sanitize_key(key)
-
-
-def _http_timeout_s() -> float:
-    try:
-        return float(os.environ.get("MLFLOW_HTTP_REQUEST_TIMEOUT", 120))
-    except ValueError:
-        return 120.0
-
-
-def resolve_tracking_uri(tracking_uri: str | None) -> str:
-    """The constructor's URI, else ``MLFLOW_TRACKING_URI``, else ``sqlite:///mlruns.db``.
-
-    A relative sqlite path is made absolute (against the working directory now) so that the store does not
-    move if the process changes directory.
-    """
-    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
-    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-        uri = "sqlite:///" + os.path.abspath(uri[len("sqlite:///"):])
-    return uri
-
-
-def default_artifact_location(tracking_uri: str) -> str | None:
-    """For a sqlite store, ``mlartifacts`` next to the database file; servers choose their own."""
-    if tracking_uri.startswith("sqlite:///"):
-        db_path = tracking_uri[len("sqlite:///"):]
-        return os.path.join(os.path.dirname(db_path), "mlartifacts")
-    return None
 
 
 class CrescentMLflowLogger(Logger):
@@ -183,22 +158,22 @@ class CrescentMLflowLogger(Logger):
         return {"run_id": self.run_id, "run_key": self._run_key}
 
     def load_state_dict(self, state: dict[str, str | None]) -> None:
-        """Continue the run of ``state_dict()``; must come before the first log call of this logger."""
+        """Continue the run of ``state_dict()`` (from a checkpoint).
+
+        Allowed until the run is created, i.e. before the first metric, artifact, ``flush`` or ``start``:
+        params logged before (Lightning logs them before restoring a checkpoint under FSDP) go to the
+        continued run and are checked against its params then. Later it raises RuntimeError.
+        """
+        run_id, run_key = state.get("run_id") or self.run_id, state.get("run_key") or self._run_key
         if self._delivery is not None:
-            raise RuntimeError(
-                "CrescentMLflowLogger.load_state_dict must be called before the first log call "
-                f"(run {self.run_id or self._run_key} is already in use)"
-            )
-        if state.get("run_id"):
-            self._given_run_id = state["run_id"]
-        if state.get("run_key"):
-            self._run_key, self._run_key_given = state["run_key"], True
+            self._delivery.retarget(run_id, run_key)
+        self._given_run_id, self._run_key, self._run_key_given = run_id, run_key, True
 
     # ---- lifecycle -----------------------------------------------------------------------------------
     @rank_zero_only
     def start(self) -> None:
-        """Start the delivery thread now (creates or resumes the run in the background)."""
-        self._ensure_started()
+        """Start the delivery thread and create or continue the run now (in the background)."""
+        self._ensure_started().gate.set()
 
     def _ensure_started(self) -> RunDelivery:
         delivery = self._delivery
@@ -244,6 +219,7 @@ class CrescentMLflowLogger(Logger):
         """Block up to ``timeout`` s until the run exists; its id, or ``None`` (server still unreachable)."""
         if self._delivery is None:
             return self._given_run_id
+        self._delivery.gate.set()
         deadline = time.monotonic() + timeout
         while self._delivery.run_id is None and time.monotonic() < deadline and self._delivery.is_alive():
             time.sleep(0.05)
@@ -254,6 +230,7 @@ class CrescentMLflowLogger(Logger):
         """Wait up to ``timeout`` s until everything logged so far is in MLflow; True if it is."""
         if self._delivery is None:
             return True
+        self._delivery.gate.set()
         return self._delivery.wait_delivered(timeout)
 
     @rank_zero_only
@@ -270,8 +247,9 @@ class CrescentMLflowLogger(Logger):
         if delivery is None:
             return
         timeout = self.finalize_timeout_s if timeout is None else max(float(timeout), 0.0)
+        delivery.gate.set()
         delivery.stop(mlflow_status, timeout=timeout)
-        delivery.join(timeout=timeout + _http_timeout_s() + 2)
+        delivery.join(timeout=timeout + http_timeout_s() + 2)
         if delivery.is_alive():  # stuck in a network call: make sure the queue is on disk
             delivery.journal_queued()
         self._given_run_id = delivery.run_id or self._given_run_id
@@ -315,7 +293,9 @@ class CrescentMLflowLogger(Logger):
                 continue
             records.append(["m", _metric_key(str(key)), value, timestamp, step])
         if records:
-            self._ensure_started().put(records)
+            delivery = self._ensure_started()
+            delivery.put(records)
+            delivery.gate.set()
 
     @rank_zero_only
     def set_tags(self, tags: dict[str, Any]) -> None:
@@ -345,15 +325,20 @@ class CrescentMLflowLogger(Logger):
                 target = os.path.join(self._staging_dir(), os.path.basename(path.rstrip("/")))
                 (shutil.copytree if os.path.isdir(path) else shutil.copy2)(path, target)
                 path = target
-            self._ensure_started().put([["a", path, artifact_path, snapshot]])
+            self._put_artifact(path, artifact_path, snapshot)
         except OSError as error:
             log.warning("log_artifact(%s) failed locally: %s", local_path, error)
+
+    def _put_artifact(self, path: str, artifact_path: str | None, staged: bool) -> None:
+        delivery = self._ensure_started()
+        delivery.put([["a", path, artifact_path, staged]])
+        delivery.gate.set()
 
     def _log_staged(self, artifact_file: str, write) -> None:
         try:
             target = os.path.join(self._staging_dir(), os.path.basename(artifact_file))
             write(target)
-            self._ensure_started().put([["a", target, os.path.dirname(artifact_file) or None, True]])
+            self._put_artifact(target, os.path.dirname(artifact_file) or None, True)
         except Exception as error:
             log.warning("could not stage artifact %s: %s", artifact_file, error)
 
