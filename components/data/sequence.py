@@ -1,0 +1,160 @@
+"""The canonical global sample sequence: a pure function of (seed, shard sets, mixture schedule, num_streams).
+
+Global sample i (i = 0, 1, 2, ... over the whole job, all ranks together) is defined as follows.
+
+1. Source. The mixture in force is the stage's mixture at token position `i * seq_len` (stages are defined in
+   tokens, so the cooldown mix starts exactly at its token boundary). A counter-based hash u(seed, i) in [0, 1)
+   picks the shard set s against that mixture's cumulative weights.
+2. Virtual stream. i belongs to virtual stream v = i mod V at position p = i div V. Each virtual stream keeps its
+   own cursor into every shard set: sample i is the k-th draw of stream v from set s, where k counts the
+   positions before p of stream v that chose s. k is a pure function of i (a prefix count of hashes).
+3. Set position. Set s (N samples, blocks of L = max(1, N div V) samples) is read block-cyclically over its
+   infinite epoch sequence: draw k of stream v is position g = ((k div L) * V + v) * L + k mod L, epoch
+   g div N, sample g mod N of that epoch's shard order. The shard order of an epoch is a permutation that is a
+   pure function of (seed, set name, epoch). With N >= V, stream v reads one contiguous run of about N/V
+   samples per epoch, so a worker that owns a few streams reads only its own shards.
+
+Ownership (who reads which stream) is a separate, layout-dependent choice made in `stream.py`.
+"""
+from __future__ import annotations
+
+import zlib
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+_GOLDEN = 0x9E3779B97F4A7C15
+_MASK = (1 << 64) - 1
+
+
+def _splitmix64_scalar(x: int) -> int:
+    x = (x + _GOLDEN) & _MASK
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK
+    return x ^ (x >> 31)
+
+
+def uniform(seed: int, index: np.ndarray) -> np.ndarray:
+    """u(seed, i) in [0, 1): splitmix64 of the counter i keyed by the seed (float64, 53 random bits)."""
+    key = np.uint64(_splitmix64_scalar(seed & _MASK))
+    x = np.asarray(index, dtype=np.uint64) * np.uint64(_GOLDEN) + key
+    x ^= x >> np.uint64(30)
+    x *= np.uint64(0xBF58476D1CE4E5B9)
+    x ^= x >> np.uint64(27)
+    x *= np.uint64(0x94D049BB133111EB)
+    x ^= x >> np.uint64(31)
+    return (x >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
+
+
+class MixturePlan:
+    """Mixture weights by global sample index: stage k's weights apply from sample `starts[k]`."""
+
+    def __init__(self, set_names: Sequence[str], stages: Sequence[tuple[int, Mapping[str, float]]], seq_len: int):
+        self.set_names = list(set_names)
+        self.seq_len = seq_len
+        cum = []
+        starts = []
+        for k, (start_tokens, mixture) in enumerate(stages):
+            unknown = sorted(set(mixture) - set(self.set_names))
+            if unknown:
+                raise ValueError(f"mixture of stage {k} names shard sets {unknown} that were not given; "
+                                 f"known sets: {self.set_names}")
+            weights = np.array([float(mixture.get(n, 0.0)) for n in self.set_names])
+            if (weights < 0).any() or weights.sum() <= 0:
+                raise ValueError(f"mixture of stage {k} = {dict(mixture)}: weights must be >= 0 with a positive sum")
+            c = np.cumsum(weights / weights.sum())
+            c[-1] = 1.0 + 1e-12  # u < 1 always lands in a set with positive weight
+            cum.append(c)
+            starts.append(-(-int(start_tokens) // seq_len))  # first sample whose start token is >= the boundary
+        self.starts = np.array(starts, dtype=np.int64)
+        self.cum = np.stack(cum)
+
+    @classmethod
+    def from_mixture(cls, set_names, mixture, seq_len: int) -> MixturePlan:
+        """From a constant {set: weight} dict or a `StageSchedule` (its stages' token boundaries and mixtures)."""
+        if hasattr(mixture, "stages"):
+            if mixture.seq_len != seq_len:
+                raise ValueError(f"schedule seq_len={mixture.seq_len} does not match the shards' seq_len={seq_len}")
+            stages, start = [], 0
+            for stage in mixture.stages:
+                stages.append((start, stage.mixture))
+                start = stage.end_tokens
+            return cls(set_names, stages, seq_len)
+        return cls(set_names, [(0, dict(mixture))], seq_len)
+
+    def choose(self, seed: int, index: np.ndarray) -> np.ndarray:
+        """The shard set (its position in `set_names`) of each global sample index."""
+        index = np.asarray(index, dtype=np.int64)
+        stage = np.searchsorted(self.starts, index, side="right") - 1
+        u = uniform(seed, index)
+        cum = self.cum[stage]
+        return (u[:, None] >= cum).sum(axis=1)
+
+
+class SetLayout:
+    """Where the k-th draw of virtual stream v from one shard set lies: (shard index, offset in shard)."""
+
+    def __init__(self, name: str, shard_samples: Sequence[int], num_streams: int, seed: int, max_epochs_cached=4):
+        self.name = name
+        self.counts = np.asarray(shard_samples, dtype=np.int64)
+        self.total = int(self.counts.sum())
+        if self.total <= 0:
+            raise ValueError(f"shard set {name!r} has no samples")
+        self.num_streams = num_streams
+        self.block = max(1, self.total // num_streams)
+        self.seed = seed
+        self._key = zlib.crc32(name.encode())
+        self._epochs: OrderedDict[int, tuple[np.ndarray, np.ndarray]] = OrderedDict()
+        self._max_epochs = max_epochs_cached
+
+    def epoch_order(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        """(shard permutation, cumulative sample counts along it) for an epoch: a pure function of
+        (seed, set name, epoch)."""
+        found = self._epochs.get(epoch)
+        if found is None:
+            rng = np.random.default_rng([self.seed & _MASK, self._key, epoch])
+            order = rng.permutation(len(self.counts))
+            found = (order, np.cumsum(self.counts[order]))
+            self._epochs[epoch] = found
+            while len(self._epochs) > self._max_epochs:
+                self._epochs.popitem(last=False)
+        else:
+            self._epochs.move_to_end(epoch)
+        return found
+
+    def set_position(self, stream: int, k: int) -> int:
+        block = (k // self.block) * self.num_streams + stream
+        return block * self.block + k % self.block
+
+    def locate(self, stream: int, k: int) -> tuple[int, int, int]:
+        """(epoch, shard index, offset within the shard) of draw k of virtual stream `stream`."""
+        g = self.set_position(stream, k)
+        epoch, pos = divmod(g, self.total)
+        order, cum = self.epoch_order(epoch)
+        j = int(np.searchsorted(cum, pos, side="right"))
+        return epoch, int(order[j]), int(pos - (cum[j] - self.counts[order[j]]))
+
+
+class StreamCursor:
+    """Per virtual stream: the next position and how many draws it has made from each set so far."""
+
+    __slots__ = ("position", "draws", "current")
+
+    def __init__(self, n_sets: int):
+        self.position = 0
+        self.draws = np.zeros(n_sets, dtype=np.int64)
+        self.current: dict[int, tuple[int, object]] = {}  # set -> (shard index, decoded shard) being read
+
+    def advance_to(self, position: int, stream: int, num_streams: int, plan: MixturePlan, seed: int,
+                   chunk: int = 1 << 20) -> None:
+        """Count the draws of positions [self.position, position) without reading them (resume, or positions
+        another worker owns)."""
+        if position < self.position:
+            raise RuntimeError(f"virtual stream {stream} cannot go back from {self.position} to {position}")
+        n_sets = len(self.draws)
+        while self.position < position:
+            end = min(position, self.position + chunk)
+            index = stream + num_streams * np.arange(self.position, end, dtype=np.int64)
+            self.draws += np.bincount(plan.choose(seed, index), minlength=n_sets)
+            self.position = end

@@ -1,0 +1,235 @@
+"""MixtureStream: round trip, exact resume (workers, world size), stage-boundary mixing, bad data, HTTP shards."""
+import functools
+import http.server
+import io
+import os
+import tarfile
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+from components.data.loader import StreamLoader
+from components.data.sequence import SetLayout
+from components.data.shards import build_shards
+from components.data.stages import Stage, StageSchedule
+from components.data.stream import MixtureStream
+from components.data.tokenizer import load_tokenizer, train_bpe
+
+SEQ = 16
+WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho sigma".split()
+
+
+def english_docs(n):
+    return [f"Doc {i}. " + " ".join(WORDS[(i * 5 + j * 3) % len(WORDS)] for j in range(30 + i % 11)) + "."
+            for i in range(n)]
+
+
+def code_docs(n):
+    return [f"def f{i}(x):\n    return x * {i} + {i % 7}\n" * (1 + i % 3) for i in range(n)]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("stream")
+    for name, docs in (("english", english_docs(60)), ("code", code_docs(80))):
+        (root / "raw" / name).mkdir(parents=True)
+        for i, doc in enumerate(docs):
+            (root / "raw" / name / f"{i:03d}.txt").write_text(doc)
+    train_bpe(english_docs(60) + code_docs(80), vocab_size=300, out_dir=root / "tok")
+    for name in ("english", "code"):
+        build_shards([str(root / "raw" / name)], root / name, root / "tok", seq_len=SEQ, shard_samples=20, seed=1)
+    return root
+
+
+def sets_of(root):
+    return {"english": str(root / "english"), "code": str(root / "code")}
+
+
+def take(loader, n):
+    out = []
+    for batch in loader:
+        out.append(batch)
+        if len(out) == n:
+            break
+    return out
+
+
+def test_build_stream_decode_round_trips_the_text(data):
+    tok = load_tokenizer(data / "tok")
+    stream = MixtureStream({"english": str(data / "english")}, {"english": 1.0}, num_streams=1,
+                           stop_samples=10**9, tokenizer_fingerprint=tok.fingerprint)
+    n = stream.sets[0].manifest["samples"]
+    stream.stop_samples = n  # one epoch
+    items = sorted(stream, key=lambda it: it["sample_id"])
+    assert [it["sample_id"] for it in items] == list(range(n))
+    tokens = torch.cat([torch.cat([it["input_ids"][:1], it["targets"]]) for it in items]).tolist()
+    docs = [(data / "raw" / "english" / f"{i:03d}.txt").read_text() for i in range(60)]
+    text = "".join(doc + "<|endoftext|>" for doc in docs)
+    assert all(torch.equal(it["input_ids"][1:], it["targets"][:-1]) for it in items)
+    assert tok.decode(tokens) == text[: len(tok.decode(tokens))]
+    assert len(text) - len(tok.decode(tokens)) < 4 * (SEQ + 1)  # only the last partial sample is missing
+
+
+def test_resume_with_two_workers_continues_exactly(data):
+    def loader(state=None):
+        stream = MixtureStream(sets_of(data), {"english": 0.6, "code": 0.4}, num_workers=2, micro_batch_size=4,
+                               num_streams=48, seed=7)
+        result = StreamLoader(stream)
+        if state is not None:
+            result.load_state_dict(state)
+        return result
+
+    straight = take(loader(), 40)  # 160 samples: more than one epoch of each set
+    first = loader()
+    take(first, 15)
+    state = first.state_dict()
+    assert state["consumed_samples"] == 60
+    resumed = take(loader(state), 25)
+    for a, b in zip(straight[15:], resumed):
+        assert torch.equal(a["index"], b["index"])
+        assert torch.equal(a["input_ids"], b["input_ids"]) and torch.equal(a["targets"], b["targets"])
+    assert {int(s) for b in straight for s in b["set_id"]} == {0, 1}
+
+
+def identities(batches):
+    return [(int(i), int(s), int(k)) for b in batches for i, s, k in zip(b["index"], b["set_id"], b["sample_id"])]
+
+
+def test_world_size_two_then_three_repeats_nothing_and_skips_nothing(data):
+    def rank_loader(rank, world, consumed):
+        stream = MixtureStream(sets_of(data), {"english": 0.5, "code": 0.5}, rank=rank, world_size=world,
+                               num_workers=2, micro_batch_size=4, num_streams=48, seed=3,
+                               consumed_samples=consumed)
+        return StreamLoader(stream)
+
+    before = [rank_loader(r, 2, 0) for r in range(2)]
+    seen = [x for lo in before for x in identities(take(lo, 5))]
+    consumed = before[0].state_dict()["consumed_samples"]  # rank 0's state is the job's state
+    assert consumed == 5 * 4 * 2
+    after = [rank_loader(r, 3, consumed) for r in range(3)]
+    seen += [x for lo in after for x in identities(take(lo, 6))]
+    indices = [i for i, _, _ in seen]
+    assert len(indices) == len(set(indices))                  # nothing repeated
+    assert sorted(indices) == list(range(40 + 6 * 4 * 3))     # nothing skipped
+    reference = MixtureStream(sets_of(data), {"english": 0.5, "code": 0.5}, num_streams=48, seed=3,
+                              stop_samples=len(indices))
+    assert sorted(seen) == [(it["index"], it["set_id"], it["sample_id"]) for it in reference]
+
+
+def test_mixture_switches_exactly_at_the_stage_token_boundary(data):
+    boundary = 10 * SEQ + 5  # sample 10 starts at token 160 < boundary; sample 11 starts at 176 >= boundary
+    schedule = StageSchedule([
+        Stage("main", boundary, "constant", 1.0, 1.0, 8, {"english": 1.0}),
+        Stage("cooldown", 10_000, "constant", 1.0, 1.0, 8, {"code": 1.0}),
+    ], seq_len=SEQ)
+    for consumed in (0, 9):
+        stream = MixtureStream(sets_of(data), schedule, num_workers=2, micro_batch_size=2, world_size=2, rank=1,
+                               num_streams=8, consumed_samples=consumed)
+        got = {i: s for i, s, _ in identities(take(StreamLoader(stream), 6))}
+        assert got and all(s == (0 if i <= 10 else 1) for i, s in got.items())
+        assert min(got) <= 10 < max(got)
+
+
+def test_truncated_shard_streams_to_the_end_and_counts_exactly_the_lost(data, tmp_path):
+    import shutil
+
+    shutil.copytree(data / "english", tmp_path / "english")
+    victim = tmp_path / "english" / "shard-000002.tar"
+    member = 512 + 512  # ustar header + (SEQ+1)*2 = 34 bytes of data padded to a block
+    victim.write_bytes(victim.read_bytes()[: 5 * member + 100])
+    stream = MixtureStream({"english": str(tmp_path / "english")}, {"english": 1.0}, num_streams=4,
+                           micro_batch_size=2)
+    manifest = stream.sets[0].manifest
+    stream.stop_samples = 2 * manifest["samples"]  # two epochs' worth of positions
+    layout = SetLayout("english", [s["samples"] for s in manifest["shards"]], num_streams=4, seed=0)
+    where = [layout.locate(i % 4, i // 4)[1:] for i in range(stream.stop_samples)]
+    lost = sum(1 for shard, offset in where if shard == 2 and offset >= 5)  # 5 whole samples survive the cut
+    assert lost == 2 * (manifest["shards"][2]["samples"] - 5)
+    loader = StreamLoader(stream)
+    yielded = [x for b in loader for x in identities([b])]
+    assert loader.stats["lost_samples"] == lost
+    assert loader.stats["bad_shards"] >= 1  # counted once per load of the shard
+    assert len(yielded) == stream.stop_samples - lost
+    assert len({(s, k) for _, s, k in yielded}) == manifest["samples"] - lost // 2
+
+
+def test_wrong_length_sample_and_missing_shard_are_counted(data, tmp_path):
+    import shutil
+
+    shutil.copytree(data / "code", tmp_path / "code")
+    shard = tmp_path / "code" / "shard-000001.tar"
+    with tarfile.open(shard) as tar:
+        members = [(m.name, tar.extractfile(m).read()) for m in tar.getmembers()]
+    members[3] = (members[3][0], members[3][1][:-2])  # one token short
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for name, payload in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+    shard.write_bytes(buf.getvalue())
+    stream = MixtureStream({"code": str(tmp_path / "code")}, {"code": 1.0}, num_streams=1, micro_batch_size=5)
+    manifest = stream.sets[0].manifest
+    os.remove(tmp_path / "code" / "shard-000004.tar")  # disappears after the start-up check
+    stream.stop_samples = manifest["samples"]
+    loader = StreamLoader(stream)
+    count = sum(len(b["index"]) for b in loader)
+    lost = 1 + manifest["shards"][4]["samples"]
+    assert loader.stats["lost_samples"] == lost and loader.stats["bad_shards"] == 2
+    assert count == manifest["samples"] - lost
+
+
+def test_start_up_errors_are_clear(data, tmp_path):
+    import shutil
+
+    with pytest.raises(ValueError, match="tokenizer fingerprint"):
+        MixtureStream(sets_of(data), {"english": 1.0}, tokenizer_fingerprint="0" * 64)
+    shutil.copytree(data / "code", tmp_path / "code")
+    os.remove(tmp_path / "code" / "shard-000000.tar")
+    with pytest.raises(ValueError, match=r"shard set 'code': 1 shard file\(s\) listed in the manifest do not exist"):
+        MixtureStream({"code": str(tmp_path / "code")}, {"code": 1.0})
+    with pytest.raises(ValueError, match="no manifest.json"):
+        MixtureStream({"x": str(tmp_path)}, {"x": 1.0})
+    with pytest.raises(ValueError, match=r"num_streams=40 must be a multiple of .* = 3\*2\*4 = 24"):
+        MixtureStream(sets_of(data), {"code": 1.0}, world_size=3, num_workers=2, micro_batch_size=4, num_streams=40)
+    with pytest.raises(ValueError, match=r"names shard sets \['math'\]"):
+        MixtureStream(sets_of(data), {"math": 1.0})
+    stream = MixtureStream(sets_of(data), {"code": 1.0}, num_workers=0, micro_batch_size=2, num_streams=4)
+    with pytest.raises(ValueError, match="built for num_workers=0 but the DataLoader runs 2"):
+        next(iter(torch.utils.data.DataLoader(stream, batch_size=2, num_workers=2)))
+
+
+@pytest.fixture()
+def http_root(data):
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(data))
+    handler.log_message = lambda *a, **k: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def test_http_shards_stream_the_same_samples_as_local(data, http_root):
+    remote = {name: f"{http_root}/{name}" for name in ("english", "code")}
+    kwargs = dict(num_workers=2, micro_batch_size=4, num_streams=16, seed=5, stop_samples=120)
+    over_http = [b for b in StreamLoader(MixtureStream(remote, {"english": 0.5, "code": 0.5}, **kwargs))]
+    local = [b for b in StreamLoader(MixtureStream(sets_of(data), {"english": 0.5, "code": 0.5}, **kwargs))]
+    assert identities(over_http) == identities(local) and len(identities(local)) == 120
+    assert all(torch.equal(a["input_ids"], b["input_ids"]) for a, b in zip(over_http, local))
+    with pytest.raises(ValueError, match="no manifest.json"):
+        MixtureStream({"gone": f"{http_root}/nothing-here"}, {"gone": 1.0})
+
+
+def test_virtual_stream_reads_contiguous_runs(data):
+    """With N >= V, each virtual stream reads one contiguous block of its set per epoch (shard locality)."""
+    from components.data.sequence import SetLayout
+
+    layout = SetLayout("english", [20] * 10, num_streams=4, seed=0)
+    positions = [layout.set_position(1, k) for k in range(100)]
+    assert positions[:50] == list(range(50, 100)) and positions[50:] == list(range(250, 300))
+    epochs = {layout.locate(1, k)[0] for k in range(100)}
+    assert epochs == {0, 1} and np.unique([layout.locate(1, k)[1] for k in range(50)]).size <= 4
