@@ -62,7 +62,7 @@ def test_dockerfile_promises(path):
     text = path.read_text()
     default_base = re.search(r"^ARG BASE_IMAGE=(\S+)$", text, re.M)
     assert default_base, "base image must come from ARG BASE_IMAGE with a default"
-    assert images.__name__ and ":" in default_base.group(1).rsplit("/", 1)[-1]
+    assert ":" in default_base.group(1).rsplit("/", 1)[-1], "the default base image must carry a tag"
     assert not default_base.group(1).endswith(":latest")
     stages = _stages(path)
     assert len(stages) == 2, "a build stage and a final stage"
@@ -87,7 +87,8 @@ def test_train_and_eval_run_crescent_and_install_pinned_torch_only_when_missing(
         assert 'ENTRYPOINT ["crescent"]' in text
         assert "ARG BASE_IMAGE=pytorch/pytorch:2.13.0-cuda13.0-cudnn9-runtime" in text
         assert 'if ! /opt/crescent/bin/python -c "import torch"' in text and "torch==2.13.0" in text
-        assert "--constraint constraints.txt ." in text
+        assert "--constraint constraints.txt --requirement /tmp/requirements.txt" in text
+        assert "pip install --no-cache-dir --no-deps ." in text
 
 
 def test_image_tags_match_the_kubernetes_manifests():
