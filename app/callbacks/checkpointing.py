@@ -1,0 +1,60 @@
+"""Resumable checkpoints (keep-last-k, sharded under FSDP2) and export checkpoints (HF layout) for evaluation."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from components.checkpoint import save_export
+
+
+def resumable_checkpoint(dirpath: str | Path, every_n_steps: int, keep_last: int = 3) -> ModelCheckpoint:
+    """Lightning's ModelCheckpoint keyed on the step: the newest `keep_last` are kept, plus `last`.
+
+    The checkpoint holds weights, optimizer state (consolidated under muon_ddp, sharded DCP under muon_fsdp), the
+    loops, and the module's `crescent` entry: consumed samples, tokens, stage, MLflow run.
+    """
+    if every_n_steps < 1:
+        raise ValueError(f"checkpoint every_n_steps={every_n_steps!r} must be >= 1")
+    if keep_last < 1:
+        raise ValueError(f"checkpoint keep_last={keep_last!r} must be >= 1")
+    return ModelCheckpoint(dirpath=str(dirpath), filename="step-{step:08d}", every_n_train_steps=every_n_steps,
+                           save_top_k=keep_last, monitor="step", mode="max", save_last=True,
+                           auto_insert_metric_name=False, save_on_train_epoch_end=False)
+
+
+class ExportCheckpoint(pl.Callback):
+    """Writes `components.checkpoint` exports (safetensors + config + tokenizer + step + run id) every
+    `every_n_steps` optimizer steps and at the end of training; the evaluation pipeline watches that folder."""
+
+    def __init__(self, dirpath: str | Path = "exports", every_n_steps: int = 100, tokenizer_dir: str | None = None):
+        if every_n_steps < 1:
+            raise ValueError(f"ExportCheckpoint.every_n_steps={every_n_steps!r} must be >= 1")
+        self.dirpath = Path(dirpath)
+        self.every_n_steps = every_n_steps
+        self.tokenizer_dir = tokenizer_dir
+        self.last_export: Path | None = None
+        self._last_step = -1
+
+    def _export(self, trainer, pl_module) -> None:
+        step = trainer.global_step
+        if step == self._last_step:
+            return
+        logger = trainer.logger
+        tokenizer_dir = self.tokenizer_dir or getattr(trainer.datamodule, "tokenizer_dir", None)
+        self.last_export = save_export(
+            pl_module.model, self.dirpath, step=step, tokenizer_dir=tokenizer_dir,
+            run_id=getattr(logger, "run_id", None), tracking_uri=getattr(logger, "tracking_uri", None),
+            extra={"tokens_seen": pl_module.tokens_seen, "consumed_samples": pl_module.consumed_samples,
+                   "stage": pl_module.schedule.at(pl_module.tokens_seen).stage_name})
+        self._last_step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if pl_module.stepped and trainer.global_step % self.every_n_steps == 0:
+            self._export(trainer, pl_module)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if getattr(pl_module, "preempted", False):
+            return  # a preempted run is not finished; its exports continue after the resume
+        self._export(trainer, pl_module)

@@ -1,0 +1,46 @@
+"""Preemption: on SIGTERM (what Kubernetes sends before killing a pod) finish the current optimizer step, save a
+resumable checkpoint, and stop cleanly; `crescent train` resumes from it automatically.
+
+The signal handler only sets a flag. At the next optimizer-step boundary the ranks agree (all-reduce MAX) so that
+all of them save and stop at the same step; a checkpoint taken mid-accumulation would lose gradients.
+"""
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+
+PREEMPTED_EXIT_CODE = 143  # 128 + SIGTERM: the Job's podFailurePolicy treats it as retriable
+
+
+class PreemptionCheckpoint(pl.Callback):
+    def __init__(self, dirpath: str | Path = "checkpoints"):
+        self.dirpath = Path(dirpath)
+        self.requested = False
+        self.saved_path: Path | None = None
+        self._previous = None
+
+    def _handler(self, signum, frame) -> None:
+        self.requested = True
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        # Replace Lightning's handler (it would stop at the next micro-batch, possibly mid-accumulation).
+        self._previous = signal.signal(signal.SIGTERM, self._handler)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if not pl_module.stepped:
+            return
+        flag = pl_module._all_reduce(torch.tensor([float(self.requested)]), "max")
+        if flag.item() == 0:
+            return
+        self.saved_path = self.dirpath / f"preempt-step={trainer.global_step:08d}.ckpt"
+        pl_module.preempted = True
+        trainer.save_checkpoint(str(self.saved_path))
+        trainer.should_stop = True
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+            self._previous = None

@@ -1,0 +1,138 @@
+"""The LightningDataModule: the resumable shard stream for training, held-out shards for validation.
+
+The data position is one global number, `consumed_samples`, kept by the LightningModule and saved in its
+checkpoint; the train dataloader is (re)built from it, so after a restart every rank continues where the whole job
+left off, whatever the number of ranks or workers.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+from torch.utils.data import DataLoader
+
+from components.data.loader import StreamLoader
+from components.data.stages import StageSchedule
+from components.data.stream import MixtureStream
+
+
+class CrescentDataModule(pl.LightningDataModule):
+    """Args (the YAML's `data:` section):
+        shards: {mixture name: shard-set location} (local path, shared volume, s3://, gs://, https://); the
+            stage schedule's mixtures refer to these names.
+        val_shards: a held-out shard-set location (default: none -> no validation).
+        tokenizer: tokenizer directory (checked against each manifest's fingerprint before training).
+        demo: build the offline demo corpus into `demo_root` when it is missing (what `make train` uses).
+        micro_batch_size: sequences per rank per forward pass; num_workers: dataloader worker processes.
+        seed: data order seed. val_samples: how many held-out sequences each validation pass reads.
+        num_streams: virtual streams of the data order (fixed for a job; a multiple of ranks × workers × micro).
+        schedule: linked from `model.schedule` (the mixture of each stage).
+    """
+
+    def __init__(
+        self,
+        shards: dict[str, str] | None = None,
+        val_shards: str | None = None,
+        tokenizer: str | None = None,
+        demo: bool = False,
+        demo_root: str = "data/demo",
+        micro_batch_size: int = 8,
+        num_workers: int = 2,
+        seed: int = 0,
+        val_samples: int = 64,
+        num_streams: int = 1536,
+        schedule: str | dict = "tiny",
+    ):
+        super().__init__()
+        if micro_batch_size < 1:
+            raise ValueError(f"data.micro_batch_size={micro_batch_size!r} must be >= 1")
+        if num_workers < 0:
+            raise ValueError(f"data.num_workers={num_workers!r} must be >= 0")
+        if not demo and not shards:
+            raise ValueError("data.shards must name at least one shard set (or set data.demo: true)")
+        self.shards = dict(shards or {})
+        self.val_shards = val_shards
+        self.tokenizer_dir = tokenizer
+        self.demo = demo
+        self.demo_root = demo_root
+        self.micro_batch_size = micro_batch_size
+        self.num_workers = num_workers
+        self.seed = seed
+        self.val_samples = val_samples
+        from app.module import resolve_schedule
+
+        self.schedule: StageSchedule = resolve_schedule(schedule)
+        self.num_streams = num_streams
+        self.train_loader: StreamLoader | None = None
+
+    def prepare_data(self) -> None:
+        """Rank 0 of each node: build the demo corpus if asked and missing (idempotent)."""
+        if self.demo:
+            self._use_demo(build=True)
+
+    def _use_demo(self, build: bool) -> None:
+        from components.data.demo import build_demo, demo_layout
+
+        layout = build_demo(self.demo_root, seq_len=self.schedule.seq_len) if build else \
+            demo_layout(self.demo_root)
+        self.shards = {**layout["shards"], **self.shards}
+        self.val_shards = self.val_shards or layout["val"]
+        self.tokenizer_dir = self.tokenizer_dir or layout["tokenizer"]
+
+    def setup(self, stage: str) -> None:
+        if self.demo:
+            self._use_demo(build=False)  # prepare_data built it; every rank reads the same layout
+        from app.module import mixture_names
+
+        missing = [f"data.shards.{name}" for name in mixture_names(self.schedule) if name not in self.shards]
+        if missing:
+            raise ValueError(f"the stage schedule uses mixtures that have no shard set: {', '.join(missing)}")
+
+    def _fingerprint(self) -> str | None:
+        if not self.tokenizer_dir:
+            return None
+        from components.data.tokenizer import load_tokenizer
+
+        return load_tokenizer(self.tokenizer_dir).fingerprint
+
+    def train_dataloader(self) -> DataLoader:
+        module = self.trainer.lightning_module
+        stream = MixtureStream(self.shards, self.schedule, rank=self.trainer.global_rank,
+                               world_size=self.trainer.world_size, num_workers=self.num_workers,
+                               micro_batch_size=self.micro_batch_size, num_streams=self.num_streams, seed=self.seed,
+                               consumed_samples=module.consumed_samples,
+                               tokenizer_fingerprint=self._fingerprint())
+        self.train_loader = _PositionlessLoader(stream, pin_memory=torch.cuda.is_available())
+        return self.train_loader
+
+    def val_dataloader(self) -> DataLoader:
+        if not self.val_shards:
+            return []
+        stream = MixtureStream({"val": self.val_shards}, {"val": 1.0}, rank=self.trainer.global_rank,
+                               world_size=self.trainer.world_size, num_workers=0,
+                               micro_batch_size=self.micro_batch_size, num_streams=self.num_streams,
+                               seed=self.seed, stop_samples=self.val_samples,
+                               tokenizer_fingerprint=self._fingerprint())
+        return StreamLoader(stream)
+
+    def data_errors(self) -> dict:
+        """Lost samples and bad shards met by this rank's training stream (for metrics)."""
+        if self.train_loader is None:
+            return {}
+        return {k: v for k, v in self.train_loader.stats.items() if k != "consumed_samples"}
+
+    @property
+    def root(self) -> Path:
+        return Path(self.demo_root)
+
+
+class _PositionlessLoader(StreamLoader):
+    """The module's checkpoint holds the data position (counted at optimizer steps). Lightning's own dataloader
+    state would be one prefetched micro-batch ahead, so it is neither saved nor restored."""
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state) -> None:
+        pass
