@@ -50,7 +50,6 @@ def check_code_execution(request: EvalRequest) -> None:
 
 def evaluate_checkpoint(path: str | Path, request: EvalRequest) -> dict:
     """Run the tasks on the export at `path`; raises if it cannot be loaded."""
-    import lm_eval
     from lm_eval.tasks import TaskManager
 
     from eval.lm import CrescentLM
@@ -70,15 +69,35 @@ def evaluate_checkpoint(path: str | Path, request: EvalRequest) -> dict:
         manager = TaskManager(include_path=include, include_defaults=any(s.source == "hub" for s in specs))
         for spec in specs:
             log.info("evaluating %s (%s, %s-shot) on %s", spec.name, spec.lm_eval_name, spec.num_fewshot, path)
-            out = lm_eval.simple_evaluate(
-                model=lm, tasks=[spec.lm_eval_name], task_manager=manager, limit=request.limit,
-                num_fewshot=spec.num_fewshot if spec.source == "hub" else None, log_samples=False,
-                bootstrap_iters=1000, confirm_run_unsafe_code=request.allow_code_execution)
+            out = _evaluate_task(lm, manager, spec, request)
             doc["tasks"][spec.name] = _task_entry(spec, out, request)
             doc["lm_eval"][spec.name] = {k: out.get(k) for k in ("results", "groups", "n-shot", "n-samples",
                                                                   "versions", "higher_is_better")}
     doc["seconds"] = round(time.monotonic() - started, 2)
     return doc
+
+
+def _evaluate_task(lm, manager, spec: TaskSpec, request: EvalRequest, seed: int = 1234) -> dict:
+    """lm-eval's `evaluate` on one task (or group), seeded like `simple_evaluate` but without its environment
+    probe (pip/GPU listing subprocesses on every call)."""
+    import random
+
+    import numpy as np
+    import torch
+    from lm_eval.evaluator import evaluate
+
+    random.seed(0)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    loaded = manager.load([spec.lm_eval_name])
+    for task in loaded["tasks"].values():
+        if spec.source == "hub" and spec.num_fewshot is not None:
+            task.set_config(key="num_fewshot", value=spec.num_fewshot)
+        elif task.get_config("num_fewshot") is None:
+            task.set_config(key="num_fewshot", value=0)
+        task.set_fewshot_seed(seed=seed)
+    return evaluate(lm=lm, task_dict=loaded, limit=request.limit, bootstrap_iters=1000, log_samples=False,
+                    confirm_run_unsafe_code=request.allow_code_execution, verbosity="WARNING")
 
 
 def _task_entry(spec: TaskSpec, out: dict, request: EvalRequest) -> dict:

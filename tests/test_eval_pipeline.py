@@ -155,3 +155,19 @@ def test_two_concurrent_watchers_evaluate_each_checkpoint_once(workspace, store,
     assert sorted(evaluated) == steps
     history = client.get_metric_history(run_id, "eval/gsm8k/exact_match/strict-match")
     assert sorted(m.step for m in history) == steps
+
+
+def test_task_names_resolve_to_local_or_lm_eval_tasks(workspace, tmp_path):
+    from eval.offline_tasks import parse_fewshot, resolve_tasks
+
+    root, _ = workspace
+    local = resolve_tasks(["mmlu", "gsm8k", "humaneval"], root / "data", fewshot=parse_fewshot("gsm8k=8"))
+    assert [(s.lm_eval_name, s.num_fewshot, s.source) for s in local] == [
+        ("crescent_mmlu", 5, "local"), ("crescent_gsm8k", 8, "local"), ("crescent_humaneval", 0, "local")]
+    hub = resolve_tasks(["mmlu", "gsm8k", "arc_easy"], tmp_path / "empty")
+    assert [(s.lm_eval_name, s.num_fewshot, s.source) for s in hub] == [
+        ("mmlu", 5, "hub"), ("gsm8k", 4, "hub"), ("arc_easy", None, "hub")]
+    with pytest.raises(ValueError, match="run `crescent eval data --gsm8k-test FILE`"):
+        resolve_tasks(["gsm8k"], tmp_path / "empty", source="local")
+    with pytest.raises(ValueError, match="'mmlu=five' must look like TASK=N"):
+        parse_fewshot("mmlu=five")

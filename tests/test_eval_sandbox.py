@@ -99,3 +99,13 @@ def test_pass_at_k_unbiased_estimator():
         pass_at_k(5, 1, 6)
     with pytest.raises(ValueError, match="timeout_s=0"):
         SandboxLimits(timeout_s=0)
+
+
+def test_limits_only_fallback_still_runs_and_limits(monkeypatch):
+    """Where namespaces are unavailable the program still runs in its own process, with the limits."""
+    monkeypatch.setattr(sandbox, "isolation", lambda: "limits-only")
+    problem = humaneval.load_problems()[2]
+    assert run_program(humaneval.build_program(problem, problem["canonical_solution"])).passed
+    assert run_program("while True:\n    pass\n", SandboxLimits(timeout_s=1.5)).status == "timeout"
+    hog = run_program("x = bytearray(2 << 30)\n", SandboxLimits(memory_bytes=256 << 20))
+    assert not hog.passed and "MemoryError" in hog.stderr
