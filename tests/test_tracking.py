@@ -1,7 +1,9 @@
 """CrescentMLflowLogger against a real MLflow sqlite store: params once, metric history, artifacts, resume."""
 
 import dataclasses
+import math
 import socket
+import sys
 from argparse import Namespace
 
 import matplotlib.figure
@@ -256,3 +258,21 @@ def test_resume_state_loaded_after_params_like_lightning_does_under_fsdp(store, 
     with pytest.raises(RuntimeError, match="before the first metric is logged"):
         second.load_state_dict({"run_id": None, "run_key": "another"})
     second.finalize("success")
+
+
+def test_logging_calls_never_raise_and_non_finite_values_arrive(store, tmp_path):
+    logger = _logger(store, tmp_path)
+    logger.log_metrics(["not", "a", "mapping"], step=0)  # a warning, not an exception
+    logger.log_metrics({"loss": float("nan"), "grad_norm": float("inf"), "note": "abc", "vec": torch.ones(3)},
+                       step=1)
+    logger.log_metrics({"loss": torch.tensor(2.5)}, step=2)
+    logger.log_artifact(str(tmp_path / "missing.txt"))
+    assert logger.flush(timeout=60)
+    assert logger.stats()["enqueued"] == 3  # the non-numeric values were skipped
+    client = MlflowClient(store)
+    loss = _history(client, logger.run_id, "loss")
+    assert loss[0][0] == 1 and math.isnan(loss[0][1]) and loss[1] == (2, 2.5)
+    # MLflow's SQL store keeps +inf as the largest float
+    assert _history(client, logger.run_id, "grad_norm") == [(1, sys.float_info.max)]
+    assert set(client.get_run(logger.run_id).data.metrics) == {"loss", "grad_norm"}
+    logger.finalize("success")

@@ -45,6 +45,21 @@ from app.tracking.store import default_artifact_location, http_timeout_s, resolv
 log = logging.getLogger(__name__)
 
 
+def _never_raises(method):
+    """Logging must not stop training: a failure here is reported as a warning and the call returns."""
+
+    @functools.wraps(method)
+    def guarded(self, *args, **kwargs):
+        try:
+            return method(self, *args, **kwargs)
+        except Exception as error:
+            log.warning("CrescentMLflowLogger.%s failed, nothing logged: %s: %s", method.__name__,
+                        type(error).__name__, error)
+            return None
+
+    return guarded
+
+
 @functools.lru_cache(maxsize=8192)
 def _metric_key(key: str) -> str:
     return sanitize_key(key)
@@ -269,17 +284,15 @@ class CrescentMLflowLogger(Logger):
 
     # ---- logging (rank 0 only; never blocks on the network, never raises) ----------------------------
     @rank_zero_only
+    @_never_raises
     def log_hyperparams(self, params: dict[str, Any] | Namespace, *args: Any, **kwargs: Any) -> None:
         """Log the (nested) config as flat params, once; see ``params.split_params`` for resume."""
-        try:
-            flat = flatten_params(params)
-        except Exception as error:  # a config object we cannot walk must not stop training
-            log.warning("could not flatten hyperparameters: %s", error)
-            return
+        flat = flatten_params(params)
         if flat:
             self._ensure_started().put([["p", flat]])
 
     @rank_zero_only
+    @_never_raises
     def log_metrics(self, metrics: dict[str, Any], step: int | None = None) -> None:
         """Queue one value per key at ``step`` (0 if None), timestamped now. Non-numeric values are skipped."""
         timestamp = int(time.time() * 1000)
@@ -298,6 +311,7 @@ class CrescentMLflowLogger(Logger):
             delivery.gate.set()
 
     @rank_zero_only
+    @_never_raises
     def set_tags(self, tags: dict[str, Any]) -> None:
         """Queue run tags (values stringified)."""
         records = [["t", sanitize_key(k), str(v)[:8000]] for k, v in tags.items()]
@@ -310,24 +324,21 @@ class CrescentMLflowLogger(Logger):
         return path
 
     @rank_zero_only
+    @_never_raises
     def log_artifact(self, local_path: str, artifact_path: str | None = None, snapshot: bool = True) -> None:
         """Queue a file or directory for upload under ``artifact_path``.
 
         ``snapshot=True`` copies it now (later edits by the caller do not matter); ``snapshot=False``
         uploads the path as it is at delivery time (for large exports the caller keeps in place).
         """
-        try:
-            if not os.path.exists(local_path):
-                log.warning("log_artifact: %s does not exist; nothing logged", local_path)
-                return
-            path = os.path.abspath(local_path)
-            if snapshot:
-                target = os.path.join(self._staging_dir(), os.path.basename(path.rstrip("/")))
-                (shutil.copytree if os.path.isdir(path) else shutil.copy2)(path, target)
-                path = target
-            self._put_artifact(path, artifact_path, snapshot)
-        except OSError as error:
-            log.warning("log_artifact(%s) failed locally: %s", local_path, error)
+        if not os.path.exists(local_path):
+            raise FileNotFoundError(f"artifact {local_path} does not exist")
+        path = os.path.abspath(local_path)
+        if snapshot:
+            target = os.path.join(self._staging_dir(), os.path.basename(path.rstrip("/")))
+            (shutil.copytree if os.path.isdir(path) else shutil.copy2)(path, target)
+            path = target
+        self._put_artifact(path, artifact_path, snapshot)
 
     def _put_artifact(self, path: str, artifact_path: str | None, staged: bool) -> None:
         delivery = self._ensure_started()
@@ -335,14 +346,12 @@ class CrescentMLflowLogger(Logger):
         delivery.gate.set()
 
     def _log_staged(self, artifact_file: str, write) -> None:
-        try:
-            target = os.path.join(self._staging_dir(), os.path.basename(artifact_file))
-            write(target)
-            self._put_artifact(target, os.path.dirname(artifact_file) or None, True)
-        except Exception as error:
-            log.warning("could not stage artifact %s: %s", artifact_file, error)
+        target = os.path.join(self._staging_dir(), os.path.basename(artifact_file))
+        write(target)
+        self._put_artifact(target, os.path.dirname(artifact_file) or None, True)
 
     @rank_zero_only
+    @_never_raises
     def log_dict(self, dictionary: dict[str, Any], artifact_file: str) -> None:
         """Queue ``dictionary`` as ``artifact_file`` (YAML for .yaml/.yml, else JSON)."""
 
@@ -358,6 +367,7 @@ class CrescentMLflowLogger(Logger):
         self._log_staged(artifact_file, write)
 
     @rank_zero_only
+    @_never_raises
     def log_text(self, text: str, artifact_file: str) -> None:
         """Queue ``text`` as the artifact file ``artifact_file``."""
 
@@ -368,6 +378,7 @@ class CrescentMLflowLogger(Logger):
         self._log_staged(artifact_file, write)
 
     @rank_zero_only
+    @_never_raises
     def log_figure(self, figure: Any, artifact_file: str, dpi: int = 100) -> None:
         """Render a matplotlib figure now (PNG unless the extension says otherwise) and queue it."""
         self._log_staged(artifact_file, lambda target: figure.savefig(target, dpi=dpi))
