@@ -243,7 +243,7 @@ def test_kubeflow_overlay_runs_training_as_a_trainjob(config_file):
     trainer = find(objects, "TrainJob", "crescent-train")["spec"]["trainer"]
     runtime = find(objects, "TrainingRuntime", "crescent-torch")
     assert trainer["numNodes"] == runtime["spec"]["mlPolicy"]["numNodes"] == 3
-    assert runtime["spec"]["mlPolicy"]["torch"]["numProcPerNode"] == 2
+    assert runtime["spec"]["mlPolicy"]["torch"]["numProcPerNode"] == trainer["numProcPerNode"] == 2
     assert trainer["resourcesPerNode"]["limits"]["nvidia.com/gpu"] == "2"
     args = trainer["args"]
     assert args[args.index("--trainer.num_nodes") + 1] == "3" and args[args.index("--trainer.devices") + 1] == "2"

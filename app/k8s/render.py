@@ -199,7 +199,7 @@ def _apply_trainjob(trainjob: dict, runtime: dict, params: RenderParams) -> None
     if params.gpus_per_node is not None:
         gpus = params.gpus_per_node
         procs = gpus if gpus > 0 else params.cpu_procs_per_node
-        runtime["spec"]["mlPolicy"]["torch"]["numProcPerNode"] = procs
+        runtime["spec"]["mlPolicy"]["torch"]["numProcPerNode"] = trainer["numProcPerNode"] = procs
         _set_option(args, "--trainer.devices", str(procs))
         for section in ("requests", "limits"):
             values = trainer.setdefault("resourcesPerNode", {}).setdefault(section, {})
