@@ -60,6 +60,19 @@ def test_zero_matrix_stays_zero_and_output_dtype_defaults_to_input():
     assert out.dtype == torch.float32 and torch.count_nonzero(out) == 0
 
 
+@pytest.mark.parametrize("shape", [(16, 64), (96, 24), (3, 8, 40)])
+def test_gram_iteration_is_the_same_polynomial(shape):
+    g = torch.randn(*shape, generator=torch.Generator().manual_seed(7))
+    for coefficients in ("quintic", "polar_express"):
+        standard = newton_schulz(g, coefficients=coefficients, dtype=torch.float64)
+        gram = newton_schulz(g, coefficients=coefficients, dtype=torch.float64, method="gram")
+        torch.testing.assert_close(gram, standard, rtol=0, atol=1e-10)
+    bf16 = newton_schulz(g, dtype=torch.bfloat16, method="gram", out_dtype=torch.float32)
+    reference = newton_schulz(g, dtype=torch.float64).float()
+    assert (bf16 - reference).norm() / reference.norm() < 0.05
+    assert torch.equal(newton_schulz(g, method="auto"), newton_schulz(g, method="gram"))
+
+
 def test_coefficient_schedules_and_bad_input():
     assert QUINTIC.for_steps(3) == [(3.4445, -4.7750, 2.0315)] * 3
     assert POLAR_EXPRESS.for_steps(7)[5:] == [POLAR_EXPRESS.triples[-1]] * 2
@@ -68,6 +81,8 @@ def test_coefficient_schedules_and_bad_input():
         resolve_coefficients("cubic")
     with pytest.raises(ValueError, match=r"shape \(7,\)"):
         newton_schulz(torch.randn(7))
+    with pytest.raises(ValueError, match="method='fast'"):
+        newton_schulz(torch.randn(3, 3), method="fast")
 
 
 def _svd_orthogonal(g: torch.Tensor) -> torch.Tensor:

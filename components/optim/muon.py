@@ -15,7 +15,7 @@ import time
 import torch
 from torch.distributed.tensor import DTensor
 
-from components.optim.newton_schulz import newton_schulz, resolve_coefficients, resolve_dtype
+from components.optim.newton_schulz import NS_METHODS, newton_schulz, resolve_coefficients, resolve_dtype
 from components.optim.telemetry import StepStats
 from components.optim.update import (
     SCALE_MODES,
@@ -49,18 +49,21 @@ class Muon(torch.optim.Optimizer):
     """Moonlight's Muon for matrices plus AdamW for the rest, sharing lr and weight decay.
 
     Args mirror the paper: momentum μ=0.95 (sum form) with Nesterov, 5 NS steps with the fixed quintic in bf16,
-    scale_mode 'moonlight' (0.2·sqrt(max(A, B))), AdamW betas (0.9, 0.95), eps 1e-8.
+    scale_mode 'moonlight' (0.2·sqrt(max(A, B))), AdamW betas (0.9, 0.95), eps 1e-8. ns_method 'gram'/'auto'
+    switches rectangular matrices to Gram Newton–Schulz (same polynomial, fewer FLOPs; see newton_schulz.py).
     """
 
     def __init__(self, params, lr: float = 1e-3, weight_decay: float = 0.1, momentum: float = 0.95,
                  nesterov: bool = True, ns_steps: int = 5, ns_coefficients="quintic",
-                 ns_dtype: torch.dtype | str = torch.bfloat16, ns_eps: float = 1e-7, scale_mode: str = "moonlight",
+                 ns_dtype: torch.dtype | str = torch.bfloat16, ns_eps: float = 1e-7, ns_method: str = "standard",
+                 scale_mode: str = "moonlight",
                  scale_hidden_size: int | None = None, adamw_betas: tuple[float, float] = (0.9, 0.95),
                  adamw_eps: float = 1e-8, nonfinite: str = "skip", telemetry: bool = True):
         if nonfinite not in NONFINITE_POLICIES:
             raise ValueError(f"nonfinite={nonfinite!r} is unknown; choose one of {NONFINITE_POLICIES}")
         defaults = dict(lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps,
-                        ns_coefficients=ns_coefficients, ns_dtype=ns_dtype, ns_eps=ns_eps, scale_mode=scale_mode,
+                        ns_coefficients=ns_coefficients, ns_dtype=ns_dtype, ns_eps=ns_eps, ns_method=ns_method,
+                        scale_mode=scale_mode,
                         scale_hidden_size=scale_hidden_size, adamw_betas=tuple(adamw_betas), adamw_eps=adamw_eps,
                         algorithm="muon", skipped_steps=0)
         super().__init__(params, defaults)
@@ -247,7 +250,7 @@ def orthogonalize(x: torch.Tensor, group: dict, stats: StepStats | None = None) 
     start = time.perf_counter()
     ns_dtype = resolve_dtype(group["ns_dtype"])
     o = newton_schulz(x, steps=group["ns_steps"], coefficients=group["ns_coefficients"], dtype=ns_dtype,
-                      eps=group["ns_eps"], out_dtype=ns_dtype)
+                      eps=group["ns_eps"], out_dtype=ns_dtype, method=group["ns_method"])
     if stats is not None:
         stats.ns_seconds += time.perf_counter() - start
     return o
@@ -277,6 +280,7 @@ def validate_group(group: dict) -> None:
     check(0 <= group["momentum"] < 1, "momentum", "must be in [0, 1)")
     check(isinstance(group["ns_steps"], int) and 0 <= group["ns_steps"] < 100, "ns_steps", "must be an int in [0, 100)")
     check(group["ns_eps"] > 0, "ns_eps", "must be > 0")
+    check(group["ns_method"] in NS_METHODS, "ns_method", f"must be one of {NS_METHODS}")
     check(group["scale_mode"] in SCALE_MODES, "scale_mode", f"must be one of {SCALE_MODES}")
     if group["scale_mode"] == "baseline":
         check(isinstance(group["scale_hidden_size"], int) and group["scale_hidden_size"] > 0, "scale_hidden_size",

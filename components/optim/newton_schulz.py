@@ -54,6 +54,8 @@ POLAR_EXPRESS = CoefficientSchedule(
     ),
     norm_safety=1.02,
 )
+NS_METHODS = ("standard", "gram", "auto")
+GRAM_MIN_ASPECT = 3.0
 SCHEDULES: dict[str, CoefficientSchedule] = {"quintic": QUINTIC, "moonlight": QUINTIC, "polar_express": POLAR_EXPRESS}
 
 
@@ -93,15 +95,21 @@ def newton_schulz(
     dtype: torch.dtype | str = torch.bfloat16,
     eps: float = 1e-7,
     out_dtype: torch.dtype | None = None,
+    method: str = "standard",
 ) -> torch.Tensor:
     """Approximate the orthogonal polar factor U Vᵀ of each matrix in G [..., A, B] (Moonlight Eq. 2).
 
+    method: 'standard' iterates on X (the paper); 'gram' iterates on the small Gram matrix (see `_gram_iterate`),
+    the same polynomial in exact arithmetic with fewer FLOPs for rectangular matrices; 'auto' picks 'gram' when
+    the long side is at least GRAM_MIN_ASPECT times the short one.
     Returns a new tensor of G's shape in `out_dtype` (default: G's dtype); G is not modified.
     """
     if G.ndim < 2:
         raise ValueError(f"newton_schulz: G must have at least 2 dimensions, got shape {tuple(G.shape)}")
     if steps < 0:
         raise ValueError(f"newton_schulz: steps={steps} must be >= 0")
+    if method not in NS_METHODS:
+        raise ValueError(f"newton_schulz: method={method!r} is unknown; choose one of {NS_METHODS}")
     schedule = resolve_coefficients(coefficients)
     compute = resolve_dtype(dtype)
     shape = G.shape
@@ -110,11 +118,23 @@ def newton_schulz(
         X = X.reshape(-1, *shape[-2:])
     tall = X.shape[-2] > X.shape[-1]
     if tall:
-        X = X.mT
+        X = X.mT.contiguous()  # row-major wide operand: the products below run several times faster on CPU
     norm = torch.linalg.matrix_norm(X, keepdim=True)
     X = X / (norm * schedule.norm_safety + eps)
+    aspect = X.shape[-1] / max(1, X.shape[-2])
+    if method == "gram" or (method == "auto" and aspect >= GRAM_MIN_ASPECT):
+        X = _gram_iterate(X, schedule.for_steps(steps))
+    else:
+        X = _iterate(X, schedule.for_steps(steps))
+    if tall:
+        X = X.mT
+    return X.reshape(shape).to(out_dtype or G.dtype)
+
+
+def _iterate(X: torch.Tensor, triples: list[Triple]) -> torch.Tensor:
+    """X ← aX + (bA + cA²)X with A = XXᵀ: per step 2 products with the long side and one m×m product."""
     batched = X.ndim == 3
-    for a, b, c in schedule.for_steps(steps):
+    for a, b, c in triples:
         A = X @ X.mT
         if batched:
             B = torch.baddbmm(A, A, A, beta=b, alpha=c)
@@ -122,6 +142,26 @@ def newton_schulz(
         else:
             B = torch.addmm(A, A, A, beta=b, alpha=c)
             X = torch.addmm(X, B, X, beta=a)
-    if tall:
-        X = X.mT
-    return X.reshape(shape).to(out_dtype or G.dtype)
+    return X
+
+
+def _gram_iterate(X: torch.Tensor, triples: list[Triple], restart_at: int = 2) -> torch.Tensor:
+    """Gram Newton–Schulz: with R = XXᵀ (m×m, m the short side) and P = aI + bR + cR², one step is X ← PX, so
+    R ← PRP and the product of the P's accumulates in Q; X is touched only at the start, at one restart
+    (X ← QX, R recomputed, which stops bf16 drift in R) and at the end. For m×n, 5 steps: 8m²n + 32m³ FLOPs
+    against 20m²n + 10m³ for `_iterate`.
+    """
+    eye = torch.eye(X.shape[-2], dtype=X.dtype, device=X.device)
+    R = X @ X.mT
+    Q = None
+    for k, (a, b, c) in enumerate(triples):
+        if k == restart_at and Q is not None:
+            X = Q @ X
+            R = X @ X.mT
+            Q = None
+        P = torch.baddbmm(R, R, R, beta=b, alpha=c) if R.ndim == 3 else torch.addmm(R, R, R, beta=b, alpha=c)
+        P = P + a * eye
+        Q = P if Q is None else P @ Q
+        if k < len(triples) - 1:
+            R = P @ R @ P
+    return X if Q is None else Q @ X
