@@ -197,8 +197,10 @@ def test_start_up_errors_are_clear(data, tmp_path):
     with pytest.raises(ValueError, match=r"names shard sets \['math'\]"):
         MixtureStream(sets_of(data), {"math": 1.0})
     stream = MixtureStream(sets_of(data), {"code": 1.0}, num_workers=0, micro_batch_size=2, num_streams=4)
-    with pytest.raises(ValueError, match="built for num_workers=0 but the DataLoader runs 2"):
-        next(iter(torch.utils.data.DataLoader(stream, batch_size=2, num_workers=2)))
+    batches = iter(torch.utils.data.DataLoader(stream, batch_size=2, num_workers=1))
+    with pytest.raises(ValueError, match="built for num_workers=0 but the DataLoader runs 1"):
+        next(batches)
+    batches._shutdown_workers()
 
 
 @pytest.fixture()

@@ -239,3 +239,42 @@ def decode_shard(data: bytes | None, expected: int, sample_len: int, dtype: str,
     if error is None and ok + bad < expected:
         error = f"shard ended after {ok + bad} of {expected} samples"
     return ShardSamples(tokens, ids, ok, bad, error)
+
+
+def inspect_shard_set(location: str, verify: bool = False, tokenizer: str | None = None, show: int = 0) -> dict:
+    """Summary of a shard set. `verify` reads every shard: sha256 and intact sample counts against the manifest.
+    With `tokenizer`, checks its fingerprint and decodes the start of the first sample (`preview`)."""
+    manifest = read_manifest(location)
+    info = {
+        "location": location, "name": manifest["name"], "seq_len": manifest["seq_len"], "dtype": manifest["dtype"],
+        "samples": manifest["samples"], "tokens": manifest["tokens"], "shards": len(manifest["shards"]),
+        "documents": manifest["documents"], "seed": manifest["seed"], "sources": manifest["sources"],
+        "tokenizer": manifest["tokenizer"],
+    }
+    if verify:
+        corrupt = []
+        for entry in manifest["shards"]:
+            url = remote.join(location, entry["file"])
+            try:
+                data = remote.read_bytes(url)
+            except OSError as err:
+                corrupt.append({"file": entry["file"], "error": f"{type(err).__name__}: {err}"})
+                continue
+            shard = decode_shard(data, entry["samples"], manifest["sample_tokens"], manifest["dtype"])
+            digest = hashlib.sha256(data).hexdigest()
+            if digest != entry["sha256"] or shard.valid != entry["samples"]:
+                corrupt.append({"file": entry["file"], "sha256_ok": digest == entry["sha256"],
+                                "intact_samples": shard.valid, "expected_samples": entry["samples"],
+                                "error": shard.error})
+        info["verified_shards"] = len(manifest["shards"]) - len(corrupt)
+        info["corrupt_shards"] = corrupt
+    if tokenizer is not None:
+        tok = load_tokenizer(tokenizer)
+        info["tokenizer_matches"] = tok.fingerprint == manifest["tokenizer"]["fingerprint"]
+        entry = manifest["shards"][0]
+        shard = decode_shard(remote.read_bytes(remote.join(location, entry["file"])), entry["samples"],
+                             manifest["sample_tokens"], manifest["dtype"])
+        if shard.valid:
+            ids = shard.tokens[0][: show or 64].tolist()
+            info["preview"] = tok.decode(ids)
+    return info
