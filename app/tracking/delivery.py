@@ -140,12 +140,13 @@ class RunDelivery(threading.Thread):
                     f"MLflow run {self.run_id or self.run_key} is already in use; resume state must be loaded "
                     "before the first metric is logged"
                 )
-            records = [r for r in self.journal.peek(2**62) if r is not None]
+            peeked = self.journal.peek(2**62)
+            records = [r for r in peeked if r is not None]  # torn lines are not carried over
             self.journal.discard()
             self.journal = Journal(os.path.join(os.path.dirname(self.journal.path), f"{run_key}.jsonl"))
             self.journal.append(records)
             with self._put_lock:
-                self.enqueued += self.journal.pending_at_open
+                self.enqueued += self.journal.pending_at_open - (len(peeked) - len(records))
             self.run_id, self.run_key, self._search_run_key = run_id, run_key, True
 
     def stop(self, status: str | None, timeout: float) -> None:

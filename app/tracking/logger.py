@@ -39,7 +39,7 @@ from lightning.pytorch.loggers import Logger
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from app.tracking.delivery import RunDelivery
-from app.tracking.params import flatten_params, sanitize_key
+from app.tracking.params import MAX_TAG_VALUE_LENGTH, flatten_params, sanitize_key, truncate
 from app.tracking.store import default_artifact_location, http_timeout_s, resolve_tracking_uri, run_status
 
 log = logging.getLogger(__name__)
@@ -109,8 +109,9 @@ class CrescentMLflowLogger(Logger):
         max_queue: int = 1_000_000,
     ):
         super().__init__()
-        if not isinstance(experiment_name, str) or not experiment_name.strip():
-            raise ValueError(f"experiment_name must be a non-empty string, got {experiment_name!r}")
+        if not isinstance(experiment_name, str) or not experiment_name.strip() or len(experiment_name) > 500:
+            raise ValueError(f"experiment_name must be a non-empty string of at most 500 characters (MLflow's "
+                             f"limit), got {experiment_name!r}")
         for field, value, minimum in (
             ("http_timeout_s", http_timeout_s, 1), ("http_max_retries", http_max_retries, 0),
             ("finalize_timeout_s", finalize_timeout_s, 0), ("poll_interval_s", poll_interval_s, 0.01),
@@ -122,7 +123,7 @@ class CrescentMLflowLogger(Logger):
         self.tracking_uri = resolve_tracking_uri(tracking_uri)
         self.artifact_location = artifact_location or default_artifact_location(self.tracking_uri)
         self._run_name = run_name
-        self._tags = {sanitize_key(k): str(v) for k, v in (tags or {}).items()}
+        self._tags = {sanitize_key(k): truncate(str(v), MAX_TAG_VALUE_LENGTH) for k, v in (tags or {}).items()}
         self._given_run_id = run_id
         self._run_key_given = run_key is not None
         self._run_key = run_key or uuid.uuid4().hex
@@ -179,7 +180,7 @@ class CrescentMLflowLogger(Logger):
         params logged before (Lightning logs them before restoring a checkpoint under FSDP) go to the
         continued run and are checked against its params then. Later it raises RuntimeError.
         """
-        run_id, run_key = state.get("run_id") or self.run_id, state.get("run_key") or self._run_key
+        run_id, run_key = state.get("run_id"), state.get("run_key") or self._run_key
         if self._delivery is not None:
             self._delivery.retarget(run_id, run_key)
         self._given_run_id, self._run_key, self._run_key_given = run_id, run_key, True
@@ -314,7 +315,7 @@ class CrescentMLflowLogger(Logger):
     @_never_raises
     def set_tags(self, tags: dict[str, Any]) -> None:
         """Queue run tags (values stringified)."""
-        records = [["t", sanitize_key(k), str(v)[:8000]] for k, v in tags.items()]
+        records = [["t", sanitize_key(k), truncate(str(v), MAX_TAG_VALUE_LENGTH)] for k, v in tags.items()]
         if records:
             self._ensure_started().put(records)
 
