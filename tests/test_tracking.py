@@ -1,8 +1,11 @@
 """CrescentMLflowLogger against a real MLflow sqlite store: params once, metric history, artifacts, resume."""
 
 import dataclasses
+import json
 import math
+import os
 import socket
+import subprocess
 import sys
 from argparse import Namespace
 
@@ -276,3 +279,23 @@ def test_logging_calls_never_raise_and_non_finite_values_arrive(store, tmp_path)
     assert _history(client, logger.run_id, "grad_norm") == [(1, sys.float_info.max)]
     assert set(client.get_run(logger.run_id).data.metrics) == {"loss", "grad_norm"}
     logger.finalize("success")
+
+
+@pytest.mark.slow  # a fresh interpreter importing lightning + mlflow
+def test_process_exit_without_finalize_keeps_every_record_on_disk(tmp_path):
+    script = f"""
+import os, sys
+sys.path.insert(0, {os.getcwd()!r})
+os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
+from app.tracking import CrescentMLflowLogger
+logger = CrescentMLflowLogger(tracking_uri={_dead_http_uri()!r}, spool_dir={str(tmp_path / "spool")!r},
+                              run_key="exit-test")
+logger.log_hyperparams({{"lr": 0.1}})
+for step in range(500):
+    logger.log_metrics({{"loss": float(step)}}, step=step)
+"""  # exits right away: the records are still queued in memory
+    subprocess.run([sys.executable, "-c", script], check=True, timeout=120, env={**os.environ, "PYTHONPATH": ""})
+    lines = (tmp_path / "spool" / "exit-test.jsonl").read_text().splitlines()
+    assert [json.loads(line) for line in lines[1:]] == [
+        ["m", "loss", float(s), json.loads(lines[s + 1])[3], s] for s in range(500)]
+    assert json.loads(lines[0]) == ["p", {"lr": "0.1"}]
