@@ -75,19 +75,21 @@ def generate(
     for i, p in enumerate(prompts):
         ids[i, width - len(p):width] = torch.tensor(p, dtype=torch.long)
         mask[i, width - len(p):] = 1  # generated positions count as real tokens
+    padded = any(len(p) != width for p in prompts)  # without padding the model takes its unmasked fast path
     active = torch.arange(len(prompts), device=device)
     cache = model.new_cache(total) if use_cache else None
     length = width
     step_input = ids[:, :width]
     for _ in range(max_new_tokens):
+        step_mask = mask[:, :length] if padded else None
         if cache is not None:
-            logits = model(step_input, attention_mask=mask[:, :length], cache=cache, logits_to_keep=1).logits
+            logits = model(step_input, attention_mask=step_mask, cache=cache, logits_to_keep=1).logits
         else:
-            logits = model(ids[:, :length], attention_mask=mask[:, :length], logits_to_keep=1).logits
+            logits = model(ids[:, :length], attention_mask=step_mask, logits_to_keep=1).logits
         token = next_tokens(logits[:, -1], sampling, generator)
         ids[:, length] = token
         length += 1
-        done = []
+        done: list[int] = []
         for row, (index, t) in enumerate(zip(active.tolist(), token.tolist())):
             out[index].append(t)
             if t in stop_ids or (should_stop is not None and should_stop(out[index])):
@@ -95,7 +97,8 @@ def generate(
         if len(done) == len(active):
             break
         if done:
-            keep = torch.tensor([r for r in range(len(active)) if r not in set(done)], device=device)
+            finished = set(done)
+            keep = torch.tensor([r for r in range(len(active)) if r not in finished], device=device)
             active, ids, mask = active[keep], ids[keep], mask[keep]
             if cache is not None:
                 cache.select(keep)
