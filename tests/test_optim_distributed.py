@@ -70,9 +70,7 @@ def _zero1_run(rank, world, partition, out):
     torch.save(opt.state_dict(), out / f"shard3_rank{rank}.pt")
     _train(model, opt, 2, rank, world, start=3)
     full5 = opt.full_state_dict(rank0_only=True)
-    expected = opt.layout.step_bytes(rank, ns_bytes=4, code_count=sum(p.ndim >= 3 and p.shape[0] or 1
-                                                                        for p in model.parameters()),
-                                     telemetry_keys=len(opt.param_groups))
+    expected = opt.expected_comm_bytes()
     torch.save({"comm": opt.comm_bytes, "expected": expected}, out / f"comm_rank{rank}.pt")
     if rank == 0:
         torch.save({"params3_state": full3, "state5": full5, "model5": dict(model.named_parameters()),

@@ -113,9 +113,19 @@ def newton_schulz(
     schedule = resolve_coefficients(coefficients)
     compute = resolve_dtype(dtype)
     shape = G.shape
-    X = G.to(dtype=compute, copy=True)  # always a private copy: the in-place ops below never touch G
-    if X.ndim > 3:
-        X = X.reshape(-1, *shape[-2:])
+    matrices = G.reshape(-1, *shape[-2:]) if G.ndim > 2 else G
+    if G.ndim > 2 and G.device.type == "cpu":
+        # CPU: 2-D products take the fast (oneDNN/AMX) path, batched bf16 products do not; loop over matrices.
+        out = torch.stack([_orthogonalize(m, steps, schedule, compute, eps, method) for m in matrices])
+    else:
+        out = _orthogonalize(matrices, steps, schedule, compute, eps, method)
+    return out.reshape(shape).to(out_dtype or G.dtype)
+
+
+def _orthogonalize(G: torch.Tensor, steps: int, schedule: CoefficientSchedule, compute: torch.dtype, eps: float,
+                   method: str) -> torch.Tensor:
+    """NS on one matrix [A, B] or a batch [N, A, B], in `compute` dtype; returns a new tensor (never G itself)."""
+    X = G.to(dtype=compute, copy=True)  # always a private copy: nothing below may write into G (torch #194664)
     tall = X.shape[-2] > X.shape[-1]
     if tall:
         X = X.mT.contiguous()  # row-major wide operand: the products below run several times faster on CPU
@@ -126,9 +136,7 @@ def newton_schulz(
         X = _gram_iterate(X, schedule.for_steps(steps))
     else:
         X = _iterate(X, schedule.for_steps(steps))
-    if tall:
-        X = X.mT
-    return X.reshape(shape).to(out_dtype or G.dtype)
+    return X.mT if tall else X
 
 
 def _iterate(X: torch.Tensor, triples: list[Triple]) -> torch.Tensor:

@@ -25,7 +25,7 @@ from components.optim.muon import FINITE, NO_GRAD, Muon, group_key, orthogonal_u
 from components.optim.newton_schulz import resolve_dtype
 from components.optim.telemetry import StepStats
 from components.optim.update import adamw_step, apply_update, momentum_step
-from components.optim.zero1_layout import ParamInfo, plan_layout, sent_bytes
+from components.optim.zero1_layout import ParamInfo, code_count, plan_layout, sent_bytes
 
 
 class ZeroOneMuon(Muon):
@@ -63,6 +63,13 @@ class ZeroOneMuon(Muon):
         self._steps = torch.zeros(len(self._params), dtype=torch.float32)  # AdamW step count per parameter
         self._mine = self.layout.pieces_in(self.rank)
         self._exchange = self.layout.needs_exchange()
+
+    def expected_comm_bytes(self) -> dict[str, int]:
+        """The per-collective bytes `comm.last` should show after a step, computed from the layout alone."""
+        item = self._first.element_size()
+        ns_item = torch.empty(0, dtype=self._ns_dtype).element_size()
+        keys = len({group_key(g) for g in self.param_groups}) if self.telemetry else 0
+        return self.layout.step_bytes(self.rank, item, item, ns_item, code_count(self.layout.params), keys)
 
     # ----------------------------------------------------------------------------------------- the step
     def _reduce_codes(self, codes: torch.Tensor) -> torch.Tensor:

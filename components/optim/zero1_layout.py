@@ -130,6 +130,11 @@ class Zero1Layout:
         return any(self.needed(r) for r in range(self.world_size))
 
 
+def code_count(params: list[ParamInfo]) -> int:
+    """Length of the per-step gradient-summary vector: one code per Muon matrix, one per AdamW tensor."""
+    return sum(p.numel // p.matrix_numel if p.algorithm == "muon" else 1 for p in params)
+
+
 def sent_bytes(collective: str, nbytes: int, world_size: int) -> int:
     """Bytes one rank sends in a ring collective whose full buffer is `nbytes`."""
     ring = (world_size - 1) / world_size
