@@ -7,8 +7,9 @@ import tarfile
 import numpy as np
 import pytest
 
-from components.data.shards import build_shards, decode_shard, read_manifest
+from components.data.shards import build_shards, read_manifest
 from components.data.sources import source_files
+from components.data.tarshard import decode_shard
 from components.data.tokenizer import TiktokenTokenizer, load_tokenizer, train_bpe
 
 DOCS = [f"Document {i}: " + " ".join(f"word{(i * 7 + j) % 50}" for j in range(40 + i % 13)) for i in range(60)]

@@ -9,11 +9,8 @@ uid/gid 0, no user names, ustar format) so the same inputs give byte-identical s
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
-import tarfile
-from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
 
@@ -21,11 +18,11 @@ import numpy as np
 
 from . import remote
 from .sources import iter_documents
+from .tarshard import SAMPLE_EXT, decode_shard, tar_bytes
 from .tokenizer import Tokenizer, load_tokenizer
 
 FORMAT = "crescent.shards.v1"
 MANIFEST = "manifest.json"
-SAMPLE_EXT = "tokens"
 
 
 def token_dtype(vocab_size: int) -> str:
@@ -93,18 +90,6 @@ def tokenize_sources(sources: list[str], tokenizer_dir: str, workers: int = 1, t
 
 
 # ---------------------------------------------------------------------------------------------- writing
-def _tar_bytes(members: list[tuple[str, bytes]]) -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size, info.mtime, info.mode = len(data), 0, 0o644
-            info.uid = info.gid = 0
-            info.uname = info.gname = ""
-            tar.addfile(info, io.BytesIO(data))
-    return buf.getvalue()
-
-
 def _write_atomic(path: Path, data: bytes) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_bytes(data)
@@ -139,16 +124,27 @@ def build_shards(sources: list[str], out_dir: str | os.PathLike, tokenizer_dir: 
     n_samples = len(stream) // sample_len
     if n_samples == 0:
         raise ValueError(f"sources hold {len(stream)} tokens, fewer than one sample of seq_len+1={sample_len}")
-    dtype = token_dtype(tok.vocab_size)
-    samples = stream[: n_samples * sample_len].astype(dtype).reshape(n_samples, sample_len)
+    samples = stream[: n_samples * sample_len].astype(token_dtype(tok.vocab_size)).reshape(n_samples, sample_len)
+    info = {"sources": [str(s) for s in sources], "text_field": text_field, "tokenizer": tok.describe(),
+            "documents": n_docs, "dropped_tokens": int(len(stream) - n_samples * sample_len)}
+    return write_shards(samples, out, seed=seed, shard_samples=shard_samples, name=name or out.resolve().name,
+                        info=info)
+
+
+def write_shards(samples: np.ndarray, out_dir: str | os.PathLike, *, seed: int, shard_samples: int, name: str,
+                 info: dict) -> dict:
+    """Shuffle packed samples [n, seq_len+1] with `seed`, write the tar shards and `manifest.json`."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    n_samples, sample_len = samples.shape
+    dtype = str(samples.dtype)
     order = np.random.default_rng(seed).permutation(n_samples)
     little = np.dtype(dtype).newbyteorder("<")
-
     shards = []
     for index, start in enumerate(range(0, n_samples, shard_samples)):
         ids = order[start:start + shard_samples]
         members = [(f"{int(i):010d}.{SAMPLE_EXT}", samples[i].astype(little).tobytes()) for i in ids]
-        data = _tar_bytes(members)
+        data = tar_bytes(members)
         _write_atomic(out / shard_name(index), data)
         shards.append({"file": shard_name(index), "samples": len(ids), "tokens": len(ids) * sample_len,
                        "sha256": hashlib.sha256(data).hexdigest()})
@@ -156,21 +152,20 @@ def build_shards(sources: list[str], out_dir: str | os.PathLike, tokenizer_dir: 
     for stale in out.glob("shard-*.tar"):
         if stale.name not in keep:
             stale.unlink()
-
     manifest = {
         "format": FORMAT,
-        "name": name or out.resolve().name,
-        "seq_len": seq_len,
+        "name": name,
+        "seq_len": sample_len - 1,
         "sample_tokens": sample_len,
         "dtype": dtype,
         "seed": seed,
-        "sources": [str(s) for s in sources],
-        "text_field": text_field,
-        "tokenizer": tok.describe(),
-        "documents": n_docs,
+        "sources": info.get("sources", []),
+        "text_field": info.get("text_field", "text"),
+        "tokenizer": info["tokenizer"],
+        "documents": info.get("documents", 0),
         "samples": n_samples,
         "tokens": n_samples * sample_len,
-        "dropped_tokens": int(len(stream) - n_samples * sample_len),
+        "dropped_tokens": info.get("dropped_tokens", 0),
         "shard_samples": shard_samples,
         "shards": shards,
     }
@@ -191,54 +186,6 @@ def read_manifest(location: str) -> dict:
     if manifest.get("format") != FORMAT:
         raise ValueError(f"shard set {location!r}: format={manifest.get('format')!r}, expected {FORMAT!r}")
     return manifest
-
-
-@dataclass
-class ShardSamples:
-    """One shard decoded: `tokens[k]` and `sample_ids[k]` for k < `valid`; rows from `valid` on were lost."""
-
-    tokens: np.ndarray      # [expected, seq_len + 1], the manifest's dtype
-    sample_ids: np.ndarray  # [expected] int64, -1 where lost
-    valid: int              # samples read intact, a prefix of the shard
-    bad: int                # samples present but malformed (wrong length, bad name)
-    error: str | None       # why reading stopped early (truncated / corrupt / missing), if it did
-
-
-def decode_shard(data: bytes | None, expected: int, sample_len: int, dtype: str, error: str | None = None
-                 ) -> ShardSamples:
-    """Parse a shard's tar bytes. Never raises on bad data: what cannot be read is reported, not thrown."""
-    from webdataset.tariterators import tar_file_iterator
-
-    item = np.dtype(dtype).newbyteorder("<")
-    tokens = np.zeros((expected, sample_len), dtype=dtype)
-    ids = np.full(expected, -1, dtype=np.int64)
-    ok = bad = 0
-    want = sample_len * item.itemsize
-    if data is not None:
-        failure: list[BaseException] = []
-
-        def stop(exn: BaseException) -> bool:
-            failure.append(exn)
-            return False
-
-        try:
-            for k, member in enumerate(tar_file_iterator(io.BytesIO(data), handler=stop)):
-                if k >= expected:
-                    break
-                stem, _, ext = member["fname"].rpartition("/")[-1].partition(".")
-                if ext != SAMPLE_EXT or len(member["data"]) != want or not stem.isdigit():
-                    bad += 1
-                    continue
-                tokens[ok] = np.frombuffer(member["data"], dtype=item)
-                ids[ok] = int(stem)
-                ok += 1
-        except (tarfile.TarError, OSError, EOFError, ValueError) as exn:
-            failure.append(exn)
-        if failure and error is None:
-            error = f"{type(failure[0]).__name__}: {failure[0]}"
-    if error is None and ok + bad < expected:
-        error = f"shard ended after {ok + bad} of {expected} samples"
-    return ShardSamples(tokens, ids, ok, bad, error)
 
 
 def inspect_shard_set(location: str, verify: bool = False, tokenizer: str | None = None, show: int = 0) -> dict:
