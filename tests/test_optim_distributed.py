@@ -188,3 +188,27 @@ def test_fsdp2_dcp_resume_in_a_fresh_process_group(single_device, tmp_path):
     launch(_fsdp_run, 2, tmp_path, 2, 3, True)
     resumed = torch.load(tmp_path / "fsdp.pt", weights_only=False)["params"]
     assert all(torch.equal(resumed[n], p) for n, p in uninterrupted.items())
+
+
+# ------------------------------------------------------------------------------------------------ update_norm
+def _update_norm_both_paths(rank, world, out):
+    settings = dict(SETTINGS, scale_mode="update_norm")
+    zero1_model = ToyMoE()
+    _train(zero1_model, build_muon(zero1_model, optimizer_cls=ZeroOneMuon, **settings), 3, rank, world)
+    fsdp_model = _fsdp_model(world)
+    _train(fsdp_model, build_muon(fsdp_model, **settings), 3, rank, world)
+    full = {n: p.full_tensor().detach() for n, p in fsdp_model.named_parameters()}
+    if rank == 0:
+        torch.save({"zero1": {n: p.detach() for n, p in zero1_model.named_parameters()}, "fsdp": full},
+                   out / "update_norm.pt")
+
+
+def test_update_norm_scale_mode_distributed_equals_single_device(tmp_path):
+    """Per-matrix scales 0.2/RMS(O) need the whole O: owners apply them before scattering (FSDP2)."""
+    model = ToyMoE()
+    _train(model, build_muon(model, **dict(SETTINGS, scale_mode="update_norm")), 3)
+    want = {n: p.detach() for n, p in model.named_parameters()}
+    launch(_update_norm_both_paths, 2, tmp_path)
+    result = torch.load(tmp_path / "update_norm.pt")
+    _assert_params_close(result["zero1"], want)
+    _assert_params_close(result["fsdp"], want)

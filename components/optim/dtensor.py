@@ -24,7 +24,7 @@ from components.optim.comm import CountingComm
 from components.optim.muon import FINITE, NO_GRAD, NONFINITE, group_key, local, orthogonalize
 from components.optim.newton_schulz import resolve_dtype
 from components.optim.telemetry import StepStats
-from components.optim.update import apply_update, momentum_step, scaled_update, update_scale
+from components.optim.update import apply_orthogonal, momentum_step, scaled_update, update_scale
 
 
 def dtensor_comm(optimizer) -> CountingComm | None:
@@ -131,11 +131,14 @@ def muon_group_step_dtensor(optimizer, group: dict, codes: dict, stats: StepStat
         x = momentum_step(buf, g, group["momentum"], group["nesterov"], keep)
         if x.numel():
             o = orthogonalize(x, group, stats)
-            update = scaled_update(o, update_scale(group["scale_mode"], x.shape, o, group["scale_hidden_size"]),
-                                   w.dtype)
-            apply_update(w, update, lr, wd, keep)
+            scale = update_scale(group["scale_mode"], x.shape, o, group["scale_hidden_size"])
+            apply_orthogonal(w, o, scale, lr, wd, keep)
             if optimizer.telemetry:
-                stats.add(key, update if keep is None else update[mine.to(device)], w)
+                if keep is None:
+                    stats.add(key, o, w, scale)
+                else:
+                    rows = mine.to(device).view(w.shape[:-2])
+                    stats.add(key, o[rows], w, scale[rows] if isinstance(scale, torch.Tensor) else scale)
     if not matrices:
         return
     blocks = {i: row_blocks(p.shape[0], world) for i, p in matrices}
@@ -173,8 +176,7 @@ def muon_group_step_dtensor(optimizer, group: dict, codes: dict, stats: StepStat
         n = w.numel()
         piece = returned[src][offsets[src]:offsets[src] + n].view(w.shape)
         offsets[src] += n
-        update = piece if by_norm else scaled_update(
-            piece, update_scale(group["scale_mode"], p.shape, None, group["scale_hidden_size"]), w.dtype)
-        apply_update(w, update, lr, wd)
+        scale = 1.0 if by_norm else update_scale(group["scale_mode"], p.shape, None, group["scale_hidden_size"])
+        apply_orthogonal(w, piece, scale, lr, wd)
         if optimizer.telemetry:
-            stats.add(key, update, w)
+            stats.add(key, piece, w, scale)

@@ -20,9 +20,8 @@ from components.optim.telemetry import StepStats
 from components.optim.update import (
     SCALE_MODES,
     adamw_step,
-    apply_update,
+    apply_orthogonal,
     momentum_step,
-    scaled_update,
     update_scale,
 )
 from components.optim.zero1_layout import sent_bytes
@@ -148,10 +147,15 @@ class Muon(torch.optim.Optimizer):
                 continue
             keep = None if bool(active.all()) else (~active).to(p.device).view(*p.shape[:-2], 1, 1)
             x = momentum_step(self.state[p]["momentum_buffer"], p.grad, group["momentum"], group["nesterov"], keep)
-            update = orthogonal_update(x, group, p.dtype, stats)
-            apply_update(p, update, group["lr"], group["weight_decay"], keep)
+            o = orthogonalize(x, group, stats)
+            scale = update_scale(group["scale_mode"], x.shape, o, group["scale_hidden_size"])
+            apply_orthogonal(p, o, scale, group["lr"], group["weight_decay"], keep)
             if self.telemetry:
-                stats.add(key, update if keep is None else update[active.to(p.device)], p)
+                if keep is None:
+                    stats.add(key, o, p, scale)
+                else:
+                    rows = active.to(p.device).view(p.shape[:-2])
+                    stats.add(key, o[rows], p, scale[rows] if isinstance(scale, torch.Tensor) else scale)
 
     def _adamw_group_step(self, group: dict, codes: dict, stats: StepStats) -> None:
         params, grads, exp_avgs, exp_avg_sqs, steps = [], [], [], [], []
@@ -198,11 +202,12 @@ class Muon(torch.optim.Optimizer):
         if g is None:
             return torch.full((n,), NO_GRAD, device=p.device)
         g = local(g)
+        inf = float("inf")
         if algorithm == "muon":
-            amax = g.abs().amax(dim=(-2, -1)).reshape(-1) if g.numel() else g.new_zeros(n)
+            amax = torch.linalg.vector_norm(g, ord=inf, dim=(-2, -1)).reshape(-1) if g.numel() else g.new_zeros(n)
             code = torch.where(amax > 0, FINITE, NO_GRAD)
         else:
-            amax = g.abs().amax().reshape(1) if g.numel() else g.new_zeros(1)
+            amax = torch.linalg.vector_norm(g, ord=inf).reshape(1) if g.numel() else g.new_zeros(1)
             code = torch.full_like(amax, FINITE)
         return torch.where(torch.isfinite(amax), code, NONFINITE).float()
 
@@ -254,14 +259,6 @@ def orthogonalize(x: torch.Tensor, group: dict, stats: StepStats | None = None) 
     if stats is not None:
         stats.ns_seconds += time.perf_counter() - start
     return o
-
-
-def orthogonal_update(x: torch.Tensor, group: dict, dtype: torch.dtype, stats: StepStats | None = None
-                      ) -> torch.Tensor:
-    """U = s·NS(x) for a matrix or a stack of matrices, with the group's NS settings and scale mode."""
-    o = orthogonalize(x, group, stats)
-    scale = update_scale(group["scale_mode"], x.shape, o, group["scale_hidden_size"])
-    return scaled_update(o, scale, dtype)
 
 
 def group_key(group: dict) -> str:

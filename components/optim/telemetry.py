@@ -21,11 +21,16 @@ class StepStats:
         self._sums.setdefault(key, [torch.zeros((), device=device)] * 2)
         self._counts.setdefault(key, [0.0, 0.0])
 
-    def add(self, key: str, update: torch.Tensor, weight: torch.Tensor) -> None:
+    def add(self, key: str, update: torch.Tensor, weight: torch.Tensor, scale: float | torch.Tensor = 1.0) -> None:
+        """Accumulate ||scale·update||² and ||weight||² (scale: a number or one per matrix, broadcastable)."""
         sums = self._sums.setdefault(key, [torch.zeros((), device=update.device)] * 2)
         counts = self._counts.setdefault(key, [0.0, 0.0])
-        sums[0] = sums[0] + update.float().square().sum().to(sums[0].device)
-        sums[1] = sums[1] + weight.float().square().sum().to(sums[1].device)
+        if isinstance(scale, torch.Tensor):
+            update_sq = (update.float() * scale).square().sum()
+        else:
+            update_sq = torch.linalg.vector_norm(update, dtype=torch.float32).square() * (scale * scale)
+        sums[0] = sums[0] + update_sq.to(sums[0].device)
+        sums[1] = sums[1] + torch.linalg.vector_norm(weight, dtype=torch.float32).square().to(sums[1].device)
         counts[0] += update.numel()
         counts[1] += weight.numel()
 

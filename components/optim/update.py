@@ -72,6 +72,16 @@ def apply_update(param: torch.Tensor, update: torch.Tensor, lr: float, weight_de
         param.copy_(torch.where(keep, param, new))
 
 
+def apply_orthogonal(param: torch.Tensor, orthogonal: torch.Tensor, scale: float | torch.Tensor, lr: float,
+                     weight_decay: float, keep: torch.Tensor | None = None) -> None:
+    """W ← W(1 − ηλ) − η s O. With a scalar s and nothing to keep, O (e.g. bf16) is added in place without
+    materializing s·O; otherwise through `scaled_update` + `apply_update`. Every path uses this function."""
+    if keep is None and not isinstance(scale, torch.Tensor):
+        param.mul_(1.0 - lr * weight_decay).add_(orthogonal, alpha=-lr * scale)
+    else:
+        apply_update(param, scaled_update(orthogonal, scale, param.dtype), lr, weight_decay, keep)
+
+
 def adamw_step(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs: list[torch.Tensor],
                exp_avg_sqs: list[torch.Tensor], steps: list[float], lr: float, weight_decay: float,
                betas: tuple[float, float], eps: float, want_update: bool = False) -> list[torch.Tensor] | None:

@@ -21,10 +21,10 @@ import torch
 import torch.distributed as dist
 
 from components.optim.comm import CountingComm
-from components.optim.muon import FINITE, NO_GRAD, Muon, group_key, orthogonal_update
+from components.optim.muon import FINITE, NO_GRAD, Muon, group_key, orthogonalize
 from components.optim.newton_schulz import resolve_dtype
 from components.optim.telemetry import StepStats
-from components.optim.update import adamw_step, apply_update, momentum_step
+from components.optim.update import adamw_step, apply_orthogonal, momentum_step, scaled_update, update_scale
 from components.optim.zero1_layout import ParamInfo, code_count, plan_layout, sent_bytes
 
 
@@ -167,12 +167,16 @@ class ZeroOneMuon(Muon):
             start = pc.offset + k0 * mn - ext_lo
             inp = ext[start:start + (k1 - k0) * mn]
             inp = inp.view(shape) if len(shape) == 2 else inp.view(k1 - k0, *shape[-2:])
-            update = orthogonal_update(inp, group, weights.dtype, stats).reshape(-1)
-            mine = update[a - pc.offset - k0 * mn:b - pc.offset - k0 * mn]
+            o = orthogonalize(inp, group, stats)
+            scale = update_scale(group["scale_mode"], inp.shape, o, group["scale_hidden_size"])
+            cut = slice(a - pc.offset - k0 * mn, b - pc.offset - k0 * mn)
+            if isinstance(scale, torch.Tensor):  # one scale per matrix (update_norm): materialize s·O first
+                o, scale = scaled_update(o, scale, weights.dtype), 1.0
+            mine = o.reshape(-1)[cut]
             s = slice(a - lo, b - lo)
-            apply_update(weights[s], mine, group["lr"], group["weight_decay"], keep)
+            apply_orthogonal(weights[s], mine, scale, group["lr"], group["weight_decay"], keep)
             if self.telemetry:
-                stats.add(group_key(group), mine if keep is None else mine[~keep], weights[s])
+                stats.add(group_key(group), mine if keep is None else mine[~keep], weights[s], scale)
 
     def _complete_boundaries(self, x: torch.Tensor, lo: int, hi: int) -> tuple[torch.Tensor, int]:
         """All-to-all of the NS-input pieces neighbours need; returns the extended buffer and its start offset."""
