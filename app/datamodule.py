@@ -72,13 +72,16 @@ class CrescentDataModule(pl.LightningDataModule):
             self._use_demo(build=True)
 
     def _use_demo(self, build: bool) -> None:
-        from components.data.demo import build_demo, demo_layout
+        """The offline demo corpus (english + code mixtures, its tokenizer) and a held-out validation set."""
+        from components.data.demo import build_demo
 
-        layout = build_demo(self.demo_root, seq_len=self.schedule.seq_len) if build else \
-            demo_layout(self.demo_root)
-        self.shards = {**layout["shards"], **self.shards}
-        self.val_shards = self.val_shards or layout["val"]
-        self.tokenizer_dir = self.tokenizer_dir or layout["tokenizer"]
+        paths = build_demo(self.demo_root, seq_len=self.schedule.seq_len)
+        val = paths.root / "val"
+        if build:
+            build_validation_set(val, paths.tokenizer, self.schedule.seq_len)
+        self.shards = {**{name: str(p) for name, p in paths.sets.items()}, **self.shards}
+        self.val_shards = self.val_shards or str(val)
+        self.tokenizer_dir = self.tokenizer_dir or str(paths.tokenizer)
 
     def setup(self, stage: str) -> None:
         if self.demo:
@@ -97,14 +100,21 @@ class CrescentDataModule(pl.LightningDataModule):
         return load_tokenizer(self.tokenizer_dir).fingerprint
 
     def train_dataloader(self) -> DataLoader:
+        from app.module import ConfigError
+
         module = self.trainer.lightning_module
-        stream = MixtureStream(self.shards, self.schedule, rank=self.trainer.global_rank,
-                               world_size=self.trainer.world_size, num_workers=self.num_workers,
-                               micro_batch_size=self.micro_batch_size, num_streams=self.num_streams, seed=self.seed,
-                               consumed_samples=module.consumed_samples,
-                               tokenizer_fingerprint=self._fingerprint())
+        try:
+            stream = self._train_stream(module.consumed_samples)
+        except (ValueError, FileNotFoundError) as err:
+            raise ConfigError(f"data: {err}") from err
         self.train_loader = _PositionlessLoader(stream, pin_memory=torch.cuda.is_available())
         return self.train_loader
+
+    def _train_stream(self, consumed_samples: int) -> MixtureStream:
+        return MixtureStream(self.shards, self.schedule, rank=self.trainer.global_rank,
+                               world_size=self.trainer.world_size, num_workers=self.num_workers,
+                               micro_batch_size=self.micro_batch_size, num_streams=self.num_streams, seed=self.seed,
+                               consumed_samples=consumed_samples, tokenizer_fingerprint=self._fingerprint())
 
     def val_dataloader(self) -> DataLoader:
         if not self.val_shards:
@@ -125,6 +135,22 @@ class CrescentDataModule(pl.LightningDataModule):
     @property
     def root(self) -> Path:
         return Path(self.demo_root)
+
+
+def build_validation_set(out: Path, tokenizer: Path, seq_len: int, files: int = 24) -> Path:
+    """Held-out code for the demo's validation loss: the standard library's own tests, which the demo's code
+    mixture excludes. Deterministic; built once."""
+    import sysconfig
+
+    from components.data.shards import MANIFEST, build_shards
+
+    if (out / MANIFEST).exists():
+        return out
+    tests = sorted((Path(sysconfig.get_paths()["stdlib"]) / "test").glob("test_*.py"))[:files]
+    if not tests:
+        raise FileNotFoundError("the interpreter ships no Lib/test files for the demo validation set")
+    build_shards([str(t) for t in tests], out, tokenizer, seq_len=seq_len, shard_samples=256, seed=0, name="val")
+    return out
 
 
 class _PositionlessLoader(StreamLoader):

@@ -25,12 +25,34 @@ class NonFiniteLossError(RuntimeError):
     pass
 
 
+class ConfigError(ValueError):
+    """A configuration that cannot train; `crescent train` prints it without a traceback and exits 2."""
+
+
 def resolve_schedule(schedule: str | dict) -> StageSchedule:
     if isinstance(schedule, StageSchedule):
         return schedule
     if isinstance(schedule, str):
         return get_schedule(schedule)
     return StageSchedule.from_dict(dict(schedule))
+
+
+def check_layout(schedule: StageSchedule, micro_batch_size: int, world_size: int, num_workers: int,
+                 num_streams: int) -> None:
+    """Before any step: every stage's global batch must split into micro-batches over the ranks, and the data
+    order's virtual streams must split evenly over ranks × workers × micro-batch (exact resume)."""
+    per_pass = micro_batch_size * world_size
+    for stage in schedule.stages:
+        sizes = [b for _, b in stage.batch_size] if isinstance(stage.batch_size, list) else [stage.batch_size]
+        for size in sizes:
+            if size % per_pass:
+                raise ConfigError(
+                    f"stage {stage.name!r}: batch_size={size} is not divisible by data.micro_batch_size × ranks = "
+                    f"{micro_batch_size} × {world_size}")
+    period = world_size * max(1, num_workers) * micro_batch_size
+    if num_streams % period:
+        raise ConfigError(f"data.num_streams={num_streams} must be a multiple of ranks × max(1, data.num_workers) × "
+                          f"data.micro_batch_size = {world_size} × {max(1, num_workers)} × {micro_batch_size}")
 
 
 def stage_boundaries(schedule: StageSchedule) -> list[tuple[str, int]]:
@@ -115,6 +137,10 @@ class CrescentModule(pl.LightningModule):
     @property
     def tokens_seen(self) -> int:
         return self.consumed_samples * self.seq_len
+
+    def setup(self, stage: str) -> None:
+        dm = self.trainer.datamodule
+        check_layout(self.schedule, dm.micro_batch_size, self.trainer.world_size, dm.num_workers, dm.num_streams)
 
     def configure_model(self) -> None:
         """Build the model; under `muon_fsdp` build it on the meta device, shard it, then materialize each rank's
@@ -245,7 +271,6 @@ class CrescentModule(pl.LightningModule):
         total = self._all_reduce(self._val, "sum")
         if total[1] > 0:
             self.val_loss = (total[0] / total[1]).item()
-            self.log("val/loss", self.val_loss, prog_bar=True, logger=False, rank_zero_only=True)
             if not self.trainer.sanity_checking:
                 self.emit({"val/loss": self.val_loss})
 

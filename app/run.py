@@ -24,6 +24,7 @@ from app.callbacks import (
     resumable_checkpoint,
 )
 from app.callbacks.preemption import PREEMPTED_EXIT_CODE
+from app.module import ConfigError, check_layout
 from app.tracking import CrescentMLflowLogger, flatten_params
 
 _STEP = re.compile(r"(?:preempt-)?step[=-](\d+)(?:\.ckpt)?$")
@@ -126,6 +127,12 @@ def train_from_cli(cli, cwd: Path) -> int:
             logger.load_state_dict(meta["mlflow"])
         if trainer.is_global_zero:
             print(f"crescent train: resuming from {ckpt} ({meta.get('tokens_seen', 0):,} tokens seen)", file=sys.stderr)
+    try:
+        check_layout(module.schedule, datamodule.micro_batch_size, trainer.world_size, datamodule.num_workers,
+                     datamodule.num_streams)
+    except ConfigError as err:
+        print(f"crescent train: error: {err}", file=sys.stderr)
+        return 2
     if trainer.is_global_zero:
         run.path.mkdir(parents=True, exist_ok=True)
         config_yaml = cli.parser.dump(cli.config, skip_none=False)
@@ -135,6 +142,10 @@ def train_from_cli(cli, cwd: Path) -> int:
     status = "success"
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt) if ckpt else None)
+    except ConfigError as err:
+        status = "failed"
+        print(f"crescent train: error: {err}", file=sys.stderr)
+        return 2
     except BaseException:
         status = "failed"
         raise
