@@ -14,26 +14,33 @@ ARG PIP_FIND_LINKS=/tmp/wheelhouse
 WORKDIR /src
 COPY containers/wheelhouse/ /tmp/wheelhouse/
 COPY pyproject.toml constraints.txt ./
-# Dependencies first, in their own layer: it is rebuilt only when the pins change, not with every source edit.
-# The venv sees the base's torch (system site-packages); where the base has none, torch==2.13.0 comes first.
+# Layer 1, the dependencies: rebuilt only when the pins change. The venv sees the base's torch (system
+# site-packages); where the base has none, torch==2.13.0 comes first. The project will live in /opt/crescent-app
+# (a .pth file puts it on the path), so this venv, and its copy in the final stage, stay cached across source
+# edits. Launchers for `crescent` and (torch from the base image) `torchrun`; then pip, setuptools and wheel
+# leave the venv: no build tooling in the final stage.
 RUN python3 -m venv --system-site-packages /opt/crescent \
     && if ! /opt/crescent/bin/python -c "import torch" 2>/dev/null; then \
            /opt/crescent/bin/pip install --no-cache-dir torch==2.13.0; fi \
     && /opt/crescent/bin/python -c "import tomllib; print(*tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies'], sep=chr(10))" \
            > /tmp/requirements.txt \
-    && /opt/crescent/bin/pip install --no-cache-dir --constraint constraints.txt --requirement /tmp/requirements.txt
+    && /opt/crescent/bin/pip install --no-cache-dir --constraint constraints.txt --requirement /tmp/requirements.txt \
+    && echo /opt/crescent-app > "$(/opt/crescent/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/crescent-app.pth" \
+    && printf '#!/opt/crescent/bin/python\nimport sys\nfrom app.cli import main\nsys.exit(main())\n' > /opt/crescent/bin/crescent \
+    && if [ ! -x /opt/crescent/bin/torchrun ]; then \
+           printf '#!/opt/crescent/bin/python\nimport sys\nfrom torch.distributed.run import main\nsys.exit(main())\n' \
+               > /opt/crescent/bin/torchrun; fi \
+    && chmod 0755 /opt/crescent/bin/crescent /opt/crescent/bin/torchrun \
+    && /opt/crescent/bin/python -m pip uninstall --yes --quiet pip setuptools wheel
 COPY README.md ./
 COPY components/ components/
 COPY app/ app/
 COPY eval/ eval/
-# Then the project itself. pip, setuptools and wheel leave the venv afterwards: no build tooling in the final
-# stage. torchrun comes with torch in the venv, or (torch from the base image) as a small launcher here.
-RUN /opt/crescent/bin/pip install --no-cache-dir --no-deps . \
-    && if [ ! -x /opt/crescent/bin/torchrun ]; then \
-           printf '#!/opt/crescent/bin/python\nimport sys\nfrom torch.distributed.run import main\nsys.exit(main())\n' \
-               > /opt/crescent/bin/torchrun && chmod 0755 /opt/crescent/bin/torchrun; fi \
-    && /opt/crescent/bin/python -m pip uninstall --yes --quiet pip setuptools wheel \
-    && find /opt/crescent -name '__pycache__' -prune -exec rm -rf {} + \
+# Layer 2, the project (package + metadata) into /opt/crescent-app, by a throwaway installer venv.
+RUN python3 -m venv /tmp/installer \
+    && /tmp/installer/bin/pip install --no-cache-dir --no-deps --target /opt/crescent-app . \
+    && rm -rf /opt/crescent-app/bin /tmp/installer \
+    && find /opt/crescent-app -name '__pycache__' -prune -exec rm -rf {} + \
     && mkdir -p /workspace/app/configs \
     && if [ -d app/configs ]; then cp -r app/configs/. /workspace/app/configs/; fi
 
@@ -51,6 +58,7 @@ LABEL org.opencontainers.image.title="crescent-train" \
 RUN groupadd --gid 10001 crescent \
     && useradd --uid 10001 --gid 10001 --create-home --home-dir /home/crescent --shell /usr/sbin/nologin crescent
 COPY --from=build /opt/crescent /opt/crescent
+COPY --from=build /opt/crescent-app /opt/crescent-app
 # Configs at the path the README uses (`--config app/configs/NAME.yaml`), relative to the working directory.
 COPY --from=build --chown=10001:10001 /workspace /workspace
 ENV PATH=/opt/crescent/bin:${PATH} \

@@ -88,7 +88,7 @@ def test_train_and_eval_run_crescent_and_install_pinned_torch_only_when_missing(
         assert "ARG BASE_IMAGE=pytorch/pytorch:2.13.0-cuda13.0-cudnn9-runtime" in text
         assert 'if ! /opt/crescent/bin/python -c "import torch"' in text and "torch==2.13.0" in text
         assert "--constraint constraints.txt --requirement /tmp/requirements.txt" in text
-        assert "pip install --no-cache-dir --no-deps ." in text
+        assert "pip install --no-cache-dir --no-deps --target /opt/crescent-app ." in text
 
 
 def test_image_tags_match_the_kubernetes_manifests():
@@ -161,11 +161,13 @@ def test_training_image_runs_crescent_offline_as_non_root(train_image):
     assert "usage: crescent COMMAND" in proc.stdout
     ident = _podman("run", "--rm", "--network=none", "--entrypoint", "id", train_image).stdout
     assert ident.startswith("uid=10001(crescent) gid=10001(crescent)")
-    probe = ("import importlib.util, shutil, torch, app, components;"
+    probe = ("import importlib.metadata, importlib.util, shutil, torch, app;"
              "print(torch.__version__.split('+')[0], importlib.util.find_spec('pip') is None,"
-             " shutil.which('gcc') is None, shutil.which('torchrun'))")
+             " shutil.which('gcc') is None, shutil.which('torchrun'), app.__file__,"
+             " importlib.metadata.version('crescent'))")
     out = _podman("run", "--rm", "--network=none", "--entrypoint", "python", train_image, "-c", probe).stdout
-    assert out.split() == ["2.13.0", "True", "True", "/opt/crescent/bin/torchrun"]
+    assert out.split() == ["2.13.0", "True", "True", "/opt/crescent/bin/torchrun",
+                           "/opt/crescent-app/app/__init__.py", images.project_version()]
     labels = _podman("image", "inspect", "--format", "{{json .Labels}}", train_image).stdout
     assert '"org.opencontainers.image.version":"ci"' in labels.replace(" ", "")
     user = _podman("image", "inspect", "--format", "{{.Config.User}}", train_image).stdout.strip()
