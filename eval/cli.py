@@ -113,6 +113,6 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     try:
         return {"data": _data, "run": _run, "watch": _watch}[args.command](args)
-    except (PermissionError, ValueError, FileNotFoundError) as err:
+    except (PermissionError, ValueError, FileNotFoundError, RuntimeError) as err:
         print(f"crescent eval {args.command}: {err}", file=sys.stderr)
         return 2

@@ -89,7 +89,13 @@ def _evaluate_task(lm, manager, spec: TaskSpec, request: EvalRequest, seed: int 
     random.seed(0)
     np.random.seed(seed)
     torch.manual_seed(seed)
-    loaded = manager.load([spec.lm_eval_name])
+    try:
+        loaded = manager.load([spec.lm_eval_name])
+    except Exception as err:
+        if spec.source != "hub":
+            raise
+        raise RuntimeError(f"task {spec.name!r}: lm-eval's task {spec.lm_eval_name!r} could not be loaded ({err}); "
+                           f"without Hub access build local copies with `crescent eval data`") from err
     for task in loaded["tasks"].values():
         if spec.source == "hub" and spec.num_fewshot is not None:
             task.set_config(key="num_fewshot", value=spec.num_fewshot)

@@ -108,6 +108,15 @@ def test_run_without_run_id_goes_to_the_eval_experiment(workspace, store, tmp_pa
     assert [m.step for m in client.get_metric_history(runs[0].info.run_id, "eval/gsm8k/exact_match/strict-match")] == [30]
 
 
+def test_hub_task_offline_fails_with_a_clear_message(workspace, tmp_path, capsys):
+    root, tok = workspace
+    export = write_export(tmp_path / "exports", tok, step=1)
+    rc = main(["run", "--checkpoint", str(export), "--tasks", "gsm8k", "--task-source", "hub", "--limit", "1",
+               "--data-dir", str(root / "data"), "--no-mlflow"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "lm-eval's task 'gsm8k' could not be loaded" in err and "crescent eval data" in err
+
+
 def test_humaneval_is_refused_without_allow_code_execution(workspace, tmp_path, capsys):
     root, tok = workspace
     export = write_export(tmp_path / "exports", tok, step=1)
@@ -169,5 +178,8 @@ def test_task_names_resolve_to_local_or_lm_eval_tasks(workspace, tmp_path):
         ("mmlu", 5, "hub"), ("gsm8k", 4, "hub"), ("arc_easy", None, "hub")]
     with pytest.raises(ValueError, match="run `crescent eval data --gsm8k-test FILE`"):
         resolve_tasks(["gsm8k"], tmp_path / "empty", source="local")
+    with pytest.raises(ValueError, match="'humaneval' has no local data"):  # never silently code_eval
+        resolve_tasks(["humaneval"], tmp_path / "empty")
+    assert resolve_tasks(["humaneval"], tmp_path / "empty", source="hub")[0].note.startswith("lm-eval's code_eval")
     with pytest.raises(ValueError, match="'mmlu=five' must look like TASK=N"):
         parse_fewshot("mmlu=five")
