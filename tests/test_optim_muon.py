@@ -41,13 +41,27 @@ def test_matches_torch_muon_match_rms_adamw_after_10_steps():
         assert rel <= 1e-2, float(rel)
 
 
-def test_update_rms_telemetry_follows_lemma1_with_ns5():
+@pytest.mark.parametrize("coefficients", ["quintic", "polar_express"])
+def test_update_rms_telemetry_follows_lemma1_with_ns5(coefficients):
     p = _params(shapes=((64, 256), (8, 128, 32)))
-    opt = Muon([{"params": p, "algorithm": "muon", "name": "hidden"}], lr=0.01)
+    opt = Muon([{"params": p, "algorithm": "muon", "name": "hidden"}], lr=0.01, ns_coefficients=coefficients)
     _run(opt, p, 1)
     stats = opt.last_stats
     assert 0.15 <= stats["hidden/update_rms"] <= 0.25
     assert stats["hidden/weight_rms"] > 0 and stats["ns_seconds"] > 0 and stats["skipped_steps"] == 0
+
+
+def test_scale_modes_set_the_update_rms_of_the_step():
+    rms = {}
+    for mode in ("moonlight", "keller", "update_norm", "baseline", "none"):
+        p = _params(shapes=((16, 64),))
+        opt = Muon(p, lr=0.01, scale_mode=mode, scale_hidden_size=100, ns_dtype=torch.float32)
+        _run(opt, p, 1)
+        rms[mode] = opt.last_stats["muon/update_rms"]
+    assert rms["update_norm"] == pytest.approx(0.2, rel=1e-5)
+    assert rms["moonlight"] / rms["none"] == pytest.approx(0.2 * 8, rel=1e-5)  # 0.2·sqrt(max(16, 64))
+    assert rms["keller"] / rms["none"] == pytest.approx(1.0, rel=1e-5)  # sqrt(max(1, 16/64))
+    assert rms["baseline"] / rms["none"] == pytest.approx(2.0, rel=1e-5)  # 0.2·sqrt(H=100)
 
 
 def test_one_step_is_the_papers_equation_4_with_fp32_ns():
