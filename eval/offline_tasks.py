@@ -84,8 +84,11 @@ def render_tasks(specs: list[TaskSpec], data_dir: str | Path, out_dir: str | Pat
         if spec.name == "gsm8k" and (data / "gsm8k" / "train.jsonl").exists():
             files["train"] = str(data / "gsm8k" / "train.jsonl")
             config["fewshot_split"] = "train"
-        elif spec.name == "gsm8k" and spec.num_fewshot:
-            spec.note = "no train file: few-shot examples are other test questions"
+        elif spec.name == "gsm8k":
+            # lm-eval drops the question from its own examples only when both splits have the same name.
+            config["fewshot_split"] = "test"
+            if spec.num_fewshot:
+                spec.note = "no train file: few-shot examples are other test questions"
         config["dataset_kwargs"] = {"data_files": files}
         (out / f"{spec.lm_eval_name}.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     return out
@@ -119,6 +122,11 @@ def _render_mmlu(spec: TaskSpec, entry: dict, data: Path, out: Path) -> None:
             "dataset_kwargs": {"data_files": {"test": str(data / "mmlu" / "test" / f"{subject}.jsonl"),
                                               "dev": str(data / "mmlu" / "dev" / f"{subject}.jsonl")}},
         }
+        if entry.get("test_is_dev"):
+            # One split for both: lm-eval removes the question from its own examples only when the few-shot
+            # split has the test split's name.
+            config["dataset_kwargs"]["data_files"] = {"test": str(data / "mmlu" / "dev" / f"{subject}.jsonl")}
+            config["fewshot_split"] = "test"
         (out / f"{name}.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     group = {"group": spec.lm_eval_name, "task": names,
              "aggregate_metric_list": [{"metric": "acc", "weight_by_size": True}], "metadata": {"version": 1}}

@@ -1,0 +1,73 @@
+"""The offline lm-eval task definitions, loaded through lm-eval's TaskManager from the rendered YAMLs."""
+import pytest
+from lm_eval.tasks import TaskManager
+from test_eval_pipeline import _write_gsm8k
+
+from eval import sandbox
+from eval.data import build_eval_data
+from eval.offline_tasks import render_tasks, resolve_tasks
+
+
+@pytest.fixture(scope="module")
+def tasks(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tasks")
+    train = _write_gsm8k(root / "train.jsonl")
+    build_eval_data(root / "data", gsm8k_test=_write_gsm8k(root / "test.jsonl"), gsm8k_train=train)
+    specs = resolve_tasks(["mmlu", "gsm8k", "humaneval"], root / "data")
+    render_tasks(specs, root / "data", root / "include")
+    manager = TaskManager(include_path=str(root / "include"), include_defaults=False)
+    return manager, {s.name: s for s in specs}
+
+
+def _leaf_tasks(manager, name):
+    return manager.load([name])["tasks"]
+
+
+def test_humaneval_task_scores_canonical_solutions_as_passing(tasks, monkeypatch):
+    monkeypatch.setenv(sandbox.ALLOW_ENV, "1")
+    manager, _ = tasks
+    (task,) = _leaf_tasks(manager, "crescent_humaneval").values()
+    docs = list(task.test_docs())
+    assert len(docs) == 164 and task.config.num_fewshot == 0
+    assert task.doc_to_text(docs[0]) == docs[0]["prompt"]
+    scores = [task.process_results(d, [d["canonical_solution"]])["pass@1"] for d in docs[:5]]
+    assert scores == [1.0] * 5
+    assert task.process_results(docs[0], ["    return None\n"]) == {"pass@1": 0.0}
+
+
+def test_mmlu_subject_prompt_is_lm_eval_format_without_the_question_itself(tasks):
+    manager, specs = tasks
+    loaded = _leaf_tasks(manager, "crescent_mmlu")
+    assert len(loaded) == 57
+    task = next(t for name, t in loaded.items() if str(name).endswith("crescent_mmlu_anatomy"))
+    task.set_fewshot_seed(1234)
+    doc = list(task.test_docs())[0]
+    prompt = task.fewshot_context(doc, num_fewshot=task.config.num_fewshot)
+    assert prompt.startswith("The following are multiple choice questions (with answers) about anatomy.\n\n")
+    assert prompt.count("\nAnswer:") == task.config.num_fewshot + 1 == 5  # 4 examples + the question
+    assert prompt.endswith(f"{doc['question'].strip()}\nA. {doc['choices'][0]}\nB. {doc['choices'][1]}\n"
+                           f"C. {doc['choices'][2]}\nD. {doc['choices'][3]}\nAnswer:")
+    assert prompt.count(doc["question"].strip()) == 1
+    assert specs["mmlu"].num_fewshot == 4 and "5-shot requested" in specs["mmlu"].note
+
+
+def test_gsm8k_uses_the_train_file_for_four_examples_and_extracts_the_number(tasks):
+    manager, specs = tasks
+    (task,) = _leaf_tasks(manager, "crescent_gsm8k").values()
+    task.set_fewshot_seed(1234)
+    doc = list(task.test_docs())[0]
+    prompt = task.fewshot_context(doc, num_fewshot=task.config.num_fewshot)
+    assert task.config.num_fewshot == 4 and prompt.count("Question:") == 5 and specs["gsm8k"].note == ""
+    assert prompt.endswith(f"Question: {doc['question']}\nAnswer:")
+
+
+def test_gsm8k_without_train_file_never_shows_a_question_its_own_answer(tmp_path):
+    build_eval_data(tmp_path / "data", gsm8k_test=_write_gsm8k(tmp_path / "test.jsonl"))
+    specs = resolve_tasks(["gsm8k"], tmp_path / "data")
+    render_tasks(specs, tmp_path / "data", tmp_path / "include")
+    (task,) = TaskManager(include_path=str(tmp_path / "include"), include_defaults=False).load(
+        ["crescent_gsm8k"])["tasks"].values()
+    task.set_fewshot_seed(1234)
+    for doc in task.test_docs():
+        prompt = task.fewshot_context(doc, num_fewshot=4)
+        assert prompt.count("Question:") == 5 and prompt.count(doc["question"]) == 1
