@@ -123,8 +123,11 @@ def test_zero1_resume_same_and_different_world_size(single_device, tmp_path):
 
 
 def _zero1_nonfinite(rank, world, out):
-    model = ToyMoE()
+    model = ToyMoE(seed=rank)  # different on each rank until broadcast
     opt = build_muon(model, optimizer_cls=ZeroOneMuon, **SETTINGS)
+    opt.broadcast_parameters()
+    reference = ToyMoE(seed=0)
+    same = all(torch.equal(p, q) for p, q in zip(model.parameters(), reference.parameters()))
     ids, targets = local_batch(0, rank, world)
     model(ids, targets).backward()
     if rank == 1:
@@ -132,15 +135,15 @@ def _zero1_nonfinite(rank, world, out):
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     opt.step()
     unchanged = all(torch.equal(before[n], p) for n, p in model.named_parameters())
-    flags = torch.tensor([float(unchanged), opt.last_stats["skipped_steps"]])
+    flags = torch.tensor([float(unchanged), opt.last_stats["skipped_steps"], float(same)])
     dist.all_reduce(flags, op=dist.ReduceOp.MIN)
     if rank == 0:
         torch.save(flags, out / "flags.pt")
 
 
-def test_zero1_nonfinite_gradient_on_one_rank_skips_the_step_everywhere(tmp_path):
+def test_zero1_broadcast_and_nonfinite_gradient_on_one_rank_skips_the_step_everywhere(tmp_path):
     launch(_zero1_nonfinite, 2, tmp_path)
-    assert torch.load(tmp_path / "flags.pt").tolist() == [1.0, 1.0]
+    assert torch.load(tmp_path / "flags.pt").tolist() == [1.0, 1.0, 1.0]
 
 
 # ------------------------------------------------------------------------------------------------ FSDP2

@@ -64,6 +64,12 @@ class ZeroOneMuon(Muon):
         self._mine = self.layout.pieces_in(self.rank)
         self._exchange = self.layout.needs_exchange()
 
+    @torch.no_grad()
+    def broadcast_parameters(self, src: int = 0) -> None:
+        """Make every rank's parameters equal to rank `src`'s (of the process group); ZeRO-1 assumes they are."""
+        for p in self._params:
+            dist.broadcast(p.data, group=self.process_group, group_src=src)
+
     def expected_comm_bytes(self) -> dict[str, int]:
         """The per-collective bytes `comm.last` should show after a step, computed from the layout alone."""
         item = self._first.element_size()
