@@ -8,7 +8,7 @@
    the same samples, tokens/s counting the `input_ids` delivered to the main process (worker start-up included).
 Last line: `stream_efficiency: <stream tokens/s / disk-read tokens/s>` (goal >= 0.5).
 
-    python bench/stream.py [--samples 4096] [--workers 2]
+    python bench/stream.py [--samples 16384] [--workers 2]
 """
 from __future__ import annotations
 
@@ -62,7 +62,7 @@ def read_sequentially(files: list[Path]) -> tuple[float, int]:
 
 def main() -> int:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--samples", type=int, default=4096, help="synthetic samples of 2049 tokens")
+    parser.add_argument("--samples", type=int, default=16384, help="synthetic samples of 2049 tokens")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=2048)

@@ -129,32 +129,31 @@ class SetLayout:
 
     def locate(self, stream: int, k: int) -> tuple[int, int, int]:
         """(epoch, shard index, offset within the shard) of draw k of virtual stream `stream`."""
-        g = self.set_position(stream, k)
-        epoch, pos = divmod(g, self.total)
-        order, cum = self.epoch_order(epoch)
-        j = int(np.searchsorted(cum, pos, side="right"))
-        return epoch, int(order[j]), int(pos - (cum[j] - self.counts[order[j]]))
+        epochs, shards, offsets = self.locate_many(np.array([stream]), np.array([k]))
+        return int(epochs[0]), int(shards[0]), int(offsets[0])
+
+    def locate_many(self, streams: np.ndarray, ks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """`locate` for arrays of (stream, draw) pairs."""
+        block = (ks // self.block) * self.num_streams + streams
+        g = block * self.block + ks % self.block
+        epochs, pos = np.divmod(g, self.total)
+        shards = np.empty_like(g)
+        offsets = np.empty_like(g)
+        for epoch in np.unique(epochs).tolist():
+            sel = epochs == epoch
+            order, cum = self.epoch_order(epoch)
+            j = np.searchsorted(cum, pos[sel], side="right")
+            shards[sel] = order[j]
+            offsets[sel] = pos[sel] - (cum[j] - self.counts[order[j]])
+        return epochs, shards, offsets
 
 
-class StreamCursor:
-    """Per virtual stream: the next position and how many draws it has made from each set so far."""
-
-    __slots__ = ("position", "draws", "current")
-
-    def __init__(self, n_sets: int):
-        self.position = 0
-        self.draws = np.zeros(n_sets, dtype=np.int64)
-        self.current: dict[int, tuple[int, object]] = {}  # set -> (shard index, decoded shard) being read
-
-    def advance_to(self, position: int, stream: int, num_streams: int, plan: MixturePlan, seed: int,
-                   chunk: int = 1 << 20) -> None:
-        """Count the draws of positions [self.position, position) without reading them (resume, or positions
-        another worker owns)."""
-        if position < self.position:
-            raise RuntimeError(f"virtual stream {stream} cannot go back from {self.position} to {position}")
-        n_sets = len(self.draws)
-        while self.position < position:
-            end = min(position, self.position + chunk)
-            index = stream + num_streams * np.arange(self.position, end, dtype=np.int64)
-            self.draws += np.bincount(plan.choose(seed, index), minlength=n_sets)
-            self.position = end
+def count_draws(plan: MixturePlan, seed: int, stream: int, num_streams: int, start: int, end: int,
+                chunk: int = 1 << 20) -> np.ndarray:
+    """Draws per set of virtual stream `stream` over its positions [start, end), without reading any sample
+    (what a resume, or positions owned by another worker, cost: hashing only)."""
+    counts = np.zeros(len(plan.set_names), dtype=np.int64)
+    for lo in range(start, end, chunk):
+        index = stream + num_streams * np.arange(lo, min(end, lo + chunk), dtype=np.int64)
+        counts += np.bincount(plan.choose(seed, index), minlength=len(counts))
+    return counts

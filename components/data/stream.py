@@ -15,11 +15,13 @@ Correctness does not depend on it (a shared stream is just read by several worke
 A yielded item is a dict: `input_ids` LongTensor[seq_len], `targets` LongTensor[seq_len] (the next tokens),
 `index` (global sample index), `set_id` (position of the set in `set_names`), `sample_id` (the sample's position in
 its set's packed token stream), `lost_samples` and `bad_shards` (data errors met since the previous item of this
-worker; `StreamLoader` sums them into `stats`).
+worker; `StreamLoader` sums them into `stats`). `StreamLoader` is the way to train from it: it batches in the
+workers, moves one packed tensor per group of micro-batches, and yields the same dicts collated.
 
 Bad data: a truncated or corrupt tar, a malformed sample or a shard that went missing is logged once, its samples
-are skipped and counted, and the stream goes on. A hole shifts the following samples of that worker by one, so a
-resume after one may repeat at most as many samples as were lost. At construction, a missing manifest, a missing
+are skipped and counted, and the stream goes on. Through `StreamLoader` a lost sample only makes its micro-batch
+smaller (every other sample keeps its place, so resume stays exact); iterating the per-sample `__iter__` with a
+plain DataLoader instead shifts that worker's later samples by one per hole. At construction, a missing manifest, a missing
 shard file or a tokenizer fingerprint that does not match is a ValueError.
 """
 from __future__ import annotations
@@ -35,7 +37,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from . import remote
-from .sequence import MixturePlan, SetLayout, StreamCursor
+from .sequence import MixturePlan, SetLayout, count_draws
 from .shards import read_manifest
 from .tarshard import ShardSamples, decode_shard
 
@@ -149,8 +151,9 @@ class MixtureStream(IterableDataset):
             yield index
             m += 1
 
-    def _micro_batches(self):
-        """Per micro-batch of this (rank, worker): the reader and [(index, set_id, row, sample_id) or None]."""
+    def micro_batches(self):
+        """Per micro-batch of this (rank, worker): (reader, global indices, [(index, set_id, token row,
+        sample_id) or None where lost]). Must run in the DataLoader worker (or the main process if none)."""
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 0)
         if num_workers != self.num_workers:
@@ -159,11 +162,11 @@ class MixtureStream(IterableDataset):
         reader = _WorkerReader(self)
         for index in self.worker_indices(worker, num_workers):
             choices = self.plan.choose(self.seed, index)
-            yield reader, [reader.sample(i, c) for i, c in zip(index.tolist(), choices.tolist())]
+            yield reader, index, reader.batch(index, choices)
 
     def __iter__(self):
         """One dict per sample (see the module docstring); collate with DataLoader(batch_size=micro_batch_size)."""
-        for reader, samples in self._micro_batches():
+        for reader, _, samples in self.micro_batches():
             for found in samples:
                 if found is None:
                     continue
@@ -173,36 +176,6 @@ class MixtureStream(IterableDataset):
                 yield {"input_ids": tokens[:-1], "targets": tokens[1:], "index": i, "set_id": set_id,
                        "sample_id": sample_id, "lost_samples": lost, "bad_shards": bad}
 
-    def iter_packed(self):
-        """One int32 tensor per micro-batch, [n, 2 * PACKED_META + seq_len + 1]: five int64 columns (index, set_id,
-        sample_id, lost_samples, bad_shards) stored as int32 pairs, then the tokens. One tensor crosses the
-        worker -> main process boundary instead of seven (torch moves each tensor through its own shared-memory
-        segment), at half the bytes of int64 tokens; `unpack_batch` turns it into the collated dict."""
-        meta = 2 * PACKED_META
-        for reader, samples in self._micro_batches():
-            found = [x for x in samples if x is not None]
-            if not found:
-                continue
-            packed = np.empty((len(found), meta + self.seq_len + 1), dtype=np.int32)
-            header = packed[:, :meta].view(np.int64)
-            for r, (i, set_id, row, sample_id) in enumerate(found):
-                header[r] = (i, set_id, sample_id, 0, 0)
-                packed[r, meta:] = row
-            header[0, 3:5] = reader.take_counters()
-            yield torch.from_numpy(packed)
-
-
-PACKED_META = 5
-
-
-def unpack_batch(packed: torch.Tensor) -> dict:
-    """The collated dict of `MixtureStream.__iter__` from one `iter_packed` tensor."""
-    meta = packed[:, : 2 * PACKED_META].reshape(-1).view(torch.int64).view(-1, PACKED_META)
-    tokens = packed[:, 2 * PACKED_META:]
-    return {"input_ids": tokens[:, :-1].long(), "targets": tokens[:, 1:].long(),
-            "index": meta[:, 0], "set_id": meta[:, 1], "sample_id": meta[:, 2],
-            "lost_samples": meta[:, 3], "bad_shards": meta[:, 4]}
-
 
 class _WorkerReader:
     """The per-worker state: virtual-stream cursors, set layouts and decoded shards."""
@@ -210,7 +183,10 @@ class _WorkerReader:
     def __init__(self, stream: MixtureStream):
         self.stream = stream
         self.layouts = [SetLayout(s.name, s.shard_samples, stream.num_streams, stream.seed) for s in stream.sets]
-        self.cursors: dict[int, StreamCursor] = {}
+        n_sets, V = len(self.layouts), stream.num_streams
+        self.position = np.zeros(V, dtype=np.int64)        # next position of each virtual stream
+        self.draws = np.zeros((V, n_sets), dtype=np.int64)  # draws so far of each virtual stream from each set
+        self.current: dict[tuple[int, int], tuple[int, ShardSamples]] = {}  # (stream, set) -> shard being read
         self.live: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
         self.recent: OrderedDict = OrderedDict()
         self.lost = self.bad_shards = 0
@@ -245,26 +221,39 @@ class _WorkerReader:
                         int(entry["samples"]) - shard.valid, int(entry["samples"]))
         return shard
 
-    def sample(self, i: int, set_id: int):
-        stream = self.stream
-        v, p = i % stream.num_streams, i // stream.num_streams
-        cursor = self.cursors.get(v)
-        if cursor is None:
-            cursor = self.cursors[v] = StreamCursor(len(self.layouts))
-        cursor.advance_to(p, v, stream.num_streams, stream.plan, stream.seed)
-        k = int(cursor.draws[set_id])
-        cursor.draws[set_id] += 1
-        cursor.position = p + 1
-        _, shard_index, offset = self.layouts[set_id].locate(v, k)
-        current = cursor.current.get(set_id)
-        if current is None or current[0] != shard_index:
-            current = (shard_index, self.shard(set_id, shard_index))
-            cursor.current[set_id] = current
-        shard = current[1]
-        if offset >= shard.valid:
-            self.lost += 1
-            return None
-        return i, set_id, shard.tokens[offset], int(shard.sample_ids[offset])
+    def batch(self, index: np.ndarray, choices: np.ndarray) -> list:
+        """(index, set_id, token row, sample_id) per global sample of one micro-batch, None where lost."""
+        V = self.stream.num_streams
+        streams, positions = np.divmod(index, V)[::-1]
+        if np.unique(streams).size < streams.size:  # a stream twice in one batch (b * W > V): one at a time
+            return [x for i, c in zip(index, choices) for x in self.batch(np.array([i]), np.array([c]))]
+        for r in np.nonzero(self.position[streams] < positions)[0].tolist():
+            v = int(streams[r])
+            self.draws[v] += count_draws(self.stream.plan, self.stream.seed, v, V, int(self.position[v]),
+                                         int(positions[r]))
+        if (self.position[streams] > positions).any():
+            raise RuntimeError("a virtual stream was asked to go back; the index order is broken")
+        ks = self.draws[streams, choices].copy()
+        self.draws[streams, choices] += 1
+        self.position[streams] = positions + 1
+        shard_of = np.empty_like(ks)
+        offset_of = np.empty_like(ks)
+        for c in np.unique(choices).tolist():
+            sel = choices == c
+            _, shard_of[sel], offset_of[sel] = self.layouts[c].locate_many(streams[sel], ks[sel])
+        out = []
+        for i, v, c, shard_index, offset in zip(index.tolist(), streams.tolist(), choices.tolist(),
+                                                shard_of.tolist(), offset_of.tolist()):
+            current = self.current.get((v, c))
+            if current is None or current[0] != shard_index:
+                current = self.current[(v, c)] = (shard_index, self.shard(c, shard_index))
+            shard = current[1]
+            if offset >= shard.valid:
+                self.lost += 1
+                out.append(None)
+            else:
+                out.append((i, c, shard.tokens[offset], int(shard.sample_ids[offset])))
+        return out
 
     def take_counters(self) -> tuple[int, int]:
         """Data errors met since the last call (they travel with the next sample or batch)."""
