@@ -83,9 +83,9 @@ def test_resume_with_two_workers_continues_exactly(data):
 
     straight = take(loader(), 40)  # 160 samples: more than one epoch of each set
     first = loader()
-    take(first, 15)
+    trained = take(first, 15)
     state = first.state_dict()
-    assert state["consumed_samples"] == 60
+    assert state["consumed_samples"] == 60 == int(trained[-1]["consumed_samples"])
     resumed = take(loader(state), 25)
     for a, b in zip(straight[15:], resumed):
         assert torch.equal(a["index"], b["index"])
@@ -153,6 +153,25 @@ def test_truncated_shard_streams_to_the_end_and_counts_exactly_the_lost(data, tm
     assert loader.stats["bad_shards"] >= 1  # counted once per load of the shard
     assert len(yielded) == stream.stop_samples - lost
     assert len({(s, k) for _, s, k in yielded}) == manifest["samples"] - lost // 2
+
+
+def test_resume_stays_exact_across_lost_samples(data, tmp_path):
+    import shutil
+
+    shutil.copytree(data / "code", tmp_path / "code")
+    victim = tmp_path / "code" / "shard-000001.tar"
+    victim.write_bytes(victim.read_bytes()[:4000])
+
+    def loader(consumed=0):
+        return StreamLoader(MixtureStream({"code": str(tmp_path / "code")}, {"code": 1.0}, num_workers=2,
+                                          micro_batch_size=4, num_streams=8, consumed_samples=consumed))
+
+    straight = take(loader(), 30)
+    first = loader()
+    take(first, 11)
+    resumed = take(loader(first.state_dict()["consumed_samples"]), 19)
+    assert identities(resumed) == identities(straight[11:])
+    assert sum(len(b["index"]) for b in straight) < 30 * 4  # some samples were lost on the way
 
 
 def test_wrong_length_sample_and_missing_shard_are_counted(data, tmp_path):

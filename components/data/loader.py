@@ -2,19 +2,26 @@
 
 Each batch it yields is one micro-batch of this rank: `input_ids` and `targets` LongTensor[n, seq_len] (targets are
 the next tokens), `index`, `set_id`, `sample_id` LongTensor[n], and `lost_samples`, `bad_shards` LongTensor[1]
-(data errors behind this batch; their running sums are in `stats`). n is `micro_batch_size` except where samples
-were lost to bad data (then smaller; the other samples keep their places).
+(data errors behind this batch; their running sums are in `stats`), and `consumed_samples` LongTensor[1]: the
+job's global count once this micro-batch has been trained on, the number to checkpoint. n is `micro_batch_size`
+except where samples were lost to bad data (then smaller; the other samples keep their places).
 
 After n micro-batches the job has consumed `start + n * micro_batch_size * world_size` global samples, whatever the
 data errors. `state_dict()` returns that one number (Lightning saves dataloader state from rank 0 only; this
 state is global, so rank 0's copy resumes every rank); `load_state_dict()` sets it before the next `iter()`.
 Workers are never persistent: each `iter()` starts them from the current counter, so an interrupted iteration
 (prefetched batches thrown away) repeats nothing.
+
+Inside a Lightning fit, `state_dict()` runs ahead of training by the batches Lightning has fetched but not trained
+on (its fetcher prefetches one batch when the loader has no length). For an exact resume, checkpoint
+`batch["consumed_samples"]` of the last batch the optimizer stepped on and pass it back with
+`load_state_dict({"consumed_samples": n})` (or `MixtureStream(consumed_samples=n)`).
 """
 from __future__ import annotations
 
 from collections.abc import Mapping
 
+import torch
 from torch.utils.data import DataLoader, IterableDataset
 
 from .packing import header_of, iter_groups, unpack
@@ -66,6 +73,7 @@ class StreamLoader(DataLoader):
                 next_ordinal += 1
                 batch = unpack(micro_batch, header)
                 stream.consumed_samples = start + next_ordinal * b * W
+                batch["consumed_samples"] = torch.tensor([stream.consumed_samples])
                 self.stats["consumed_samples"] = stream.consumed_samples
                 self.stats["lost_samples"] += int(batch["lost_samples"])
                 self.stats["bad_shards"] += int(batch["bad_shards"])

@@ -1,7 +1,8 @@
 """Where shard sets live: local paths (or a shared volume), or URLs (https://, s3://, gs://, ...).
 
 URLs go through fsspec when the protocol's implementation is installed (http/https via aiohttp here; s3fs,
-gcsfs in the training image), and otherwise through webdataset's URL openers (`curl`, `aws s3 cp`, `gsutil`).
+gcsfs where installed), and otherwise through webdataset's URL openers (`curl`, `gsutil`, `aws s3 cp` via `pipe:`).
+Only the local and http:// paths are tested here (s3fs, gcsfs and cloud CLIs are not installed).
 """
 from __future__ import annotations
 
@@ -46,6 +47,8 @@ def read_bytes(location: str) -> bytes:
             return f.read()
     from webdataset.gopen import gopen
 
+    if urlparse(location).scheme == "s3":  # no s3fs: the AWS CLI, as webdataset's own `pipe:` recipe does
+        location = f"pipe:aws s3 cp {location} -"
     with gopen(location, "rb") as f:
         data = f.read()
     if not data:
