@@ -42,8 +42,10 @@ def parse_cot_prompts(path: Path) -> dict[str, list[dict]]:
             if m is None:
                 continue  # a handful of prompts are malformed in the source; skip rather than guess
             question, *choices, letter = m.groups()
-            docs.append({"subject": subject, "question": question.strip(), "choices": [c.strip() for c in choices],
-                         "answer": "ABCD".index(letter)})
+            doc = {"subject": subject, "question": question.strip(), "choices": [c.strip() for c in choices],
+                   "answer": "ABCD".index(letter)}
+            if doc not in docs:  # the source repeats one college_physics question
+                docs.append(doc)
         out[subject] = docs
     return out
 
