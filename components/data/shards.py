@@ -33,9 +33,10 @@ def token_dtype(vocab_size: int) -> str:
 _worker_tokenizer: Tokenizer | None = None
 
 
-def _init_worker(tokenizer_dir: str) -> None:
+def _init_worker(tokenizer_dir: str, pool_worker: bool = True) -> None:
     global _worker_tokenizer
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one process per core already; no nested thread pools
+    if pool_worker:
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one process per core already; no nested thread pools
     _worker_tokenizer = load_tokenizer(tokenizer_dir)
 
 
@@ -69,11 +70,21 @@ def tokenize_sources(sources: list[str], tokenizer_dir: str, workers: int = 1, t
     bar = tqdm(desc="tokenize", unit="doc", disable=not progress)
     arrays, n_docs = [], 0
     if workers <= 1:
-        _init_worker(tokenizer_dir)
+        _init_worker(tokenizer_dir, pool_worker=False)  # in-process: HF tokenizers may use its own threads
         stream = map(_tokenize_chunk, _chunks(docs, 64))
         pool = None
     else:
-        pool = get_context("spawn").Pool(workers, initializer=_init_worker, initargs=(tokenizer_dir,))
+        # fork: workers start in ~0.1 s (spawn re-imports everything). Without the variable set at fork time, HF
+        # tokenizers warns in each child if the parent already ran its thread pool (e.g. trained the tokenizer).
+        previous = os.environ.get("TOKENIZERS_PARALLELISM")
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
+        try:
+            pool = get_context("fork").Pool(workers, initializer=_init_worker, initargs=(tokenizer_dir,))
+        finally:
+            if previous is None:
+                os.environ.pop("TOKENIZERS_PARALLELISM")
+            else:
+                os.environ["TOKENIZERS_PARALLELISM"] = previous
         stream = pool.imap(_tokenize_chunk, _chunks(docs, 64))  # imap keeps document order
     try:
         for arr, n in stream:
