@@ -31,7 +31,7 @@ lint: setup
 	$(BIN)/ruff check app components eval tests bench
 
 bench: setup
-	@set -e; for b in bench/*.py; do echo "== $$b"; $(BIN)/python $$b; done
+	@set -e; for b in bench/[!_]*.py; do echo "== $$b"; $(BIN)/python $$b; done
 
 images: setup
 	$(BIN)/python -m app.images build

@@ -105,9 +105,9 @@ def test_sigterm_checkpoint_then_resume_matches_uninterrupted_run_bitwise(corpus
 @pytest.mark.parametrize("strategy", ["muon_ddp", "muon_fsdp"])
 def test_two_gloo_processes_match_single_process_losses(strategy, corpus, reference_run, tmp_path):
     uri = f"sqlite:///{tmp_path}/mlruns.db"
-    config = th.write_config(tmp_path / "config.yaml", corpus, tmp_path / "run", uri, th.SEQ_LEN * 16 * 10)
+    config = th.write_config(tmp_path / "config.yaml", corpus, tmp_path / "run", uri, TOKENS)
     th.crescent("train", "--config", str(config), "--trainer.devices", "2", "--trainer.strategy", strategy,
-                cwd=tmp_path)
+                "--trainer.max_steps", "10", cwd=tmp_path)
     ours = [v for _, v in th.metric_history(uri, "test", "train/loss")]
     reference = [v for _, v in th.metric_history(reference_run["uri"], "test", "train/loss")][:10]
     assert len(ours) == 10
