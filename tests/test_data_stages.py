@@ -54,6 +54,9 @@ def test_yaml_round_trip_and_token_strings(moonlight):
     assert [again.at(t) for t in (1e9, 3e11, 5.25e12)] == [moonlight.at(t) for t in (1e9, 3e11, 5.25e12)]
     assert parse_tokens("5.2T") == 5_200_000_000_000 and parse_tokens("1.5M") == 1_500_000
     assert parse_tokens(33e9) == 33_000_000_000
+    plain = yaml.safe_load("seq_len: 4\nstages:\n- {name: a, end_tokens: 2M, lr_shape: constant, lr_start: 1e-3,"
+                           " lr_end: 0, batch_size: 8, mixture: {x: 1}, bias_update_rate: 1e-3}\n")
+    assert StageSchedule.from_dict(plain).at(5).lr == 1e-3  # YAML reads 1e-3 as a string
 
 
 def test_tiny_preset_is_moonlight_shaped():

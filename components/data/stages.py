@@ -62,6 +62,13 @@ class Stage:
             self.batch_size = [[parse_tokens(t, f"stage {self.name!r}: batch_size step tokens"), b]
                                for t, b in self.batch_size]
         self.mixture = {str(k): float(v) for k, v in dict(self.mixture).items()}
+        for name in ("lr_start", "lr_end", "bias_update_rate", "rewarm_peak"):
+            value = getattr(self, name)
+            if isinstance(value, str):  # YAML 1.1 reads "1e-3" (no dot) as a string
+                try:
+                    setattr(self, name, float(value))
+                except ValueError:
+                    raise ValueError(f"stage {self.name!r}: {name}={value!r} must be a number") from None
 
 
 @dataclass(frozen=True)
