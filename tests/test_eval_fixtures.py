@@ -72,3 +72,18 @@ def write_export(root: Path, tokenizer_dir: Path, *, step: int = 100, seed: int 
                                                                      generator=gen) * 0.3)
     return save_export(model, root, step=step, tokenizer_dir=tokenizer_dir, run_id=run_id,
                        tracking_uri=tracking_uri, extra={"tokens_seen": step * 1024})
+
+
+GSM8K = [
+    ("Tom has 3 apples and buys 4 more. How many apples does he have?", "3 + 4 = <<3+4=7>>7 apples.\n#### 7"),
+    ("A box holds 12 pens. How many pens are in 2 boxes?", "2 * 12 = <<2*12=24>>24 pens.\n#### 24"),
+    ("Sara had 10 dollars and spent 6. How much is left?", "10 - 6 = <<10-6=4>>4 dollars.\n#### 4"),
+    ("There are 5 cats with 4 legs each. How many legs?", "5 * 4 = <<5*4=20>>20 legs.\n#### 20"),
+    ("A train goes 60 miles per hour for 2 hours. How far?", "60 * 2 = <<60*2=120>>120 miles.\n#### 120"),
+    ("Ann reads 15 pages a day for 3 days. How many pages?", "15 * 3 = <<15*3=45>>45 pages.\n#### 45"),
+]
+
+
+def write_gsm8k(path: Path, items=GSM8K) -> Path:
+    path.write_text("".join(json.dumps({"question": q, "answer": a}) + "\n" for q, a in items))
+    return path

@@ -8,42 +8,36 @@ from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
-from test_eval_fixtures import write_export, write_tokenizer
+from test_eval_fixtures import write_export, write_gsm8k, write_tokenizer
 
 from eval.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
-GSM8K = [
-    ("Tom has 3 apples and buys 4 more. How many apples does he have?", "3 + 4 = <<3+4=7>>7 apples.\n#### 7"),
-    ("A box holds 12 pens. How many pens are in 2 boxes?", "2 * 12 = <<2*12=24>>24 pens.\n#### 24"),
-    ("Sara had 10 dollars and spent 6. How much is left?", "10 - 6 = <<10-6=4>>4 dollars.\n#### 4"),
-    ("There are 5 cats with 4 legs each. How many legs?", "5 * 4 = <<5*4=20>>20 legs.\n#### 20"),
-    ("A train goes 60 miles per hour for 2 hours. How far?", "60 * 2 = <<60*2=120>>120 miles.\n#### 120"),
-    ("Ann reads 15 pages a day for 3 days. How many pages?", "15 * 3 = <<15*3=45>>45 pages.\n#### 45"),
-]
-
-
-def _write_gsm8k(path: Path, items=GSM8K) -> Path:
-    path.write_text("".join(json.dumps({"question": q, "answer": a}) + "\n" for q, a in items))
-    return path
-
-
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
     root = tmp_path_factory.mktemp("evalws")
     tok = write_tokenizer(root / "tok")
-    assert main(["data", "--out", str(root / "data"), "--gsm8k-test", str(_write_gsm8k(root / "gsm8k.jsonl"))]) == 0
+    assert main(["data", "--out", str(root / "data"), "--gsm8k-test", str(write_gsm8k(root / "gsm8k.jsonl"))]) == 0
     return root, tok
 
 
+@pytest.fixture(scope="module")
+def mlflow_db(tmp_path_factory):
+    """One real sqlite MLflow store for the module (creating its schema takes seconds)."""
+    root = tmp_path_factory.mktemp("mlflow")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    MlflowClient(uri).search_experiments()
+    return root, uri
+
+
 @pytest.fixture
-def store(tmp_path, monkeypatch):
-    """A training run in a real sqlite MLflow store, with its loss curve."""
-    monkeypatch.chdir(tmp_path)  # artifacts land in ./mlruns of this test
+def store(mlflow_db, request, monkeypatch):
+    """A fresh training run, with its loss curve, in the module's store."""
+    root, uri = mlflow_db
+    monkeypatch.chdir(root)  # artifacts land in ./mlruns beside the store
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = MlflowClient(uri)
-    run = client.create_run(client.create_experiment("train"))
+    run = client.create_run(client.create_experiment(f"train-{request.node.name}"))
     for step in (50, 100, 150, 200):
         client.log_metric(run.info.run_id, "train/loss", 5.0 - step / 100, step=step)
     return uri, client, run.info.run_id
@@ -103,18 +97,10 @@ def test_run_without_run_id_goes_to_the_eval_experiment(workspace, store, tmp_pa
     export = write_export(tmp_path / "exports", tok, step=30)
     assert main(["run", "--checkpoint", str(export), "--tasks", "gsm8k", "--limit", "2", "--tracking-uri", uri,
                  "--data-dir", str(root / "data"), "--output", str(tmp_path / "r.json")]) == 0
-    runs = client.search_runs([client.get_experiment_by_name("eval").experiment_id])
-    assert len(runs) == 1 and runs[0].data.tags["crescent.checkpoint"] == str(export.resolve())
+    runs = client.search_runs([client.get_experiment_by_name("eval").experiment_id],
+                              filter_string=f"tags.`crescent.checkpoint` = '{export.resolve()}'")
+    assert len(runs) == 1
     assert [m.step for m in client.get_metric_history(runs[0].info.run_id, "eval/gsm8k/exact_match/strict-match")] == [30]
-
-
-def test_hub_task_offline_fails_with_a_clear_message(workspace, tmp_path, capsys):
-    root, tok = workspace
-    export = write_export(tmp_path / "exports", tok, step=1)
-    rc = main(["run", "--checkpoint", str(export), "--tasks", "gsm8k", "--task-source", "hub", "--limit", "1",
-               "--data-dir", str(root / "data"), "--no-mlflow"])
-    err = capsys.readouterr().err
-    assert rc == 2 and "lm-eval's task 'gsm8k' could not be loaded" in err and "crescent eval data" in err
 
 
 def test_humaneval_is_refused_without_allow_code_execution(workspace, tmp_path, capsys):

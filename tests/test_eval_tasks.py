@@ -1,7 +1,8 @@
 """The offline lm-eval task definitions, loaded through lm-eval's TaskManager from the rendered YAMLs."""
 import pytest
+import yaml
 from lm_eval.tasks import TaskManager
-from test_eval_pipeline import _write_gsm8k
+from test_eval_fixtures import write_gsm8k
 
 from eval import sandbox
 from eval.data import build_eval_data
@@ -11,11 +12,13 @@ from eval.offline_tasks import render_tasks, resolve_tasks
 @pytest.fixture(scope="module")
 def tasks(tmp_path_factory):
     root = tmp_path_factory.mktemp("tasks")
-    train = _write_gsm8k(root / "train.jsonl")
-    build_eval_data(root / "data", gsm8k_test=_write_gsm8k(root / "test.jsonl"), gsm8k_train=train)
+    train = write_gsm8k(root / "train.jsonl")
+    build_eval_data(root / "data", gsm8k_test=write_gsm8k(root / "test.jsonl"), gsm8k_train=train)
     specs = resolve_tasks(["mmlu", "gsm8k", "humaneval"], root / "data")
     render_tasks(specs, root / "data", root / "include")
     manager = TaskManager(include_path=str(root / "include"), include_defaults=False)
+    group = yaml.safe_load((root / "include" / "crescent_mmlu.yaml").read_text())
+    assert len(group["task"]) == 57 and group["aggregate_metric_list"][0]["weight_by_size"]
     return manager, {s.name: s for s in specs}
 
 
@@ -37,9 +40,7 @@ def test_humaneval_task_scores_canonical_solutions_as_passing(tasks, monkeypatch
 
 def test_mmlu_subject_prompt_is_lm_eval_format_without_the_question_itself(tasks):
     manager, specs = tasks
-    loaded = _leaf_tasks(manager, "crescent_mmlu")
-    assert len(loaded) == 57
-    task = next(t for name, t in loaded.items() if str(name).endswith("crescent_mmlu_anatomy"))
+    (task,) = _leaf_tasks(manager, "crescent_mmlu_anatomy").values()
     task.set_fewshot_seed(1234)
     doc = list(task.test_docs())[0]
     prompt = task.fewshot_context(doc, num_fewshot=task.config.num_fewshot)
@@ -62,7 +63,7 @@ def test_gsm8k_uses_the_train_file_for_four_examples_and_extracts_the_number(tas
 
 
 def test_gsm8k_without_train_file_never_shows_a_question_its_own_answer(tmp_path):
-    build_eval_data(tmp_path / "data", gsm8k_test=_write_gsm8k(tmp_path / "test.jsonl"))
+    build_eval_data(tmp_path / "data", gsm8k_test=write_gsm8k(tmp_path / "test.jsonl"))
     specs = resolve_tasks(["gsm8k"], tmp_path / "data")
     render_tasks(specs, tmp_path / "data", tmp_path / "include")
     (task,) = TaskManager(include_path=str(tmp_path / "include"), include_defaults=False).load(
