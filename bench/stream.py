@@ -106,7 +106,8 @@ def main() -> int:
     print(f"{'what':45s} {'tokens':>12s} {'seconds':>9s} {'tokens/s':>14s}")
     for name, tokens, seconds in rows:
         print(f"{name:45s} {tokens:12d} {seconds:9.3f} {tokens / seconds:14,.0f}")
-    print(f"raw read: {read_bytes / raw_s / 1e6:,.0f} MB/s over {len(files)} shards; cpu count {os.cpu_count()}")
+    print(f"raw read: {read_bytes / raw_s / 1e6:,.0f} MB/s over {len(files)} shards; cpu count {os.cpu_count()}, "
+          f"load average {os.getloadavg()[0]:.1f}")
     print(f"build_tokens_per_s: {build_tokens / build_s:.0f}")
     print(f"stream / page-cache read: {(delivered / stream_s) / (raw_tokens / warm_s):.3f}")
     efficiency = (delivered / stream_s) / (raw_tokens / raw_s)

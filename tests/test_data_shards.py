@@ -122,3 +122,17 @@ def test_decode_shard_reports_truncation_without_raising(corpus, tmp_path):
     assert shard.valid == 3 and shard.error is not None
     assert np.array_equal(shard.tokens[:3], decode_shard(data, 10, 17, "uint16").tokens[:3])
     assert manifest["shards"][0]["samples"] == 10
+
+
+def test_fast_and_general_shard_readers_agree(corpus, tmp_path):
+    root, tok_dir = corpus
+    manifest = build_shards(sources_of(root), tmp_path / "s", tok_dir, seq_len=16, shard_samples=10)
+    for entry in manifest["shards"]:
+        data = (tmp_path / "s" / entry["file"]).read_bytes()
+        fast = decode_shard(data, entry["samples"], 17, "uint16")
+        general = decode_shard(data, entry["samples"], 17, "uint16", fast=False)
+        assert fast.valid == general.valid == entry["samples"] and fast.error is None and general.error is None
+        assert np.array_equal(fast.tokens, general.tokens) and np.array_equal(fast.sample_ids, general.sample_ids)
+    ids = np.concatenate([decode_shard((tmp_path / "s" / e["file"]).read_bytes(), e["samples"], 17, "uint16")
+                          .sample_ids for e in manifest["shards"]])
+    assert sorted(ids.tolist()) == list(range(manifest["samples"]))

@@ -36,7 +36,7 @@ def pack_micro_batch(index: np.ndarray, samples: list, counters: tuple[int, int]
 def iter_groups(stream, group: int):
     """In a worker: `group` micro-batches at a time as one tensor (the last group may be shorter)."""
     pending = []
-    for reader, index, samples in stream.micro_batches():
+    for reader, index, samples in stream.micro_batches(group):
         pending.append(pack_micro_batch(index, samples, reader.take_counters(), stream.micro_batch_size,
                                         stream.seq_len))
         if len(pending) == group:
