@@ -33,7 +33,8 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 class CrescentLM(TemplateLM):
     def __init__(self, pretrained: str | None = None, checkpoint: str | None = None, device: str = "cpu",
                  dtype: str = "float32", batch_size: int | str = 16, max_length: int | None = None,
-                 max_gen_toks: int = 256, use_cache: bool = True, seed: int = 1234, **unused) -> None:
+                 max_gen_toks: int = 256, use_cache: bool = True, seed: int = 1234,
+                 max_logits_bytes: int = 4 << 30, **unused) -> None:
         super().__init__()
         path = checkpoint or pretrained
         if path is None:
@@ -54,6 +55,7 @@ class CrescentLM(TemplateLM):
         self.batch_size = 16 if str(batch_size).startswith("auto") else int(batch_size)
         self._max_length = int(max_length) if max_length else self.model.config.max_position_embeddings
         self._max_gen_toks = int(max_gen_toks)
+        self.max_logits_bytes = int(max_logits_bytes)  # caps batch rows x positions x vocab of one forward
         self.use_cache = str(use_cache).lower() not in ("false", "0", "no")
         self.generator = torch.Generator(device=self._device).manual_seed(int(seed))
 
@@ -104,8 +106,7 @@ class CrescentLM(TemplateLM):
         order = sorted(inputs, key=lambda k: (-len(k), k))
         results: list[tuple[float, bool] | None] = [None] * len(requests)
         bar = tqdm(total=len(requests), disable=disable_tqdm, desc="crescent loglikelihood")
-        for start in range(0, len(order), self.batch_size):
-            batch = order[start:start + self.batch_size]
+        for batch in self._batches(order):
             width = len(batch[0])
             ids = torch.full((len(batch), width), self.eot_token_id, dtype=torch.long)
             first_scored = width
@@ -114,11 +115,11 @@ class CrescentLM(TemplateLM):
                 first_scored = min(first_scored, len(key) - max(len(c) for _, c in inputs[key]))
             keep = width - first_scored  # right padding + causal attention: only these positions are needed
             logits = self.model(ids.to(self._device), logits_to_keep=keep).logits
-            logprobs = F.log_softmax(logits.float(), dim=-1)
             for row, key in enumerate(batch):
                 for index, continuation in inputs[key]:
                     end = len(key) - first_scored
-                    rows = logprobs[row, end - len(continuation):end]
+                    # log-softmax of the scored positions only (a 160k vocabulary makes the full tensor large)
+                    rows = F.log_softmax(logits[row, end - len(continuation):end].float(), dim=-1)
                     target = torch.tensor(continuation, device=rows.device)
                     score = rows.gather(-1, target[:, None]).sum().item()
                     greedy = bool((rows.argmax(-1) == target).all())
@@ -126,8 +127,18 @@ class CrescentLM(TemplateLM):
                     if requests[index][0] is not None:
                         self.cache_hook.add_partial("loglikelihood", requests[index][0], results[index])
                     bar.update(1)
+            del logits
         bar.close()
         return results
+
+    def _batches(self, order: list[tuple[int, ...]]):
+        """Up to batch_size inputs (longest first), fewer when their logits would exceed max_logits_bytes."""
+        vocab, start = self.model.config.vocab_size, 0
+        while start < len(order):
+            per_row = len(order[start]) * vocab * 4
+            rows = max(1, min(self.batch_size, self.max_logits_bytes // per_row))
+            yield order[start:start + rows]
+            start += rows
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
         """Whole-document log-likelihood in disjoint windows of max_length tokens (lm-eval's rolling scheme)."""

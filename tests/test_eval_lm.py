@@ -127,3 +127,13 @@ def test_registered_and_bad_arguments_are_named(export):
         CrescentLM()
     with pytest.raises(ValueError, match="max_new_tokens=-1"):
         generate(None, [[1]], -1)
+
+
+def test_logits_budget_shrinks_batches_without_changing_scores(export, ours):
+    reqs = _loglikelihood_requests(40, seed=0)
+    small = CrescentLM(pretrained=str(export), batch_size=8, max_logits_bytes=1)  # one row per forward
+    rows = [len(b) for b in small._batches([(1,) * 100, (1,) * 50, (1,) * 10])]
+    assert rows == [1, 1, 1]
+    a = ours.loglikelihood(reqs, disable_tqdm=True)
+    b = small.loglikelihood(reqs, disable_tqdm=True)
+    assert max(abs(x[0] - y[0]) for x, y in zip(a, b)) < 1e-4
