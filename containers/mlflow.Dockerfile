@@ -9,8 +9,11 @@ FROM ${BASE_IMAGE} AS build
 ARG PIP_NO_INDEX=
 ARG PIP_FIND_LINKS=/tmp/wheelhouse
 COPY containers/wheelhouse/ /tmp/wheelhouse/
+# constraints.txt pins MLflow's own dependencies to the versions the training image talks to it with.
+COPY constraints.txt /tmp/constraints.txt
 RUN python3 -m venv /opt/mlflow \
-    && /opt/mlflow/bin/pip install --no-cache-dir mlflow==3.17.2 psycopg2-binary==2.9.13 \
+    && /opt/mlflow/bin/pip install --no-cache-dir --constraint /tmp/constraints.txt \
+           mlflow==3.17.2 psycopg2-binary==2.9.13 \
     && /opt/mlflow/bin/python -m pip uninstall --yes --quiet pip setuptools wheel
 
 FROM ${BASE_IMAGE}

@@ -175,11 +175,23 @@ def test_training_image_runs_crescent_offline_as_non_root(train_image):
 
 
 @pytest.mark.slow
-def test_training_image_trains_tiny_steps_offline_as_non_root(train_image):
+def test_training_image_trains_tiny_steps_offline_as_non_root(train_image, tmp_path):
     config = ROOT / "app/configs/tiny-cpu.yaml"
     if not config.is_file():
         pytest.skip("app/configs/tiny-cpu.yaml does not exist yet (the training issue adds `crescent train` "
                     "and its configs); the image builds and runs `crescent --help` above")
-    proc = _podman("run", "--rm", "--network=none", "--tmpfs", "/tmp", train_image, "train", "--config",
-                   "app/configs/tiny-cpu.yaml", "--trainer.max_steps", "3", timeout=600)
-    assert "Traceback" not in proc.stderr
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    os.chown(runs, 10001, 10001)  # the image's user writes the run directory, as on the checkpoint volume
+    proc = _podman("run", "--rm", "--network=none", "--volume", f"{runs}:/workspace/runs", train_image,
+                   "train", "--config", "app/configs/tiny-cpu.yaml", "--trainer.max_steps", "3",
+                   "--run.dir", "runs/tiny", "--run.tracking_uri", "sqlite:///runs/mlruns.db",
+                   "--run.progress_bar", "false", timeout=900)
+    assert "crescent train: done" in proc.stdout + proc.stderr
+    assert (runs / "tiny" / "checkpoints" / "last.ckpt").exists()
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{runs / 'mlruns.db'}")
+    run = client.search_runs([client.get_experiment_by_name("crescent-tiny").experiment_id])[0]
+    losses = [m.value for m in client.get_metric_history(run.info.run_id, "train/loss")]
+    assert len(losses) == 3 and all(0 < loss < 20 for loss in losses)
