@@ -98,9 +98,9 @@ def identities(batches):
 
 
 def test_world_size_two_then_three_repeats_nothing_and_skips_nothing(data):
-    def rank_loader(rank, world, consumed):
+    def rank_loader(rank, world, consumed, workers=2):
         stream = MixtureStream(sets_of(data), {"english": 0.5, "code": 0.5}, rank=rank, world_size=world,
-                               num_workers=2, micro_batch_size=4, num_streams=48, seed=3,
+                               num_workers=workers, micro_batch_size=4, num_streams=48, seed=3,
                                consumed_samples=consumed)
         return StreamLoader(stream)
 
@@ -110,9 +110,13 @@ def test_world_size_two_then_three_repeats_nothing_and_skips_nothing(data):
     assert consumed == 5 * 4 * 2
     after = [rank_loader(r, 3, consumed) for r in range(3)]
     seen += [x for lo in after for x in identities(take(lo, 6))]
+    consumed = after[0].state_dict()["consumed_samples"]
+    assert consumed == 40 + 6 * 4 * 3
+    single = rank_loader(0, 1, consumed, workers=3)           # and then one rank with three workers
+    seen += identities(take(single, 5))
     indices = [i for i, _, _ in seen]
     assert len(indices) == len(set(indices))                  # nothing repeated
-    assert sorted(indices) == list(range(40 + 6 * 4 * 3))     # nothing skipped
+    assert sorted(indices) == list(range(consumed + 5 * 4))   # nothing skipped
     reference = MixtureStream(sets_of(data), {"english": 0.5, "code": 0.5}, num_streams=48, seed=3,
                               stop_samples=len(indices))
     assert sorted(seen) == [(it["index"], it["set_id"], it["sample_id"]) for it in reference]
@@ -213,6 +217,10 @@ def test_start_up_errors_are_clear(data, tmp_path):
         MixtureStream({"x": str(tmp_path)}, {"x": 1.0})
     with pytest.raises(ValueError, match=r"num_streams=40 must be a multiple of .* = 3\*2\*4 = 24"):
         MixtureStream(sets_of(data), {"code": 1.0}, world_size=3, num_workers=2, micro_batch_size=4, num_streams=40)
+    with pytest.raises(ValueError, match=r"must be a non-empty mapping \{name: location\}"):
+        MixtureStream([str(data / "code")], {"code": 1.0})
+    with pytest.raises(ValueError, match=r"rank=2 must be < world_size=2"):
+        MixtureStream(sets_of(data), {"code": 1.0}, rank=2, world_size=2)
     with pytest.raises(ValueError, match=r"names shard sets \['math'\]"):
         MixtureStream(sets_of(data), {"math": 1.0})
     stream = MixtureStream(sets_of(data), {"code": 1.0}, num_workers=0, micro_batch_size=2, num_streams=4)

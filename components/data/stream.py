@@ -110,8 +110,12 @@ class MixtureStream(IterableDataset):
                 f"num_streams={num_streams} must be a multiple of world_size*max(1,num_workers)*micro_batch_size"
                 f" = {world_size}*{max(1, num_workers)}*{micro_batch_size} = {period}, so that every virtual stream"
                 " has one owner; choose num_streams as a multiple of every layout the job may resume on")
-        if not sets:
-            raise ValueError("sets={} : give at least one shard set {name: location}")
+        if not isinstance(sets, Mapping) or not sets:
+            raise ValueError(f"sets={sets!r} must be a non-empty mapping {{name: location}} of shard sets")
+        if stop_samples is not None and (not isinstance(stop_samples, int) or stop_samples < 0):
+            raise ValueError(f"stop_samples={stop_samples!r} must be None (endless) or an integer >= 0")
+        if not isinstance(cache_shards, int) or cache_shards < 0:
+            raise ValueError(f"cache_shards={cache_shards!r} must be an integer >= 0")
         self.sets = [open_shard_set(n, str(loc), tokenizer_fingerprint, check_shards) for n, loc in sets.items()]
         self.set_names = [s.name for s in self.sets]
         seq_lens = {s.name: int(s.manifest["seq_len"]) for s in self.sets}
