@@ -195,3 +195,16 @@ def test_training_image_trains_tiny_steps_offline_as_non_root(train_image, tmp_p
     run = client.search_runs([client.get_experiment_by_name("crescent-tiny").experiment_id])[0]
     losses = [m.value for m in client.get_metric_history(run.info.run_id, "train/loss")]
     assert len(losses) == 3 and all(0 < loss < 20 for loss in losses)
+
+
+def test_make_images_builds_the_three_images_with_the_manifest_tags(capsys):
+    assert images.main(["build", "--dry-run"]) == 0
+    commands = [line[2:].split() for line in capsys.readouterr().out.splitlines() if line.startswith("+ ")]
+    tags = [cmd[cmd.index("--tag") + 1] for cmd in commands]
+    version = images.project_version()
+    assert tags == [f"crescent/train:{version}", f"crescent/eval:{version}", "crescent/mlflow:3.17.2"]
+    assert [Path(cmd[cmd.index("--file") + 1]).name for cmd in commands] == \
+        ["train.Dockerfile", "eval.Dockerfile", "mlflow.Dockerfile"]
+    with pytest.raises(SystemExit):
+        images.main(["build", "--dry-run", "--only", "trainer"])
+    assert "unknown ['trainer']" in capsys.readouterr().err
