@@ -97,6 +97,7 @@ def identities(batches):
     return [(int(i), int(s), int(k)) for b in batches for i, s, k in zip(b["index"], b["set_id"], b["sample_id"])]
 
 
+@pytest.mark.filterwarnings("ignore:This DataLoader will create 3 worker processes")  # 2-core CI machine
 def test_world_size_two_then_three_repeats_nothing_and_skips_nothing(data):
     def rank_loader(rank, world, consumed, workers=2):
         stream = MixtureStream(sets_of(data), {"english": 0.5, "code": 0.5}, rank=rank, world_size=world,
