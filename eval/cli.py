@@ -31,6 +31,8 @@ def _parser() -> argparse.ArgumentParser:
             p.add_argument("--checkpoints", required=True, help="the directory training writes exports into")
             p.add_argument("--results-dir", help="also write each checkpoint's results JSON here")
             p.add_argument("--retry-failed", action="store_true", help="evaluate checkpoints recorded as failed again")
+            p.add_argument("--stale-after-hours", type=float, default=6.0,
+                           help="take over a checkpoint marked running longer ago than this (default 6)")
         p.add_argument("--tasks", default="mmlu,gsm8k,humaneval", help="comma-separated (default mmlu,gsm8k,humaneval)")
         p.add_argument("--limit", type=int, help="evaluate only the first N documents of each task")
         p.add_argument("--allow-code-execution", action="store_true",
@@ -88,7 +90,8 @@ def _watch(args) -> int:
     from eval.watch import watch
 
     report = watch(args.checkpoints, _request(args), tracking_uri=args.tracking_uri,
-                   results_dir=args.results_dir, retry_failed=args.retry_failed)
+                   results_dir=args.results_dir, retry_failed=args.retry_failed,
+                   stale_after_s=args.stale_after_hours * 3600)
     print(f"watch: evaluated {report.evaluated}, failed {report.failed}, skipped {report.skipped}")
     return 1 if report.failed else 0
 

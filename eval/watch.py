@@ -3,8 +3,10 @@
 What is done lives in MLflow (the `crescent.eval.step-N` tag, see `eval/tracking.py`), so a CronJob pod with no
 local state knows where to continue. While a watcher evaluates a checkpoint it holds an exclusive, non-blocking
 `fcntl` lock on `DIR/.eval-locks/step-N.lock`; a second watcher skips that checkpoint, and after taking a lock a
-watcher checks MLflow again, so a checkpoint finished by another watcher in the meantime is not redone. A checkpoint
-that cannot be loaded (or whose evaluation raises) is recorded as failed and the others continue.
+watcher checks MLflow again, so a checkpoint finished by another watcher in the meantime is not redone. While it
+works the tag says `running:HOST:PID:UNIXTIME`; watchers on other machines (where a file lock on a shared volume
+may not hold) skip such a checkpoint until the marker is older than `stale_after_s` (a crashed watcher). A
+checkpoint that cannot be loaded (or whose evaluation raises) is recorded as failed and the others continue.
 """
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import fcntl
 import json
 import logging
 import os
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -55,7 +58,8 @@ def checkpoint_lock(checkpoints_dir: Path, name: str) -> Iterator[bool]:
 
 
 def watch(checkpoints_dir: str | Path, request: EvalRequest, *, tracking_uri: str | None = None,
-          results_dir: str | Path | None = None, retry_failed: bool = False) -> WatchReport:
+          results_dir: str | Path | None = None, retry_failed: bool = False,
+          stale_after_s: float = 6 * 3600) -> WatchReport:
     check_code_execution(request)
     root = Path(checkpoints_dir)
     if not root.is_dir():
@@ -73,9 +77,10 @@ def watch(checkpoints_dir: str | Path, request: EvalRequest, *, tracking_uri: st
         with checkpoint_lock(root, path.name) as held:
             # Under the lock: the run lookup (it may create the checkpoint's `eval` run) and the status check.
             run_id = tracker.target_run(metadata, path) if held else None
-            if not held or _finished(tracker.status(run_id, step), retry_failed):
+            if not held or _finished(tracker.status(run_id, step), retry_failed, stale_after_s):
                 report.skipped.append(step)
                 continue
+            tracker.mark(run_id, step, f"running:{os.uname().nodename}:{os.getpid()}:{int(time.time())}")
             try:
                 if "unreadable" in metadata:
                     raise ValueError(metadata["unreadable"])
@@ -96,7 +101,14 @@ def watch(checkpoints_dir: str | Path, request: EvalRequest, *, tracking_uri: st
     return report
 
 
-def _finished(status: str | None, retry_failed: bool) -> bool:
+def _finished(status: str | None, retry_failed: bool, stale_after_s: float) -> bool:
+    """Whether a checkpoint needs no work now: done, failed (unless retrying), or running and not stale."""
     if status is None:
         return False
+    if status.startswith("running:"):
+        try:
+            started = float(status.rsplit(":", 1)[1])
+        except ValueError:
+            return False
+        return time.time() - started < stale_after_s
     return status == "done" or (status.startswith("failed") and not retry_failed)

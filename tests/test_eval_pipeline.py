@@ -130,6 +130,23 @@ def test_watch_evaluates_each_checkpoint_once_and_records_a_broken_one(workspace
     assert len(client.get_metric_history(run_id, "eval/gsm8k/exact_match/strict-match")) == 2
 
 
+def test_watch_skips_a_checkpoint_running_elsewhere_until_its_marker_is_stale(workspace, store, tmp_path, capsys):
+    import time
+
+    root, tok = workspace
+    uri, client, run_id = store
+    exports = tmp_path / "exports"
+    for step in (100, 200):
+        write_export(exports, tok, step=step, run_id=run_id, tracking_uri=uri)
+    client.set_tag(run_id, "crescent.eval.step-00000100", f"running:other-pod:7:{int(time.time())}")
+    client.set_tag(run_id, "crescent.eval.step-00000200", f"running:other-pod:7:{int(time.time()) - 7200}")
+    args = ["watch", "--checkpoints", str(exports), "--tasks", "gsm8k", "--limit", "1", "--data-dir",
+            str(root / "data"), "--stale-after-hours", "1"]
+    assert main(args) == 0
+    assert "evaluated [200], failed [], skipped [100]" in capsys.readouterr().out
+    assert client.get_run(run_id).data.tags["crescent.eval.step-00000200"] == "done"
+
+
 def test_two_concurrent_watchers_evaluate_each_checkpoint_once(workspace, store, tmp_path):
     root, tok = workspace
     uri, client, run_id = store
