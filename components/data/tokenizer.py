@@ -22,7 +22,8 @@ SIDECAR = "crescent_tokenizer.json"
 EOS_CANDIDATES = ("<|endoftext|>", "[EOS]", "</s>", "<eos>", "<|end_of_text|>", "<|eos|>")
 BOS_CANDIDATES = ("[BOS]", "<s>", "<bos>", "<|begin_of_text|>", "<|bos|>")
 
-# Kimi / Moonlight pre-tokenizer pattern (Han runs split from other letters, digits in groups of 1-3).
+# Kimi / Moonlight pre-tokenizer pattern (Han runs split from other letters, digits in groups of 1-3), as in
+# Moonshot's tokenization_kimi.py (checked against several independent copies of the Kimi-K2 file).
 KIMI_PATTERN = "|".join(
     [
         r"""[\p{Han}]+""",
@@ -35,7 +36,8 @@ KIMI_PATTERN = "|".join(
         r"""\s+""",
     ]
 )
-# Names of Moonlight's first special tokens (the rest are reserved placeholders).
+# Names of the first Kimi special tokens (ids N.. N+4; Kimi-K2's tokenizer_config.json). A tokenizer_config.json
+# beside the tiktoken file, as Moonlight ships, takes precedence; the rest are reserved placeholders.
 KIMI_SPECIALS = ("[BOS]", "[EOS]", "<|im_end|>", "<|im_user|>", "<|im_assistant|>")
 NUM_RESERVED_SPECIALS = 256
 
