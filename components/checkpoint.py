@@ -64,6 +64,7 @@ def save_export(
         save_hf(model, tmp)
         if tokenizer_dir is not None:
             _copy_tokenizer(Path(tokenizer_dir), tmp)
+            _write_hf_tokenizer_config(tmp, model.config.max_position_embeddings)
         metadata = dict(extra or {})
         clash = sorted(set(metadata) & {"format_version", "step", "run_id", "tracking_uri", "created"})
         if clash:
@@ -113,6 +114,22 @@ def _copy_tokenizer(src: Path, dest: Path) -> None:
         if p.name in _RESERVED or p.suffix == ".safetensors":
             raise ValueError(f"save_export: tokenizer file {p.name!r} would overwrite a checkpoint file")
         shutil.copy2(p, dest / p.name)
+
+
+def _write_hf_tokenizer_config(export: Path, max_length: int) -> None:
+    """For an HF `tokenizer.json` without a tokenizer_config.json, write one naming the EOS/BOS tokens from our
+    sidecar, so transformers (and lm-eval's `hf` model) load the export's tokenizer as we do."""
+    sidecar = export / "crescent_tokenizer.json"
+    if not (export / "tokenizer.json").exists() or (export / "tokenizer_config.json").exists() or not sidecar.exists():
+        return
+    names = json.loads(sidecar.read_text())
+    if names.get("backend", "hf") != "hf" or not names.get("eos_token"):
+        return
+    (export / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "eos_token": names["eos_token"],
+        "bos_token": names.get("bos_token"), "pad_token": names["eos_token"], "add_bos_token": False,
+        "add_eos_token": False, "model_max_length": max_length, "clean_up_tokenization_spaces": False,
+    }, indent=2) + "\n")
 
 
 def _fsync_dir(path: Path) -> None:

@@ -104,3 +104,18 @@ def test_fsdp2_sharded_model_exports_full_weights(tmp_path):
     for (name, a), (_, b) in zip(sorted(loaded.state_dict().items()), sorted(reference.state_dict().items())):
         assert torch.equal(a, b), name
     assert meta["step"] == 3
+
+
+def test_export_tokenizer_loads_in_transformers_like_ours(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from test_eval_fixtures import corpus_text
+
+    from components.data.tokenizer import load_tokenizer, train_bpe
+
+    train_bpe([corpus_text(100_000)], vocab_size=600, out_dir=tmp_path / "tok")
+    path = save_export(build_model(tiny_config(), seed=0), tmp_path / "out", step=1, tokenizer_dir=tmp_path / "tok")
+    ours = load_tokenizer(path)
+    theirs = transformers.AutoTokenizer.from_pretrained(str(path))
+    text = "def parse(self, args=None):\n    return 'ok'  # café\n"
+    assert theirs.encode(text) == ours.encode(text)
+    assert theirs.eos_token_id == ours.eos_id == 0 and theirs.bos_token_id is None
