@@ -87,6 +87,13 @@ def main() -> int:
         warm_s, _ = read_sequentially(files)
         drop_page_cache(files)
 
+        inline = MixtureStream({"set": str(root / "set")}, {"set": 1.0}, micro_batch_size=args.batch,
+                               stop_samples=args.samples)
+        start = time.perf_counter()
+        inline_tokens = sum(batch["input_ids"].numel() for batch in StreamLoader(inline))
+        inline_s = time.perf_counter() - start
+        drop_page_cache(files)
+
         stream = MixtureStream({"set": str(root / "set")}, {"set": 1.0}, num_workers=args.workers,
                                micro_batch_size=args.batch, num_streams=16 * args.batch * max(1, args.workers),
                                stop_samples=args.samples)
@@ -101,6 +108,7 @@ def main() -> int:
         ("build (tokenize + pack + write)", build_tokens, build_s),
         ("raw sequential read from disk (cache dropped)", raw_tokens, raw_s),
         ("raw sequential read again (page cache)", raw_tokens, warm_s),
+        (f"stream in the main process (0 workers), batch {args.batch}", inline_tokens, inline_s),
         (f"stream ({args.workers} workers, batch {args.batch}x{args.seq_len})", delivered, stream_s),
     ]
     print(f"{'what':45s} {'tokens':>12s} {'seconds':>9s} {'tokens/s':>14s}")

@@ -47,8 +47,6 @@ class StreamLoader(DataLoader):
         if stream.num_workers > 0:
             kwargs["prefetch_factor"] = prefetch_factor or 2
             kwargs["multiprocessing_context"] = multiprocessing_context
-        else:
-            group = 1  # no process boundary to amortize
         super().__init__(_Groups(stream, group), batch_size=None, num_workers=stream.num_workers,
                          pin_memory=pin_memory, persistent_workers=False, **kwargs)
         self.stream = stream

@@ -249,19 +249,23 @@ class _WorkerReader:
             v = int(ss[r])
             self.draws[v] += count_draws(self.stream.plan, self.stream.seed, v, V, int(self.position[v]), int(ps[r]))
             self.position[v] = ps[r]
-        expected = np.where(first, self.position[ss], np.r_[0, ps[:-1] + 1])
+        previous = np.empty_like(ps)
+        previous[0], previous[1:] = 0, ps[:-1] + 1
+        expected = np.where(first, self.position[ss], previous)
         if not np.array_equal(ps, expected):
             raise RuntimeError("virtual stream positions must be consumed in order without gaps")
         key = ss * n_sets + cs
         by_key = np.argsort(key, kind="stable")  # stable: position order within each (stream, set)
         sorted_key = key[by_key]
-        starts = np.r_[True, sorted_key[1:] != sorted_key[:-1]]
+        starts = np.ones(len(key), dtype=bool)
+        starts[1:] = sorted_key[1:] != sorted_key[:-1]
         rank = np.arange(len(key)) - np.maximum.accumulate(np.where(starts, np.arange(len(key)), 0))
         earlier = np.empty_like(rank)
         earlier[by_key] = rank
         ks_sorted = self.draws[ss, cs] + earlier
         np.add.at(self.draws, (ss, cs), 1)
-        last = np.r_[ss[1:] != ss[:-1], True]
+        last = np.ones(len(ss), dtype=bool)
+        last[:-1] = ss[1:] != ss[:-1]
         self.position[ss[last]] = ps[last] + 1
         ks = np.empty_like(ks_sorted)
         ks[order] = ks_sorted
