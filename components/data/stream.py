@@ -87,7 +87,11 @@ class MixtureStream(IterableDataset):
     num_workers: the DataLoader's worker count (0 = load in the main process); checked against the real one.
     micro_batch_size: the DataLoader's batch_size (per rank); the global batch may still change per stage
       through gradient accumulation.
-    num_streams: V, the number of virtual streams; part of the data order, keep it fixed for a whole job.
+    num_streams: V, the number of virtual streams; part of the data order, keep it fixed for a whole job. The
+      default 1536 = 2**9 * 3 fits every layout whose world_size * workers * micro_batch_size divides it (e.g.
+      1-3 ranks x 1-4 workers x 8 or 16 sequences); for a large job pick V as a multiple of every layout it may
+      run on (e.g. 3 * 2**13 for up to 512 ranks x 4 workers x 4 sequences). Each set needs >= V samples for a
+      worker to read only its own shards (otherwise streams share shards, which is correct but reads more).
     consumed_samples: global samples consumed so far (resume point).
     """
 
