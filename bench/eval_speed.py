@@ -10,7 +10,6 @@ Last line: `eval_speedup_vs_hf: X` (our loglikelihood requests/s over hf's).
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import sys
 import sysconfig
@@ -35,22 +34,11 @@ def corpus(max_chars: int = 600_000) -> str:
 
 
 def make_export(root: Path, vocab: int) -> Path:
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from components.data.tokenizer import train_bpe
 
-    tok_dir = root / "tok"
-    tok_dir.mkdir(parents=True)
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator([corpus()], trainers.BpeTrainer(
-        vocab_size=vocab, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False))
-    tok.save(str(tok_dir / "tokenizer.json"))
-    (tok_dir / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>",
-        "add_bos_token": False, "model_max_length": 1_000_000, "clean_up_tokenization_spaces": False}))
+    train_bpe([corpus()], vocab_size=vocab, out_dir=root / "tok")
     model = build_model(get_preset("tiny", vocab_size=vocab, eos_token_id=0), seed=0)
-    return save_export(model, root / "exports", step=0, tokenizer_dir=tok_dir)
+    return save_export(model, root / "exports", step=0, tokenizer_dir=root / "tok")
 
 
 def requests(n: int, seed: int = 0):

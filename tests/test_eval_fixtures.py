@@ -5,8 +5,6 @@ import json
 import sysconfig
 from pathlib import Path
 
-EOS = "<|endoftext|>"
-
 
 def corpus_text(max_chars: int = 400_000) -> str:
     """Real text available on every machine: the standard library's source, some English docstrings included."""
@@ -22,23 +20,11 @@ def corpus_text(max_chars: int = 400_000) -> str:
 
 
 def write_tokenizer(directory: Path, vocab_size: int = 1024) -> Path:
-    """Byte-level BPE (HF `tokenizers`) with EOS id 0, plus a tokenizer_config.json transformers can read."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    """The project's byte-level BPE (`components.data.tokenizer.train_bpe`, EOS id 0) trained on real text."""
+    from components.data.tokenizer import train_bpe
 
-    directory.mkdir(parents=True, exist_ok=True)
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOS],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator([corpus_text()], trainer=trainer)
-    assert tok.token_to_id(EOS) == 0
-    tok.save(str(directory / "tokenizer.json"))
-    (directory / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "PreTrainedTokenizerFast", "eos_token": EOS, "bos_token": None, "pad_token": EOS,
-        "unk_token": None, "add_bos_token": False, "add_eos_token": False, "model_max_length": 1_000_000,
-        "clean_up_tokenization_spaces": False,
-    }, indent=2))
+    tok = train_bpe([corpus_text()], vocab_size=vocab_size, out_dir=directory)
+    assert tok.eos_id == 0 and tok.vocab_size == vocab_size
     return directory
 
 
