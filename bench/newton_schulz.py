@@ -63,9 +63,13 @@ def main(argv: list[str] | None = None) -> None:
         g = torch.randn(*shape, device=device, generator=torch.Generator(device).manual_seed(0))
         diff = float((ours(g).float() - theirs(g).float()).abs().max())  # also the warm-up
         t_theirs, t_ours = [], []
-        for _ in range(args.rounds):
-            t_theirs.append(timed(theirs, g, device))
-            t_ours.append(timed(ours, g, device))
+        for r in range(args.rounds):  # alternate who goes first: no order bias
+            if r % 2:
+                t_ours.append(timed(ours, g, device))
+                t_theirs.append(timed(theirs, g, device))
+            else:
+                t_theirs.append(timed(theirs, g, device))
+                t_ours.append(timed(ours, g, device))
         ratio = min(t_theirs) / min(t_ours)
         ratios.append(ratio)
         print(f"{name:<22} {1e3 * min(t_theirs):>10.2f} {1e3 * min(t_ours):>10.2f} {ratio:>8.2f} {diff:>10.3g}")

@@ -113,12 +113,8 @@ def newton_schulz(
     schedule = resolve_coefficients(coefficients)
     compute = resolve_dtype(dtype)
     shape = G.shape
-    matrices = G.reshape(-1, *shape[-2:]) if G.ndim > 2 else G
-    if G.ndim > 2 and G.device.type == "cpu":
-        # CPU: 2-D products take the fast (oneDNN/AMX) path, batched bf16 products do not; loop over matrices.
-        out = torch.stack([_orthogonalize(m, steps, schedule, compute, eps, method) for m in matrices])
-    else:
-        out = _orthogonalize(matrices, steps, schedule, compute, eps, method)
+    matrices = G.reshape(-1, *shape[-2:]) if G.ndim > 3 else G  # one batch dimension for baddbmm
+    out = _orthogonalize(matrices, steps, schedule, compute, eps, method)
     return out.reshape(shape).to(out_dtype or G.dtype)
 
 
