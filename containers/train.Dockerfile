@@ -18,13 +18,15 @@ COPY pyproject.toml constraints.txt ./
 # site-packages); where the base has none, torch==2.13.0 comes first. The project will live in /opt/crescent-app
 # (a .pth file puts it on the path), so this venv, and its copy in the final stage, stay cached across source
 # edits. Launchers for `crescent` and (torch from the base image) `torchrun`; then pip, setuptools and wheel
-# leave the venv: no build tooling in the final stage.
+# leave the venv: no build tooling in the final stage. No .pyc files (--no-compile): a smaller image and a
+# faster build, for a few seconds of compiling at each process start.
 RUN python3 -m venv --system-site-packages /opt/crescent \
     && if ! /opt/crescent/bin/python -c "import torch" 2>/dev/null; then \
-           /opt/crescent/bin/pip install --no-cache-dir torch==2.13.0; fi \
+           /opt/crescent/bin/pip install --no-cache-dir --no-compile torch==2.13.0; fi \
     && /opt/crescent/bin/python -c "import tomllib; print(*tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies'], sep=chr(10))" \
            > /tmp/requirements.txt \
-    && /opt/crescent/bin/pip install --no-cache-dir --constraint constraints.txt --requirement /tmp/requirements.txt \
+    && /opt/crescent/bin/pip install --no-cache-dir --no-compile --constraint constraints.txt \
+           --requirement /tmp/requirements.txt \
     && echo /opt/crescent-app > "$(/opt/crescent/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/crescent-app.pth" \
     && printf '#!/opt/crescent/bin/python\nimport sys\nfrom app.cli import main\nsys.exit(main())\n' > /opt/crescent/bin/crescent \
     && if [ ! -x /opt/crescent/bin/torchrun ]; then \
