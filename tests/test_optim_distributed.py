@@ -102,6 +102,12 @@ def _zero1_resume(rank, world, source, out, same_world):
             p.copy_(source["params3"][name])
     opt = build_muon(model, optimizer_cls=ZeroOneMuon, partition="flat", **SETTINGS)
     if same_world:
+        other = torch.load(out / f"shard3_rank{(rank + 1) % world}.pt", weights_only=False)
+        try:
+            opt.load_state_dict(other)
+            raise AssertionError("loading another rank's shard must fail")
+        except ValueError as exc:
+            assert "each rank loads its own shard" in str(exc)
         opt.load_state_dict(torch.load(out / f"shard3_rank{rank}.pt", weights_only=False))
     else:
         opt.load_full_state_dict(source["state3"])

@@ -209,12 +209,15 @@ class ZeroOneMuon(Muon):
         return sd
 
     def load_state_dict(self, state_dict: dict) -> None:
-        z = state_dict["zero1"]
-        mine = (self.world_size, self.partition, self.layout.shard_size)
-        if (z["world_size"], z["partition"], z["shard_size"]) != mine:
-            raise ValueError(f"ZeroOneMuon.load_state_dict: saved (world_size, partition, shard_size)="
-                             f"{(z['world_size'], z['partition'], z['shard_size'])} != {mine}; "
-                             "use full_state_dict() / load_full_state_dict() to change the world size")
+        z = state_dict.get("zero1")
+        if z is None:
+            raise ValueError("ZeroOneMuon.load_state_dict: no 'zero1' shard in this state dict; a single-device "
+                             "format state dict goes through load_full_state_dict()")
+        mine = (self.world_size, self.rank, self.partition, self.layout.shard_size)
+        if (z["world_size"], z["rank"], z["partition"], z["shard_size"]) != mine:
+            raise ValueError(f"ZeroOneMuon.load_state_dict: saved (world_size, rank, partition, shard_size)="
+                             f"{(z['world_size'], z['rank'], z['partition'], z['shard_size'])} != {mine}; each rank "
+                             "loads its own shard, or use full_state_dict() / load_full_state_dict()")
         super().load_state_dict({"state": {}, "param_groups": state_dict["param_groups"]})
         self._first.copy_(z["first"])
         self._second.copy_(z["second"])
