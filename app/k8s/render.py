@@ -256,5 +256,17 @@ def _order(obj: dict) -> tuple[int, str]:
     return (KIND_ORDER.index(kind) if kind in KIND_ORDER else len(KIND_ORDER), obj["metadata"]["name"])
 
 
+class _BlockDumper(yaml.SafeDumper):
+    """Multi-line strings (the config file in the ConfigMap) as readable `|` blocks."""
+
+
+def _str(dumper: yaml.SafeDumper, value: str):
+    style = "|" if "\n" in value else None
+    return dumper.represent_scalar("tag:yaml.org,2002:str", value, style=style)
+
+
+_BlockDumper.add_representer(str, _str)
+
+
 def to_yaml(objects: list[dict]) -> str:
-    return yaml.safe_dump_all(objects, sort_keys=False, default_flow_style=False, width=120)
+    return yaml.dump_all(objects, Dumper=_BlockDumper, sort_keys=False, default_flow_style=False, width=120)
