@@ -237,17 +237,19 @@ def moonlight_schedule() -> StageSchedule:
 
 
 def tiny_schedule() -> StageSchedule:
-    """Moonlight's three stages scaled to 2.4M tokens at seq_len 256, for the `tiny` model on two CPU cores.
+    """Moonlight's three stages scaled to 1.5M tokens at seq_len 256, for the `tiny` model on two CPU cores
+    (`make train` must finish in minutes there).
 
-    Peak LR 3e-3 (small models take larger steps); batch 8 then 16 sequences (2048 -> 4096 tokens) from 0.6M;
-    the cooldown (2.0M -> 2.4M tokens) shifts the demo mix from mostly English to mostly code.
+    Peak LR 3e-3 (small models take larger steps); batch 16 then 32 sequences (4096 -> 8192 tokens) from 0.4M,
+    the paper's doubling; the cooldown (1.25M -> 1.5M tokens) re-warms in 5 steps and shifts the demo mix from
+    mostly English to mostly code.
     """
     return StageSchedule([
-        Stage("warmup", 150_000, "linear", 0.0, 3e-3, 8, {"english": 0.7, "code": 0.3}, 1e-3),
-        Stage("stable_cosine", 2_000_000, "cosine", 3e-3, 3e-4, [[150_000, 8], [600_000, 16]],
+        Stage("warmup", 100_000, "linear", 0.0, 3e-3, 16, {"english": 0.7, "code": 0.3}, 1e-3),
+        Stage("stable_cosine", 1_250_000, "cosine", 3e-3, 3e-4, [[100_000, 16], [400_000, 32]],
               {"english": 0.7, "code": 0.3}, 1e-3),
-        Stage("cooldown", 2_400_000, "rewarm_linear", 3e-4, 0.0, 16, {"english": 0.3, "code": 0.7}, 0.0,
-              rewarm_peak=1e-3, rewarm_steps=10),
+        Stage("cooldown", 1_500_000, "rewarm_linear", 3e-4, 0.0, 32, {"english": 0.3, "code": 0.7}, 0.0,
+              rewarm_peak=1e-3, rewarm_steps=5),
     ], seq_len=256)
 
 
