@@ -27,6 +27,8 @@ def _run(opt, params, steps, start=0):
 
 
 def test_matches_torch_muon_match_rms_adamw_after_10_steps():
+    # Both run bf16 NS on differently scaled inputs (EMA = (1-μ)·sum): independent bf16 roundings alone put the
+    # relative difference at ~0.0099-0.0100 here, at the issue's 1e-2 bound; the fp32 test below is the tight one.
     ours_p = _params(shapes=((32, 48), (48, 16), (24, 24)))
     ref_p = [nn.Parameter(p.detach().clone()) for p in ours_p]
     start = [p.detach().clone() for p in ours_p]
@@ -39,6 +41,24 @@ def test_matches_torch_muon_match_rms_adamw_after_10_steps():
         delta_ours, delta_ref = a.detach() - s, b.detach() - s
         rel = (delta_ours - delta_ref).norm() / delta_ref.norm()
         assert rel <= 1e-2, float(rel)
+
+
+def test_matches_torch_muon_exactly_when_both_run_the_same_fp32_newton_schulz(monkeypatch):
+    """With the NS rounding taken out, sum momentum + Nesterov + scale + decay equal torch's EMA form."""
+    import torch.optim._muon as torch_muon
+
+    def fp32_ns(grad, coefficients, steps, eps):
+        return muon_module.newton_schulz(grad, steps, [coefficients], dtype=torch.float32)
+
+    monkeypatch.setattr(torch_muon, "_zeropower_via_newtonschulz", fp32_ns)
+    ours_p = _params(shapes=((32, 48), (48, 16)))
+    ref_p = [nn.Parameter(p.detach().clone()) for p in ours_p]
+    ours = Muon([{"params": ours_p, "algorithm": "muon"}], lr=0.02, weight_decay=0.1, ns_dtype=torch.float32)
+    ref = torch.optim.Muon(ref_p, lr=0.02, weight_decay=0.1, adjust_lr_fn="match_rms_adamw")
+    _run(ours, ours_p, 10)
+    _run(ref, ref_p, 10)
+    for a, b in zip(ours_p, ref_p):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize("coefficients", ["quintic", "polar_express"])
