@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import socket
 import sys
 import time
 from dataclasses import dataclass
@@ -96,7 +97,7 @@ def describe_error(err: BaseException) -> str | None:
         return str(err)
     if isinstance(err, ConfigException):
         return f"no Kubernetes cluster configured: {err}"
-    if isinstance(err, urllib3.exceptions.MaxRetryError | urllib3.exceptions.HTTPError | OSError):
+    if isinstance(err, urllib3.exceptions.HTTPError | ConnectionError | TimeoutError | socket.gaierror):
         reason = getattr(err, "reason", None) or err
         host = getattr(getattr(err, "pool", None), "host", None)
         port = getattr(getattr(err, "pool", None), "port", None)
