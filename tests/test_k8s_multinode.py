@@ -167,6 +167,14 @@ def test_rendered_job_rendezvous_across_two_network_namespaces(tmp_path):
     ]
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def _losses(tracking_uri: str, experiment: str) -> list[tuple[int, float]]:
     from mlflow.tracking import MlflowClient
 
@@ -211,7 +219,7 @@ def test_rendered_job_trains_tiny_fsdp_muon_across_two_hosts(tmp_path):
     # The same config on one host, two processes: the global batch and the ranks are the same.
     (tmp_path / "single").mkdir()
     single = subprocess.run(
-        [str(VENV_BIN / "torchrun"), "--nnodes=1", "--nproc-per-node=2", "--master-port=29517", "-m", "app.cli",
+        [str(VENV_BIN / "torchrun"), "--nnodes=1", "--nproc-per-node=2", f"--master-port={_free_port()}", "-m", "app.cli",
          "train", "--config", str(config("single")), "--trainer.num_nodes", "1", "--trainer.devices", "2",
          "--trainer.max_steps", str(steps)], cwd=tmp_path, capture_output=True, text=True, timeout=600,
         env={**os.environ, "OMP_NUM_THREADS": "1"})
