@@ -74,7 +74,11 @@ class _Handler(BaseHTTPRequestHandler):
     def do_POST(self):
         entry = self._record()
         if entry["path"].endswith("/secrets"):
-            self.server.secrets[entry["body"]["metadata"]["name"]] = entry["body"]
+            name = entry["body"]["metadata"]["name"]
+            if name in self.server.secrets:
+                return self._reply(409, {"kind": "Status", "code": 409, "reason": "AlreadyExists",
+                                         "message": f'secrets "{name}" already exists'})
+            self.server.secrets[name] = entry["body"]
         self._reply(201, entry["body"])
 
     def do_DELETE(self):
@@ -84,11 +88,6 @@ class _Handler(BaseHTTPRequestHandler):
     def do_GET(self):
         entry = self._record()
         path = entry["path"]
-        if "/secrets/" in path:
-            name = path.rsplit("/", 1)[-1]
-            if name in self.server.secrets:
-                return self._reply(200, self.server.secrets[name])
-            return self._reply(404, {"kind": "Status", "code": 404, "message": f'secrets "{name}" not found'})
         if path.endswith("/jobs/crescent-train"):
             return self._reply(200, {"kind": "Job", "spec": {"completions": 2}, "status": self.server.job_status})
         if path.endswith("/pods"):
@@ -151,10 +150,10 @@ def test_submit_sends_the_rendered_objects_by_server_side_apply(tmp_path, config
     assert len(password) >= 24 and password not in json.dumps(expected)
     out = capsys.readouterr().out
     assert "created Secret/mlflow-postgres" in out and "applied Job/crescent-train" in out
-    # A second submit finds the Secret and keeps it.
+    # A second submit finds the Secret (409 on create) and keeps it; the submitter never reads Secrets.
     assert main(["submit", "--kubeconfig", kubeconfig, *argv]) == 0
     assert api_server.secrets["mlflow-postgres"]["stringData"]["password"] == password
-    assert sum(r["method"] == "POST" for r in api_server.requests) == 1
+    assert not [r for r in api_server.requests if r["method"] == "GET" and "/secrets" in r["path"]]
 
 
 def test_submit_only_train_applies_the_training_objects(tmp_path, config_file, api_server):

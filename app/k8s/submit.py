@@ -165,22 +165,21 @@ def apply(api, objects: list[dict], out=None) -> None:
 
 
 def ensure_postgres_secret(api, namespace: str, out=None) -> None:
-    """The database password lives only in the cluster: create it once, random, if it is missing."""
+    """The database password lives only in the cluster: create it once, random, if it is missing. Create-only
+    (409 = it exists), so the submitter never needs permission to read Secrets."""
     from kubernetes.client.exceptions import ApiException
 
-    path = f"/api/v1/namespaces/{namespace}/secrets/{POSTGRES_SECRET}"
-    try:
-        _call(api, "GET", path)
-        return
-    except ApiException as err:
-        if err.status != 404:
-            raise
     body = {"apiVersion": "v1", "kind": "Secret", "type": "Opaque",
             "metadata": {"name": POSTGRES_SECRET, "namespace": namespace,
                          "labels": {"app.kubernetes.io/part-of": "crescent",
                                     "app.kubernetes.io/component": "postgres"}},
             "stringData": {"password": secrets.token_urlsafe(24)}}
-    _call(api, "POST", f"/api/v1/namespaces/{namespace}/secrets", body=body)
+    try:
+        _call(api, "POST", f"/api/v1/namespaces/{namespace}/secrets", body=body)
+    except ApiException as err:
+        if err.status == 409:
+            return
+        raise
     print(f"created Secret/{POSTGRES_SECRET} with a random password", file=out)
 
 
