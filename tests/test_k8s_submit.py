@@ -222,3 +222,21 @@ def test_no_cluster_configured_fails_with_one_clear_line(tmp_path, config_file):
     proc = _crescent(["status", "--kubeconfig", str(tmp_path / "missing")], env)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert f"kubeconfig {tmp_path / 'missing'} does not exist" in proc.stderr
+
+
+def test_submitter_role_grants_what_submit_uses_and_no_wildcards(config_file):
+    from app.k8s.submit import PLURALS, select
+
+    objects = render(RenderParams(overlay="prod", config=config_file))
+    role = next(o for o in objects if o["kind"] == "Role" and o["metadata"]["name"] == "crescent-submitter")
+    granted = {(group, resource, verb) for rule in role["rules"] for group in rule["apiGroups"]
+               for resource in rule["resources"] for verb in rule["verbs"]}
+    assert not [g for g in granted if "*" in g]
+    for component in ("train", "data", "eval", "mlflow"):
+        for obj in select(objects, component):
+            group = obj["apiVersion"].rsplit("/", 1)[0] if "/" in obj["apiVersion"] else ""
+            assert (group, PLURALS[obj["kind"]], "patch") in granted, (component, obj["kind"])
+    assert ("", "secrets", "create") in granted
+    assert not {("", "secrets", verb) for verb in ("get", "list", "watch")} & granted
+    assert {("batch", "jobs", "get"), ("", "pods", "list"), ("", "pods/log", "get"),
+            ("batch", "jobs", "delete"), ("", "configmaps", "delete")} <= granted
