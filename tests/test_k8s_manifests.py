@@ -169,7 +169,7 @@ def test_data_slices_set_the_build_and_the_merge(config_file):
 @pytest.mark.parametrize("params, message", [
     (dict(nodes=0), "nodes=0: must be an integer >= 1"),
     (dict(gpus_per_node=-1), "gpus_per_node=-1"),
-    (dict(image="crescent/train:latest"), "the tag `latest` is not allowed"),
+    (dict(image="crescent/train:latest"), "image='crescent/train:latest': image 'crescent/train:latest' uses the tag `latest`"),
     (dict(image="crescent/train"), "no tag"),
     (dict(overlay="staging"), "overlay='staging': not a kustomization directory; available overlays"),
     (dict(config="no-such-config"), "config='no-such-config':"),
@@ -229,7 +229,7 @@ def test_render_cli_prints_yaml_and_fails_cleanly(config_file, capsys):
     docs = list(yaml.safe_load_all(capsys.readouterr().out))
     assert find(docs, "Job", "crescent-train")["spec"]["completions"] == 2
     assert main(["render", "--overlay", "dev", "--config", config_file, "--image", "x:latest"]) == 2
-    assert "image='x:latest': the tag `latest` is not allowed" in capsys.readouterr().err
+    assert "image='x:latest': image 'x:latest' uses the tag `latest`; pin a version" in capsys.readouterr().err
 
 
 def test_kubeflow_overlay_runs_training_as_a_trainjob(config_file):

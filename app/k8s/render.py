@@ -77,13 +77,9 @@ class RenderParams:
 
 def check_image_ref(ref: str, what: str = "image") -> None:
     """An image must be pinned: an explicit tag other than `latest`, or a digest."""
-    if "@sha256:" in ref:
-        return
-    last = ref.rsplit("/", 1)[-1]
-    if ":" not in last:
-        raise RenderError(f"{what}={ref!r}: no tag; pin a version (e.g. {ref}:0.1.0)")
-    if last.rsplit(":", 1)[1] == "latest":
-        raise RenderError(f"{what}={ref!r}: the tag `latest` is not allowed; pin a version")
+    problem = policy.image_problem(ref)
+    if problem:
+        raise RenderError(f"{what}={ref!r}: {problem}; pin a version (e.g. {ref.split(':')[0]}:0.1.0)")
 
 
 def overlay_dir(overlay: str) -> Path:

@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from app.k8s import kustomize
 from app.k8s.render import CONFIG_MAP, TRAIN_JOB, RenderParams, render
 
 FIELD_MANAGER = "crescent"
@@ -25,7 +26,6 @@ PLURALS = {"Namespace": "namespaces", "ServiceAccount": "serviceaccounts", "Secr
            "Role": "roles", "RoleBinding": "rolebindings", "NetworkPolicy": "networkpolicies",
            "StatefulSet": "statefulsets", "Deployment": "deployments", "Job": "jobs", "CronJob": "cronjobs",
            "TrainingRuntime": "trainingruntimes", "TrainJob": "trainjobs"}
-CLUSTER_SCOPED = {"Namespace"}
 KEEP_ON_DELETE = {"Namespace", "PersistentVolumeClaim"}
 
 
@@ -46,7 +46,7 @@ def object_path(obj: dict) -> str:
         raise ClusterError(f"cannot apply kind {kind!r}: known kinds are {sorted(PLURALS)}")
     prefix = "/api/v1" if api_version == "v1" else f"/apis/{api_version}"
     name = obj["metadata"]["name"]
-    if kind in CLUSTER_SCOPED:
+    if kind in kustomize.CLUSTER_SCOPED:
         return f"{prefix}/{PLURALS[kind]}/{name}"
     namespace = obj["metadata"].get("namespace", "default")
     return f"{prefix}/namespaces/{namespace}/{PLURALS[kind]}/{name}"
