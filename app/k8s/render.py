@@ -8,7 +8,6 @@ so it is never copied by hand.
 """
 from __future__ import annotations
 
-import copy
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -109,7 +108,7 @@ def resolve_config(config: str) -> Path:
 def render(params: RenderParams) -> list[dict]:
     """The overlay's objects with the parameters applied and the config ConfigMap added, in apply order."""
     try:
-        objects = copy.deepcopy(kustomize.build(overlay_dir(params.overlay), params.engine))
+        objects = kustomize.build(overlay_dir(params.overlay), params.engine)  # a fresh copy
     except kustomize.KustomizeError as err:
         raise RenderError(str(err)) from err
     trainjobs = [o for o in objects if o["kind"] == "TrainJob"]  # the kubeflow overlay
