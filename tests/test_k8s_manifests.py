@@ -103,6 +103,7 @@ def _mutations():
         "shm": (lambda o: pod(o)["volumes"].__setitem__(
             slice(None), [v for v in pod(o)["volumes"] if v["name"] != "dshm"]), "/dev/shm"),
         "probes": (lambda o: ctr(o, "Deployment", "mlflow").pop("readinessProbe"), "readinessProbe missing"),
+        "shutdown": (lambda o: pod(o).update(terminationGracePeriodSeconds=90), "--shutdown-timeout=90 must be"),
         "token": (lambda o: pod(o).pop("automountServiceAccountToken"), "automountServiceAccountToken"),
     }
 
@@ -133,6 +134,7 @@ def test_parameters_rewrite_the_training_job_consistently(config_file):
     assert job["spec"]["backoffLimit"] == 6
     args = trainer["args"]
     assert "--nnodes=3" in args and "--nproc-per-node=4" in args
+    assert "--shutdown-timeout=870" in args  # 30 s under prod's terminationGracePeriodSeconds 900
     assert args[args.index("--trainer.num_nodes") + 1] == "3" and args[args.index("--trainer.devices") + 1] == "4"
     assert args[args.index("--trainer.max_steps") + 1] == "50"
     assert trainer["resources"]["limits"]["nvidia.com/gpu"] == trainer["resources"]["requests"]["nvidia.com/gpu"] == "4"

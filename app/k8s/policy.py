@@ -229,8 +229,13 @@ def _training_job_problems(job: dict, objects: list[dict]) -> list[str]:
     mounts = {m["mountPath"]: m["name"] for m in c.get("volumeMounts", [])}
     if not shm or mounts.get("/dev/shm") not in {v["name"] for v in shm}:
         out.append("/dev/shm is not a memory emptyDir")
-    if int(pod.get("terminationGracePeriodSeconds", 30)) < 60:
+    grace = int(pod.get("terminationGracePeriodSeconds", 30))
+    if grace < 60:
         out.append("terminationGracePeriodSeconds < 60: too short for the SIGTERM checkpoint")
+    shutdown = int(flags.get("--shutdown-timeout", 30))
+    if not 30 <= shutdown < grace:
+        out.append(f"torchrun --shutdown-timeout={shutdown} must be >= 30 and under "
+                   f"terminationGracePeriodSeconds={grace} (the trainers' SIGTERM checkpoint window)")
     if pod.get("restartPolicy") != "Never" or not spec.get("podFailurePolicy"):
         out.append("needs restartPolicy Never and a podFailurePolicy")
     return out

@@ -27,6 +27,7 @@ CONFIG_ANNOTATION = "crescent/config"
 DATA_BUILD_JOB = "crescent-data-build"
 DATA_MERGE_JOB = "crescent-data-merge"
 GPU_RESOURCE = "nvidia.com/gpu"
+SHUTDOWN_MARGIN_S = 30  # torchrun's --shutdown-timeout ends this long before the kubelet's SIGKILL
 
 # Apply order: what others refer to comes first.
 KIND_ORDER = ["Namespace", "ServiceAccount", "Role", "RoleBinding", "Secret", "ConfigMap",
@@ -165,6 +166,8 @@ def _apply_training(job: dict, params: RenderParams) -> None:
     nodes = params.nodes if params.nodes is not None else int(spec["completions"])
     spec["completions"] = spec["parallelism"] = nodes
     spec["backoffLimit"] = params.max_restarts * nodes
+    grace = int(spec["template"]["spec"].get("terminationGracePeriodSeconds", 30))
+    _set_flag(args, "--shutdown-timeout", str(max(grace - SHUTDOWN_MARGIN_S, 1)))
     _set_flag(args, "--nnodes", str(nodes))
     _set_option(args, "--trainer.num_nodes", str(nodes))
     if params.gpus_per_node is not None:
