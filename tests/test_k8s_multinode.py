@@ -95,29 +95,39 @@ def two_hosts(hostnames: list[str], service: str):
             shutil.rmtree(f"/etc/netns/{name}", ignore_errors=True)
 
 
-def run_pods(namespaces: list[str], processes: list[tuple[list[str], dict[str, str]]], cwd: Path,
-             timeout: float = 300) -> list[subprocess.CompletedProcess]:
-    """Start every pod's process in its namespace and UTS hostname; wait for all; return their results."""
+def start_pods(namespaces: list[str], processes: list[tuple[list[str], dict[str, str]]], cwd: Path,
+               logs: Path) -> list[subprocess.Popen]:
+    """Start every pod's process in its namespace and UTS hostname (the Popen's pid is the pod's command, as
+    PID 1 of a container is: `ip netns exec`, `unshare` and `sh` all exec). Output goes to logs/pod-<i>.*."""
+    logs.mkdir(parents=True, exist_ok=True)
     procs = []
-    for ns, (argv, env) in zip(namespaces, processes):
+    for index, (ns, (argv, env)) in enumerate(zip(namespaces, processes)):
         full_env = {"PATH": f"{VENV_BIN}:/usr/local/bin:/usr/bin:/bin", "HOME": str(cwd), "LANG": "C.UTF-8",
                     **env}
-        # `hostname` inside a fresh UTS namespace, then exec the pod's command: the pod's view of itself.
         cmd = ["ip", "netns", "exec", ns, "unshare", "--uts", "sh", "-c", 'hostname "$HOSTNAME" && exec "$@"',
                "pod", *argv]
-        procs.append(subprocess.Popen(cmd, env=full_env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                      text=True))
+        with open(logs / f"pod-{index}.out", "w") as out, open(logs / f"pod-{index}.err", "w") as err:
+            procs.append(subprocess.Popen(cmd, env=full_env, cwd=cwd, stdout=out, stderr=err, text=True))
+    return procs
+
+
+def wait_pods(procs: list[subprocess.Popen], logs: Path, timeout: float = 300) -> list[subprocess.CompletedProcess]:
     results = []
-    for proc in procs:
+    for index, proc in enumerate(procs):
         try:
-            out, err = proc.communicate(timeout=timeout)
+            proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             for p in procs:
                 p.kill()
-            out, err = proc.communicate()
-            raise AssertionError(f"pod timed out:\n{out[-3000:]}\n{err[-3000:]}") from None
-        results.append(subprocess.CompletedProcess(proc.args, proc.returncode, out, err))
+            raise AssertionError(f"pod {index} timed out:\n{(logs / f'pod-{index}.err').read_text()[-3000:]}") from None
+        results.append(subprocess.CompletedProcess(proc.args, proc.returncode, (logs / f"pod-{index}.out").read_text(),
+                                                   (logs / f"pod-{index}.err").read_text()))
     return results
+
+
+def run_pods(namespaces, processes, cwd: Path, timeout: float = 300) -> list[subprocess.CompletedProcess]:
+    logs = cwd / f"logs-{uuid.uuid4().hex[:6]}"
+    return wait_pods(start_pods(namespaces, processes, cwd, logs), logs, timeout)
 
 
 ALL_REDUCE = textwrap.dedent("""
@@ -230,3 +240,52 @@ def test_rendered_job_trains_tiny_fsdp_muon_across_two_hosts(tmp_path):
     assert [s for s, _ in two_hosts_losses] == [s for s, _ in one_host_losses] and len(one_host_losses) == steps
     for (_, a), (_, b) in zip(two_hosts_losses, one_host_losses):
         assert a == pytest.approx(b, abs=1e-5)
+
+
+@pytest.mark.slow
+def test_sigterm_checkpoints_on_both_hosts_and_the_restarted_pods_resume(tmp_path):
+    """What a preemption does to the Job: the kubelet SIGTERMs every pod's torchrun; within the manifest's
+    --shutdown-timeout the trainers agree on a step, save a preemption checkpoint on the shared volume and
+    exit; the Job's replacement pods (same commands) resume from it and the MLflow run continues."""
+    if not (ROOT / "app/configs/tiny-cpu.yaml").is_file():
+        pytest.skip("`crescent train` and app/configs/ are not there yet (training issue)")
+    import signal
+    import time
+
+    import train_helpers
+
+    corpus = train_helpers.build_corpus(tmp_path / "corpus")
+    tracking = f"sqlite:///{tmp_path}/mlruns.db"
+    config = train_helpers.write_config(tmp_path / "run.yaml", corpus, tmp_path / "unused", tracking,
+                                        total_tokens=64 * 16 * 400, trainer__strategy="muon_fsdp")
+    volume = tmp_path / "volume"
+    checkpoints = volume / "crescent" / "checkpoints"
+
+    def pods(max_steps: int):
+        objects = render(RenderParams(overlay="dev", nodes=2, gpus_per_node=0, config=str(config),
+                                      train_overrides=[("trainer.max_steps", str(max_steps))]))
+        mounts = {"/etc/crescent": config_map_files(objects, tmp_path / "configmap"), "/checkpoints": volume}
+        return [pod_process(objects, index, mounts) for index in range(2)]
+
+    with two_hosts(["crescent-train-0", "crescent-train-1"], "crescent-train") as namespaces:
+        procs = start_pods(namespaces, pods(max_steps=500), tmp_path, tmp_path / "first")
+        deadline = time.monotonic() + 420
+        while not (checkpoints.is_dir() and any(p.name.startswith("step") for p in checkpoints.iterdir())):
+            assert all(p.poll() is None for p in procs), "a pod ended before its first checkpoint"
+            assert time.monotonic() < deadline, "no checkpoint within 420 s"
+            time.sleep(1)
+        for p in procs:
+            p.send_signal(signal.SIGTERM)  # the kubelet's signal to each container's PID 1
+        first = wait_pods(procs, tmp_path / "first", timeout=120)
+        preempt = sorted(p.name for p in checkpoints.iterdir() if p.name.startswith("preempt-step="))
+        assert preempt, f"no preemption checkpoint; node 0:\n{first[0].stderr[-3000:]}"
+        assert all(r.returncode not in (-9, 137) for r in first), "a pod was SIGKILLed before it finished"
+        step = int(preempt[-1].split("=")[1].split(".")[0])
+
+        second = wait_pods(start_pods(namespaces, pods(max_steps=step + 2), tmp_path, tmp_path / "second"),
+                           tmp_path / "second", timeout=600)
+    for index, r in enumerate(second):
+        assert r.returncode == 0, f"node {index} after restart:\n{r.stderr[-4000:]}"
+    assert f"resuming from {checkpoints / preempt[-1]}" in second[0].stderr
+    steps = [s for s, _ in _losses(tracking, "test")]  # one MLflow run, continued
+    assert steps == list(range(1, step + 3)), (steps, [r.returncode for r in first])
