@@ -237,18 +237,18 @@ def moonlight_schedule() -> StageSchedule:
 
 
 def tiny_schedule() -> StageSchedule:
-    """Moonlight's three stages scaled to 1.5M tokens at seq_len 256, for the `tiny` model on two CPU cores
+    """Moonlight's three stages scaled to 1M tokens at seq_len 256, for the `tiny` model on two CPU cores
     (`make train` must finish in minutes there).
 
-    Peak LR 3e-3 (small models take larger steps); batch 16 then 32 sequences (4096 -> 8192 tokens) from 0.4M,
-    the paper's doubling; the cooldown (1.25M -> 1.5M tokens) re-warms in 5 steps and shifts the demo mix from
+    Peak LR 3e-3 (small models take larger steps); batch 16 then 32 sequences (4096 -> 8192 tokens) from 0.3M,
+    the paper's doubling; the cooldown (0.85M -> 1M tokens) re-warms in 5 steps and shifts the demo mix from
     mostly English to mostly code.
     """
     return StageSchedule([
-        Stage("warmup", 100_000, "linear", 0.0, 3e-3, 16, {"english": 0.7, "code": 0.3}, 1e-3),
-        Stage("stable_cosine", 1_250_000, "cosine", 3e-3, 3e-4, [[100_000, 16], [400_000, 32]],
+        Stage("warmup", 80_000, "linear", 0.0, 3e-3, 16, {"english": 0.7, "code": 0.3}, 1e-3),
+        Stage("stable_cosine", 850_000, "cosine", 3e-3, 3e-4, [[80_000, 16], [300_000, 32]],
               {"english": 0.7, "code": 0.3}, 1e-3),
-        Stage("cooldown", 1_500_000, "rewarm_linear", 3e-4, 0.0, 32, {"english": 0.3, "code": 0.7}, 0.0,
+        Stage("cooldown", 1_000_000, "rewarm_linear", 3e-4, 0.0, 32, {"english": 0.3, "code": 0.7}, 0.0,
               rewarm_peak=1e-3, rewarm_steps=5),
     ], seq_len=256)
 
