@@ -124,7 +124,7 @@ class CrescentDataModule(pl.LightningDataModule):
                                micro_batch_size=self.micro_batch_size, num_streams=self.num_streams,
                                seed=self.seed, stop_samples=self.val_samples,
                                tokenizer_fingerprint=self._fingerprint())
-        return StreamLoader(stream)
+        return _RewindingLoader(stream)
 
     def data_errors(self) -> dict:
         """Lost samples and bad shards met by this rank's training stream (for metrics)."""
@@ -151,6 +151,14 @@ def build_validation_set(out: Path, tokenizer: Path, seq_len: int, files: int = 
         raise FileNotFoundError("the interpreter ships no Lib/test files for the demo validation set")
     build_shards([str(t) for t in tests], out, tokenizer, seq_len=seq_len, shard_samples=256, seed=0, name="val")
     return out
+
+
+class _RewindingLoader(StreamLoader):
+    """Validation reads the same held-out samples every time: each pass starts from the first one."""
+
+    def __iter__(self):
+        self.stream.consumed_samples = 0
+        yield from super().__iter__()
 
 
 class _PositionlessLoader(StreamLoader):

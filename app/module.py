@@ -116,6 +116,7 @@ class CrescentModule(pl.LightningModule):
         self.nonfinite_in_a_row = 0
         self.preempted = False
         self.val_loss = float("nan")
+        self.val_loss_start = float("nan")
         self._val = torch.zeros(2)
         # Per-window accumulators (reset at every optimizer step).
         self._micro = 0
@@ -263,6 +264,33 @@ class CrescentModule(pl.LightningModule):
         self._val += torch.stack([out.loss.detach().float().cpu() * batch["input_ids"].shape[0],
                                   torch.tensor(float(batch["input_ids"].shape[0]))])
         return out.loss
+
+    @torch.no_grad()
+    def held_out_loss(self) -> float:
+        """Mean loss over the validation set, outside Lightning's loop (at the start and end of training)."""
+        loader = self.trainer.datamodule.val_dataloader()
+        if not loader:
+            return float("nan")
+        was_training = self.model.training
+        self.model.eval()
+        total = torch.zeros(2)
+        for batch in loader:
+            out = self.model(batch["input_ids"].to(self.device), targets=batch["targets"].to(self.device))
+            n = batch["input_ids"].shape[0]
+            total += torch.stack([out.loss.float().cpu() * n, torch.tensor(float(n))])
+        self.model.train(was_training)
+        total = self._all_reduce(total, "sum")
+        return (total[0] / total[1]).item() if total[1] > 0 else float("nan")
+
+    def on_train_start(self) -> None:
+        if self.trainer.global_step == 0:
+            self.val_loss = self.val_loss_start = self.held_out_loss()
+            self.emit({"val/loss": self.val_loss})
+
+    def on_train_end(self) -> None:
+        if not self.preempted:
+            self.val_loss = self.held_out_loss()
+            self.emit({"val/loss": self.val_loss})
 
     def on_validation_epoch_start(self) -> None:
         self._val = torch.zeros(2)

@@ -163,6 +163,7 @@ def _print_summary(run: RunOptions, logger, module, preempted: bool) -> None:
         "",
         f"crescent train: {'preempted; checkpoint saved, run again to resume' if preempted else 'done'}",
         f"  tokens seen     {module.tokens_seen:,}",
+        f"  val loss        {module.val_loss_start:.3f} -> {module.val_loss:.3f}",
         f"  checkpoints     {run.path / 'checkpoints'}",
         f"  exports         {exports[-1] if exports else run.path / 'exports'}",
         f"  MLflow          {logger.tracking_uri}  (experiment {logger.name!r}, run {logger.run_id})",

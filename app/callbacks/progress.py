@@ -24,6 +24,22 @@ class TokenProgressBar(TQDMProgressBar):
     def on_train_epoch_start(self, trainer, *_) -> None:
         pass  # one bar for the whole run (the stream is a single endless epoch)
 
+    # Validation is short and its loss goes to the logger; a second bar would interleave with this one.
+    def on_validation_start(self, trainer, pl_module) -> None:
+        pass
+
+    def on_validation_batch_start(self, *args, **kwargs) -> None:
+        pass
+
+    def on_validation_batch_end(self, *args, **kwargs) -> None:
+        pass
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        pass
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        pass
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if not pl_module.stepped:
             return
