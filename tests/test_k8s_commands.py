@@ -41,8 +41,6 @@ def _help(*argv: str) -> subprocess.CompletedProcess:
                           timeout=120)
 
 
-@pytest.mark.xfail(strict=True, reason="the data CLI (issue 4) has no --num-slices/--slice-index on `data build` "
-                                       "and no `data merge-manifests --root --parts --wait` yet")
 def test_data_jobs_use_flags_the_data_cli_has(objects):
     build = _container(objects["prod"], "Job", "crescent-data-build")["args"]
     merge = _container(objects["prod"], "Job", "crescent-data-merge")["args"]

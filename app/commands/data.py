@@ -41,9 +41,22 @@ def _build(args) -> int:
         print(f"trained a byte-level BPE (vocab {args.vocab_size}) into {tokenizer}")
     manifest = build_shards(args.source, args.out, tokenizer, seq_len=args.seq_len, shard_samples=args.shard_samples,
                             seed=args.seed, workers=args.workers, text_field=args.text_field, name=args.name,
-                            progress=not args.quiet)
+                            progress=not args.quiet, num_slices=args.num_slices, slice_index=args.slice_index)
     print(f"{args.out}: {manifest['documents']} documents -> {manifest['samples']} samples of {args.seq_len}+1 "
           f"tokens ({manifest['tokens']} tokens, {manifest['dtype']}) in {len(manifest['shards'])} shards")
+    return 0
+
+
+def _merge(args) -> int:
+    from components.data.merge import merge_manifests
+
+    try:
+        merged = merge_manifests(args.root, args.parts, wait=args.wait, timeout_s=args.timeout)
+    except FileNotFoundError as err:
+        print(f"crescent data merge-manifests: {err}", file=sys.stderr)
+        return 1
+    print(f"{args.root}: {args.parts} parts -> {merged['samples']} samples, {merged['tokens']} tokens in "
+          f"{len(merged['shards'])} shards")
     return 0
 
 
@@ -117,8 +130,18 @@ def main(argv: list[str]) -> int:
     p.add_argument("--workers", type=int, default=1, help="tokenizer worker processes")
     p.add_argument("--text-field", default="text", help="JSONL field / parquet column holding the text")
     p.add_argument("--name", help="shard set name in the manifest (default: OUT's directory name)")
+    p.add_argument("--num-slices", type=int, default=1,
+                   help="split the source documents into this many disjoint slices (one per build job)")
+    p.add_argument("--slice-index", type=int, default=0, help="which slice this build tokenizes (0-based)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_build)
+
+    p = sub.add_parser("merge-manifests", help="merge ROOT/part-*/manifest.json into one shard set at ROOT")
+    p.add_argument("--root", required=True, help="directory holding part-0 ... part-{N-1}")
+    p.add_argument("--parts", type=int, required=True, help="how many parts (the build Job's completions)")
+    p.add_argument("--wait", action="store_true", help="wait until every part has written its manifest")
+    p.add_argument("--timeout", type=float, default=86_400.0, help="seconds to wait with --wait")
+    p.set_defaults(func=_merge)
 
     p = sub.add_parser("demo", help="build the offline demo corpus (english + code) and its tokenizer")
     p.add_argument("--out", default=DEFAULT_DIR)

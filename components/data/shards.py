@@ -62,11 +62,17 @@ def _chunks(docs, size: int):
 
 
 def tokenize_sources(sources: list[str], tokenizer_dir: str, workers: int = 1, text_field: str = "text",
-                     progress: bool = False) -> tuple[np.ndarray, int]:
-    """(token stream, document count): every document tokenized in order and terminated by EOS."""
+                     progress: bool = False, num_slices: int = 1, slice_index: int = 0) -> tuple[np.ndarray, int]:
+    """(token stream, document count): every document tokenized in order and terminated by EOS.
+
+    With num_slices > 1 only documents k with k % num_slices == slice_index are kept: the slices of one source list
+    are disjoint and together cover it (each index of a Kubernetes Indexed Job builds one).
+    """
     from tqdm import tqdm
 
     docs = iter_documents(sources, text_field)
+    if num_slices > 1:
+        docs = (doc for k, doc in enumerate(docs) if k % num_slices == slice_index)
     bar = tqdm(desc="tokenize", unit="doc", disable=not progress)
     arrays, n_docs = [], 0
     if workers <= 1:
@@ -113,7 +119,8 @@ def shard_name(index: int) -> str:
 
 def build_shards(sources: list[str], out_dir: str | os.PathLike, tokenizer_dir: str | os.PathLike,
                  seq_len: int = 256, shard_samples: int = 1024, seed: int = 0, workers: int = 1,
-                 text_field: str = "text", name: str | None = None, progress: bool = False) -> dict:
+                 text_field: str = "text", name: str | None = None, progress: bool = False,
+                 num_slices: int = 1, slice_index: int = 0) -> dict:
     """Tokenize `sources`, pack into samples of seq_len+1 tokens, shuffle with `seed`, write shards + manifest.
 
     Returns the manifest. The tail of the token stream that does not fill a whole sample is dropped (and counted
@@ -125,19 +132,25 @@ def build_shards(sources: list[str], out_dir: str | os.PathLike, tokenizer_dir: 
             raise ValueError(f"{field}={value!r} must be an integer >= {low}")
     if not sources:
         raise ValueError("sources=[] : give at least one text file, directory, glob, JSONL or parquet file")
+    if not isinstance(num_slices, int) or num_slices < 1:
+        raise ValueError(f"num_slices={num_slices!r} must be an integer >= 1")
+    if not isinstance(slice_index, int) or not 0 <= slice_index < num_slices:
+        raise ValueError(f"slice_index={slice_index!r} must be in [0, num_slices={num_slices})")
     tokenizer_dir = str(tokenizer_dir)
     tok = load_tokenizer(tokenizer_dir)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
 
-    stream, n_docs = tokenize_sources(list(sources), tokenizer_dir, workers, text_field, progress)
+    stream, n_docs = tokenize_sources(list(sources), tokenizer_dir, workers, text_field, progress,
+                                      num_slices=num_slices, slice_index=slice_index)
     sample_len = seq_len + 1
     n_samples = len(stream) // sample_len
     if n_samples == 0:
         raise ValueError(f"sources hold {len(stream)} tokens, fewer than one sample of seq_len+1={sample_len}")
     samples = stream[: n_samples * sample_len].astype(token_dtype(tok.vocab_size)).reshape(n_samples, sample_len)
     info = {"sources": [str(s) for s in sources], "text_field": text_field, "tokenizer": tok.describe(),
-            "documents": n_docs, "dropped_tokens": int(len(stream) - n_samples * sample_len)}
+            "documents": n_docs, "dropped_tokens": int(len(stream) - n_samples * sample_len),
+            "slice": {"index": slice_index, "count": num_slices}}
     return write_shards(samples, out, seed=seed, shard_samples=shard_samples, name=name or out.resolve().name,
                         info=info)
 
