@@ -269,7 +269,7 @@ class CrescentModule(pl.LightningModule):
     def held_out_loss(self) -> float:
         """Mean loss over the validation set, outside Lightning's loop (at the start and end of training)."""
         loader = self.trainer.datamodule.val_dataloader()
-        if not loader:
+        if isinstance(loader, list):  # no validation set configured
             return float("nan")
         was_training = self.model.training
         self.model.eval()
