@@ -59,7 +59,10 @@ def test_run_logs_params_metrics_and_plots_to_mlflow(reference_run):
     assert all(0.1 < m.value < 0.3 for m in rms if m.step > 1)  # Lemma 1 with the 0.2·sqrt(max(A,B)) scale
     plots = {a.path for a in client.list_artifacts(run.info.run_id, "plots")}
     assert plots == {"plots/loss_lr.png", "plots/expert_load.png", "plots/svd_entropy.png", "plots/update_rms.png"}
-    assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {"config.yaml", "plots"}
+    assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {"config.yaml", "plots", "export"}
+    export = {a.path for a in client.list_artifacts(run.info.run_id, f"export/step-{STEPS:08d}")}
+    assert {f"export/step-{STEPS:08d}/{f}" for f in ("config.json", "model.safetensors", "crescent.json")} <= export
+    assert run.data.tags["crescent.export"].endswith(f"exports/step-{STEPS:08d}")
 
 
 def test_stages_drive_lr_mixture_and_bias_rate(reference_run):

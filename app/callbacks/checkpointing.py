@@ -28,12 +28,14 @@ class ExportCheckpoint(pl.Callback):
     """Writes `components.checkpoint` exports (safetensors + config + tokenizer + step + run id) every
     `every_n_steps` optimizer steps and at the end of training; the evaluation pipeline watches that folder."""
 
-    def __init__(self, dirpath: str | Path = "exports", every_n_steps: int = 100, tokenizer_dir: str | None = None):
+    def __init__(self, dirpath: str | Path = "exports", every_n_steps: int = 100, tokenizer_dir: str | None = None,
+                 max_artifact_bytes: int = 200 << 20):
         if every_n_steps < 1:
             raise ValueError(f"ExportCheckpoint.every_n_steps={every_n_steps!r} must be >= 1")
         self.dirpath = Path(dirpath)
         self.every_n_steps = every_n_steps
         self.tokenizer_dir = tokenizer_dir
+        self.max_artifact_bytes = max_artifact_bytes
         self.last_export: Path | None = None
         self._last_step = -1
 
@@ -58,3 +60,11 @@ class ExportCheckpoint(pl.Callback):
         if getattr(pl_module, "preempted", False):
             return  # a preempted run is not finished; its exports continue after the resume
         self._export(trainer, pl_module)
+        logger = trainer.logger
+        if trainer.is_global_zero and self.last_export is not None and hasattr(logger, "set_tags"):
+            # The final export goes to MLflow as artifacts when small; a large model's export is named by path.
+            logger.set_tags({"crescent.export": str(self.last_export.resolve())})
+            files = [f for f in sorted(self.last_export.iterdir()) if f.is_file()]
+            if sum(f.stat().st_size for f in files) <= self.max_artifact_bytes:
+                for f in files:
+                    logger.log_artifact(str(f), f"export/{self.last_export.name}")
