@@ -30,9 +30,11 @@ def main(argv: list[str]) -> int:
         def instantiate_trainer(self, **kwargs):
             run = RunOptions(**self.config["run"])
             callbacks, logger = run.build(self.model, self.datamodule)
-            trainer = super().instantiate_trainer(**kwargs, logger=logger)
-            trainer.callbacks.extend(callbacks)
-            return trainer
+            configured = self._get(self.config_init, "trainer", default={}).get("callbacks") or []
+            configured = configured if isinstance(configured, list) else [configured]
+            # Passed at construction so that Lightning uses our progress bar instead of adding its default one.
+            return super().instantiate_trainer(**kwargs, logger=logger, callbacks=[*configured, *callbacks],
+                                               enable_progress_bar=run.progress_bar)
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     # argv is sys.argv[2:] (after `crescent train`); Lightning's DDP launcher re-runs sys.argv, so it stays as is.
