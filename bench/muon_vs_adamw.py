@@ -13,12 +13,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench._train_runs import history, train  # noqa: E402
 
 LR_SCALES = (0.3, 1.0, 3.0)
-STEPS = 150  # ~0.6M tokens of the tiny schedule's shape
+STEPS = 60  # ~0.3M tokens of the tiny schedule
 
 
 def run(optimizer: str, lr_scale: float) -> list[tuple[float, float]]:
     r = train(["--model.optimizer", optimizer, "--model.lr_scale", str(lr_scale), "--trainer.max_steps", str(STEPS),
-               "--trainer.val_check_interval", "25", "--run.svd_entropy_every_n_steps", "1000"],
+               "--trainer.val_check_interval", "20", "--run.svd_entropy_every_n_steps", "1000"],
               f"{optimizer}-{lr_scale}")
     tokens = {s: v for s, v, _ in history(r, "train/tokens")}
     return [(tokens.get(s, 0.0), v) for s, v, _ in history(r, "val/loss")]
