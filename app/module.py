@@ -7,8 +7,6 @@ the stage schedule at the tokens seen so far. Everything the math needs lives in
 """
 from __future__ import annotations
 
-import math
-
 import lightning.pytorch as pl
 import torch
 import torch.distributed as dist
@@ -322,12 +320,9 @@ class CrescentModule(pl.LightningModule):
 
 
 def total_steps_estimate(schedule: StageSchedule) -> int:
-    """Optimizer steps to the end of the schedule (for progress bars)."""
+    """Optimizer steps to the end of the schedule (for the progress bar): walk it one global batch at a time."""
     steps, tokens = 0, 0
     while tokens < schedule.total_tokens:
-        batch = schedule.at(tokens).batch_size
-        tokens += batch * schedule.seq_len
+        tokens += schedule.at(tokens).batch_size * schedule.seq_len
         steps += 1
-        if steps > 10_000_000:
-            return steps
-    return steps if math.isfinite(steps) else 0
+    return steps
