@@ -97,16 +97,12 @@ class Experts(nn.Module):
         # full-size tensor per expert.
         sizes = counts.tolist()  # one host sync per layer; the loop runs over experts, never over tokens
         segments = xs.split(sizes)
-        # gate and up of each expert in one matmul: [E, 2I, H] built once per forward (weights are small).
-        gate_up = torch.cat((self.gate_proj, self.up_proj), dim=1).unbind(0)
-        downs = self.down_proj.unbind(0)
-        inter = self.gate_proj.shape[1]
+        gates, ups, downs = self.gate_proj.unbind(0), self.up_proj.unbind(0), self.down_proj.unbind(0)
         outs = []
         for e, seg in enumerate(segments):
             if sizes[e] == 0:
                 continue
-            gate, up = (seg @ gate_up[e].t()).split(inter, dim=-1)
-            outs.append((F.silu(gate) * up) @ downs[e].t())
+            outs.append((F.silu(seg @ gates[e].t()) * (seg @ ups[e].t())) @ downs[e].t())
         return torch.cat(outs) if outs else xs.new_zeros(0, self.down_proj.shape[1])
 
 
