@@ -132,10 +132,6 @@ class CrescentDataModule(pl.LightningDataModule):
             return {}
         return {k: v for k, v in self.train_loader.stats.items() if k != "consumed_samples"}
 
-    @property
-    def root(self) -> Path:
-        return Path(self.demo_root)
-
 
 def build_validation_set(out: Path, tokenizer: Path, seq_len: int, files: int = 24) -> Path:
     """Held-out code for the demo's validation loss: the standard library's own tests, which the demo's code

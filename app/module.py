@@ -118,9 +118,8 @@ class CrescentModule(pl.LightningModule):
         self._val = torch.zeros(2)
         # Per-window accumulators (reset at every optimizer step).
         self._micro = 0
-        self._window_loss = torch.zeros(2)  # [sum of micro-batch losses, count]
+        self._window: torch.Tensor | None = None  # [sum of finite micro-batch losses, micro-batches, non-finite]
         self._window_counts: torch.Tensor | None = None
-        self._window_finite = True
         # Set at each optimizer step for callbacks to read.
         self.stepped = False
         self.step_expert_counts: torch.Tensor | None = None
@@ -188,11 +187,12 @@ class CrescentModule(pl.LightningModule):
         accum = self.accumulation(state.batch_size)
         out = self.model(batch["input_ids"], targets=batch["targets"])
         loss = out.loss
-        if torch.isfinite(loss):
-            self.manual_backward(loss / accum)
-            self._window_loss += torch.stack([loss.detach().float().cpu(), torch.ones(())])
-        else:
-            self._window_finite = False
+        # No host sync per micro-batch: a non-finite loss only poisons gradients that the step then throws away.
+        self.manual_backward(loss / accum)
+        value = loss.detach().float()
+        finite = torch.isfinite(value)
+        entry = torch.stack([torch.where(finite, value, 0.0), torch.ones_like(value), (~finite).float()])
+        self._window = entry if self._window is None else self._window + entry
         if out.expert_counts is not None:
             counts = out.expert_counts.detach()
             self._window_counts = counts if self._window_counts is None else self._window_counts + counts
@@ -205,8 +205,8 @@ class CrescentModule(pl.LightningModule):
         opt = self.optimizers()
         for group in opt.param_groups:
             group["lr"] = state.lr * self.hparams.lr_scale
-        window = self._all_reduce(torch.cat([self._window_loss, torch.tensor([float(self._window_finite)])]), "sum")
-        finite = window[2].item() == self.trainer.world_size
+        loss_sum, count, nonfinite = self._all_reduce(self._window, "sum").tolist()  # the step's one host sync
+        finite = nonfinite == 0
         if finite:
             opt.step()
             self.nonfinite_in_a_row = 0
@@ -224,14 +224,13 @@ class CrescentModule(pl.LightningModule):
         if counts is not None and self.trainer.world_size > 1:
             counts = self._all_reduce(counts.clone(), "sum")
         self.step_expert_counts = counts
-        self.step_loss = (window[0] / window[1]).item() if window[1] > 0 else float("nan")
+        self.step_loss = loss_sum / (count - nonfinite) if count > nonfinite else float("nan")
         self.step_state = state
         self.consumed_samples += state.batch_size
         self.stepped = True
         self._micro = 0
-        self._window_loss = torch.zeros(2)
+        self._window = None
         self._window_counts = None
-        self._window_finite = True
         self.emit({
             "train/loss": self.step_loss,
             "train/lr": state.lr * self.hparams.lr_scale,

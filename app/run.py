@@ -24,7 +24,7 @@ from app.callbacks import (
     resumable_checkpoint,
 )
 from app.callbacks.preemption import PREEMPTED_EXIT_CODE
-from app.module import ConfigError, check_layout
+from app.module import ConfigError, NonFiniteLossError, check_layout
 from app.tracking import CrescentMLflowLogger, flatten_params
 
 _STEP = re.compile(r"(?:preempt-)?step[=-](\d+)(?:\.ckpt)?$")
@@ -146,6 +146,10 @@ def train_from_cli(cli, cwd: Path) -> int:
         status = "failed"
         print(f"crescent train: error: {err}", file=sys.stderr)
         return 2
+    except NonFiniteLossError as err:  # the last resumable checkpoint is intact; say why training stopped
+        status = "failed"
+        print(f"crescent train: error: {err}", file=sys.stderr)
+        return 1
     except BaseException:
         status = "failed"
         raise

@@ -18,7 +18,6 @@ import torch
 from lightning.pytorch.core.optimizer import LightningOptimizer
 from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy, StrategyRegistry
 from lightning.pytorch.strategies.ddp import _sync_module_states
-from lightning.pytorch.trainer.states import TrainerFn
 from torch import nn
 
 
@@ -30,11 +29,6 @@ class MuonDDPStrategy(DDPStrategy):
         # No DDP wrapper: gradients are reduce-scattered by the ZeRO-1 optimizer (Algorithm 1, line 2).
         assert self.model is not None
         _sync_module_states(self.model)
-
-    def setup(self, trainer) -> None:
-        super().setup(trainer)
-        if trainer.state.fn == TrainerFn.FITTING and self.model is not None:
-            _sync_module_states(self.model)
 
     def optimizer_state(self, optimizer) -> dict[str, Any]:
         if isinstance(optimizer, LightningOptimizer):

@@ -162,7 +162,7 @@ def save_hf(model: CrescentForCausalLM, path: str | Path, max_shard_bytes: int =
     weight_map: dict[str, int] = {}
     written: list[str] = []
 
-    def flush(final: bool) -> None:
+    def flush() -> None:
         nonlocal size
         if not shards[-1]:
             return
@@ -178,10 +178,10 @@ def save_hf(model: CrescentForCausalLM, path: str | Path, max_shard_bytes: int =
     for key, tensor in hf_state_items(model):
         t = tensor.detach().to(dtype or tensor.dtype).to("cpu").contiguous().clone()
         if size and size + t.numel() * t.element_size() > max_shard_bytes:
-            flush(final=False)
+            flush()
         shards[-1][key] = t
         size += t.numel() * t.element_size()
-    flush(final=True)
+    flush()
     for old in path.glob("model*.safetensors*"):
         if old.name not in written:
             old.unlink()
