@@ -1,10 +1,15 @@
 """`StreamLoader`: the DataLoader to train from a `MixtureStream`; it knows the global resume point.
 
-Each batch it yields is one micro-batch of this rank: `input_ids` and `targets` LongTensor[n, seq_len] (targets are
-the next tokens), `index`, `set_id`, `sample_id` LongTensor[n], and `lost_samples`, `bad_shards` LongTensor[1]
-(data errors behind this batch; their running sums are in `stats`), and `consumed_samples` LongTensor[1]: the
-job's global count once this micro-batch has been trained on, the number to checkpoint. n is `micro_batch_size`
-except where samples were lost to bad data (then smaller; the other samples keep their places).
+Each batch it yields is one micro-batch of this rank: `input_ids` and `targets` IntTensor[n, seq_len] (int32: two
+views of one [n, seq_len + 1] tensor, targets are the next tokens; `nn.Embedding` takes int32 indices, and the
+model's loss widens its targets), `index`, `set_id`, `sample_id` LongTensor[n], and `lost_samples`, `bad_shards`
+LongTensor[1] (data errors behind this batch; their running sums are in `stats`), and `consumed_samples`
+LongTensor[1]: the job's global count once this micro-batch has been trained on, the number to checkpoint. n is
+`micro_batch_size` except where samples were lost to bad data (then smaller; the other samples keep their places).
+
+How it is fast (see packing.py): workers write groups of micro-batches straight into a ring of shared-memory
+buffers created once per iteration and send only (worker, slot, count); tokens travel in the shards' own integer
+type and are widened once per group; local shards are memory-mapped, not read into copies.
 
 After n micro-batches the job has consumed `start + n * micro_batch_size * world_size` global samples, whatever the
 data errors. `state_dict()` returns that one number (Lightning saves dataloader state from rank 0 only; this
@@ -24,32 +29,35 @@ from collections.abc import Mapping
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
-from .packing import header_of, iter_groups, unpack
+from .packing import group_size, iter_groups, row_width, shared_ring, unpack_group
 from .stream import MixtureStream
 
 
 class _Groups(IterableDataset):
     def __init__(self, stream: MixtureStream, group: int):
         self.stream, self.group = stream, group
+        self.ring: torch.Tensor | None = None  # set by StreamLoader before the workers start
 
     def __iter__(self):
-        return iter_groups(self.stream, self.group)
+        return iter_groups(self.stream, self.group, self.ring)
 
 
 class StreamLoader(DataLoader):
-    """`group`: micro-batches a worker sends at once (fewer, larger transfers; see packing.py)."""
+    """`group`: micro-batches a worker sends at once (default: about 2 MB of tokens; see packing.py)."""
 
-    def __init__(self, stream: MixtureStream, *, group: int = 8, pin_memory: bool = False,
+    def __init__(self, stream: MixtureStream, *, group: int | None = None, pin_memory: bool = False,
                  prefetch_factor: int | None = None, multiprocessing_context=None):
+        if group is None:
+            group = group_size(stream.micro_batch_size, stream.seq_len, stream.token_dtype)
         if not isinstance(group, int) or group < 1:
-            raise ValueError(f"group={group!r} must be a positive integer")
+            raise ValueError(f"group={group!r} must be a positive integer (or None for about 2 MB per transfer)")
         kwargs = {}
         if stream.num_workers > 0:
             kwargs["prefetch_factor"] = prefetch_factor or 2
             kwargs["multiprocessing_context"] = multiprocessing_context
         super().__init__(_Groups(stream, group), batch_size=None, num_workers=stream.num_workers,
                          pin_memory=pin_memory, persistent_workers=False, **kwargs)
-        self.stream = stream
+        self.stream, self.group = stream, group
         self.stats = {"consumed_samples": stream.consumed_samples, "lost_samples": 0, "bad_shards": 0}
 
     @property
@@ -62,19 +70,22 @@ class StreamLoader(DataLoader):
         start = stream.consumed_samples
         first = start + (stream.rank - start) % W  # this rank's first global index
         pending, next_ordinal = {}, 0
-        for group in super().__iter__():
-            for micro_batch in group:
-                header = header_of(micro_batch)
-                pending[(int(header[0, 0]) - first) // W // b] = (micro_batch, header)
+        ring = None
+        if self.num_workers > 0:
+            slots = self.prefetch_factor * self.num_workers + 1
+            ring = shared_ring(self.num_workers, slots, self.group, b, row_width(stream.seq_len, stream.token_dtype))
+        self.dataset.ring = ring
+        for item in super().__iter__():
+            group = item if ring is None else ring[item[0], item[1], :item[2]]
+            for ordinal, batch, lost, bad in unpack_group(group, stream.seq_len, stream.token_dtype, first, W, start):
+                pending[ordinal] = (batch, lost, bad)
             while next_ordinal in pending:
-                micro_batch, header = pending.pop(next_ordinal)
+                batch, lost, bad = pending.pop(next_ordinal)
                 next_ordinal += 1
-                batch = unpack(micro_batch, header)
                 stream.consumed_samples = start + next_ordinal * b * W
-                batch["consumed_samples"] = torch.tensor([stream.consumed_samples])
                 self.stats["consumed_samples"] = stream.consumed_samples
-                self.stats["lost_samples"] += int(batch["lost_samples"])
-                self.stats["bad_shards"] += int(batch["bad_shards"])
+                self.stats["lost_samples"] += lost
+                self.stats["bad_shards"] += bad
                 if len(batch["index"]):
                     yield batch
 

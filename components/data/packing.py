@@ -1,65 +1,118 @@
 """Moving micro-batches from DataLoader workers to the training process cheaply, in order.
 
-torch sends every tensor a worker yields through its own shared-memory segment, a fixed cost of about a
-millisecond per tensor on a busy host. So a worker packs `group` of its micro-batches into ONE int32 tensor
-[group, b, 2 * META + seq_len + 1]: per row five int64 header columns stored as int32 pairs (global index,
-set_id or LOST / PADDING, sample_id, lost_samples, bad_shards) and then the tokens. The training process
-(`StreamLoader`) puts the micro-batches back into rank order by their ordinal, computed from the global index of
-their first row, drops lost and padding rows, and widens tokens to int64.
+torch sends every tensor a worker yields through a fresh shared-memory segment, copying it there, and the
+training process then faults in every page of it: on a 2-core host that cost more than reading the shards. So:
+
+- A worker packs up to `group` of its micro-batches (about 2 MB; the first groups of an iteration are 1, 2, 4, ...
+  micro-batches so the first batch comes quickly) into one byte block [group, b, width]. Per row: five int64
+  header fields (global index, set_id or LOST / PADDING, sample_id, lost_samples, bad_shards), then the
+  seq_len + 1 tokens in the shards' own integer type (uint16 up to 65536 tokens: a quarter of int64's bytes),
+  padded to a multiple of 8 bytes.
+- With workers the blocks live in a ring [workers, slots, group, b, width] that `StreamLoader` creates in shared
+  memory once per iteration; a worker writes group n into slot n % slots and yields only (worker, slot, count).
+  The ring is safe because the DataLoader keeps at most prefetch_factor * num_workers items outstanding and the
+  training process copies a group out before it asks for the next one (slots = that bound + 1).
+- The training process reads the headers as numpy, puts micro-batches back into rank order by their ordinal,
+  drops lost and padding rows, and widens the group's tokens to int32 in one numpy copy (single-threaded on
+  purpose: torch's intra-op threads spin on a small copy and take the CPU the workers need). `input_ids` and
+  `targets` are two views ([:, :-1] and [:, 1:]) of one micro-batch's rows.
 """
 from __future__ import annotations
 
 import numpy as np
 import torch
+from torch.utils.data import get_worker_info
 
 META = 5
+HEADER_BYTES = 8 * META
 LOST, PADDING = -1, -2
 
 
-def pack_micro_batch(index: np.ndarray, samples: list, counters: tuple[int, int], batch: int, seq_len: int
-                     ) -> np.ndarray:
-    packed = np.zeros((batch, 2 * META + seq_len + 1), dtype=np.int32)
-    header = packed[:, : 2 * META].view(np.int64)
-    header[:, 1] = PADDING
-    header[: len(index), 0] = index
-    for r, found in enumerate(samples):
-        if found is None:
-            header[r, 1] = LOST
+def row_width(seq_len: int, token_dtype: np.dtype) -> int:
+    return -(-(HEADER_BYTES + (seq_len + 1) * np.dtype(token_dtype).itemsize) // 8) * 8
+
+
+def group_size(micro_batch_size: int, seq_len: int, token_dtype: np.dtype, target_bytes: int = 2 << 20,
+               most: int = 256) -> int:
+    """Micro-batches per transfer: about `target_bytes` each (a transfer has a fixed cost; bigger ones
+    also delay the first batch and hold more memory in flight)."""
+    return max(1, min(most, target_bytes // (micro_batch_size * row_width(seq_len, token_dtype))))
+
+
+def shared_ring(workers: int, slots: int, group: int, micro_batch_size: int, width: int) -> torch.Tensor:
+    """The byte buffers workers write their groups into: [workers, slots, group, b, width] in shared memory,
+    created once per iteration, so each page is faulted in once rather than once per transfer."""
+    shape = (workers, slots, group, micro_batch_size, width)
+    storage = torch.UntypedStorage._new_shared(int(np.prod(shape)))
+    return torch.empty(0, dtype=torch.uint8).set_(storage).view(shape)
+
+
+def iter_groups(stream, group: int, ring: torch.Tensor | None = None):
+    """`group` micro-batches at a time packed into one byte tensor (the last group may be shorter).
+
+    Without `ring` (no workers) it yields the tensors. In worker w it writes group n into `ring[w, n % slots]` and
+    yields only (w, slot, micro-batches): safe because the DataLoader has at most prefetch_factor * num_workers
+    items outstanding and `StreamLoader` copies a group out before asking for the next (slots = that + 1)."""
+    b, seq_len, dtype = stream.micro_batch_size, stream.seq_len, np.dtype(stream.token_dtype)
+    width = row_width(seq_len, dtype)
+    worker = get_worker_info().id if ring is not None else 0
+    for n, (reader, parts) in enumerate(stream.chunks(group)):
+        if ring is None:
+            buffer = torch.empty((len(parts), b, width), dtype=torch.uint8)
         else:
-            _, set_id, row, sample_id = found
-            header[r, 1:3] = (set_id, sample_id)
-            packed[r, 2 * META:] = row
-    header[0, 3:5] = counters
-    return packed
+            slot = n % ring.shape[1]
+            buffer = ring[worker, slot, :len(parts)]
+        view = buffer.numpy().reshape(len(parts) * b, width)
+        headers = view[:, :HEADER_BYTES].view(np.int64)  # [rows, META]
+        tokens = view[:, HEADER_BYTES:HEADER_BYTES + (seq_len + 1) * dtype.itemsize].view(dtype)
+        headers[:] = 0
+        headers[:, 1] = PADDING
+        index = np.concatenate(parts)
+        if all(len(part) == b for part in parts):
+            dest = np.arange(len(index))
+        else:
+            dest = np.concatenate([m * b + np.arange(len(part)) for m, part in enumerate(parts)])
+        set_ids, sample_ids = reader.read(index, tokens, dest)
+        headers[dest, 0] = index
+        headers[dest, 1] = np.where(sample_ids >= 0, set_ids, LOST)
+        headers[dest, 2] = sample_ids
+        headers[0, 3:5] = reader.take_counters()
+        yield buffer if ring is None else (worker, slot, len(parts))
 
 
-def iter_groups(stream, group: int):
-    """In a worker: `group` micro-batches at a time as one tensor (the last group may be shorter)."""
-    pending = []
-    for reader, index, samples in stream.micro_batches(group):
-        pending.append(pack_micro_batch(index, samples, reader.take_counters(), stream.micro_batch_size,
-                                        stream.seq_len))
-        if len(pending) == group:
-            yield torch.from_numpy(np.stack(pending))
-            pending = []
-    if pending:
-        yield torch.from_numpy(np.stack(pending))
+def unpack_group(packed: torch.Tensor, seq_len: int, token_dtype: np.dtype, first: int, world_size: int,
+                 start: int) -> list[tuple[int, dict, int, int]]:
+    """Per micro-batch of a packed group: (ordinal on this rank, the collated dict of the samples that were read,
+    lost samples, bad shards). `first` is this rank's first global index of the iteration, `start` the global
+    count it started from; each dict's `consumed_samples` is the job's count once it has been trained on.
 
-
-def header_of(micro_batch: torch.Tensor) -> torch.Tensor:
-    """The int64 [b, META] header of one packed micro-batch [b, width]."""
-    return micro_batch[:, : 2 * META].reshape(-1).view(torch.int64).view(-1, META)
-
-
-def unpack(micro_batch: torch.Tensor, header: torch.Tensor) -> dict:
-    """The collated dict (only the samples that were read) of one packed micro-batch."""
-    keep = header[:, 1] >= 0
-    if not bool(keep.all()):  # index_select: boolean-mask indexing is ~1000x slower here
-        rows = keep.nonzero().squeeze(1)
-        micro_batch, kept = micro_batch.index_select(0, rows), header.index_select(0, rows)
-    else:
-        kept = header
-    tokens = micro_batch[:, 2 * META:]
-    return {"input_ids": tokens[:, :-1].long(), "targets": tokens[:, 1:].long(),
-            "index": kept[:, 0], "set_id": kept[:, 1], "sample_id": kept[:, 2],
-            "lost_samples": header[:, 3].sum().reshape(1), "bad_shards": header[:, 4].sum().reshape(1)}
+    One conversion widens all the group's tokens (to int32: nn.Embedding takes it as is, the loss widens the
+    targets it needs); every tensor of a micro-batch is a view of one per-group tensor."""
+    g, b, _ = packed.shape
+    headers = packed.numpy()[:, :, :HEADER_BYTES].view(np.int64)  # [g, b, META]
+    ordinals = (headers[:, 0, 0] - first) // world_size // b
+    counters = np.empty((g, 3), dtype=np.int64)
+    counters[:, :2] = headers[:, :, 3:5].sum(axis=1)
+    counters[:, 2] = start + (ordinals + 1) * b * world_size
+    fields = torch.from_numpy(np.ascontiguousarray(headers[:, :, :3].transpose(2, 0, 1)))  # [3, g, b]
+    small = torch.from_numpy(counters)
+    nbytes = (seq_len + 1) * np.dtype(token_dtype).itemsize
+    # numpy, single-threaded: torch's intra-op threads would spin on this small copy and take the CPU the
+    # workers need (measured: twice the main process's CPU time on 2 cores).
+    wide = np.empty((g, b, seq_len + 1), dtype=np.int32)
+    np.copyto(wide, packed.numpy()[:, :, HEADER_BYTES:HEADER_BYTES + nbytes].view(token_dtype), casting="unsafe")
+    wide = torch.from_numpy(wide)
+    columns = zip(wide[:, :, :-1].unbind(0), wide[:, :, 1:].unbind(0), fields[0].unbind(0), fields[1].unbind(0),
+                  fields[2].unbind(0), small[:, 0:1].unbind(0), small[:, 1:2].unbind(0), small[:, 2:3].unbind(0))
+    keep = headers[:, :, 1] >= 0
+    kept_all = keep.all(axis=1).tolist()
+    out = []
+    for m, (ordinal, (lost, bad, _), cols) in enumerate(zip(ordinals.tolist(), counters.tolist(), columns)):
+        batch = dict(zip(("input_ids", "targets", "index", "set_id", "sample_id", "lost_samples", "bad_shards",
+                          "consumed_samples"), cols))
+        if not kept_all[m]:
+            rows = torch.from_numpy(np.flatnonzero(keep[m]))
+            for key in ("input_ids", "targets", "index", "set_id", "sample_id"):
+                batch[key] = batch[key].index_select(0, rows)
+        out.append((ordinal, batch, lost, bad))
+    return out

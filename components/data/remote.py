@@ -6,6 +6,7 @@ Only the local and http:// paths are tested here (s3fs, gcsfs and cloud CLIs are
 """
 from __future__ import annotations
 
+import mmap
 import os
 from urllib.parse import urlparse
 
@@ -54,6 +55,20 @@ def read_bytes(location: str) -> bytes:
     if not data:
         raise FileNotFoundError(f"{location}: empty or unreachable")
     return data
+
+
+def map_bytes(location: str):
+    """A local file memory-mapped read-only (no copy: the page cache is read in place), or `read_bytes` for a URL.
+
+    As with Megatron-style memory-mapped datasets, a shard must not be truncated in place while a job maps it
+    (replacing it by rename, as `crescent data build` does, is safe)."""
+    if is_url(location):
+        return read_bytes(location)
+    with open(local_path(location), "rb") as f:
+        try:
+            return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        except ValueError:  # an empty file cannot be mapped
+            return b""
 
 
 def exists(location: str) -> bool:

@@ -126,6 +126,7 @@ class MixtureStream(IterableDataset):
         if len(set(seq_lens.values())) != 1:
             raise ValueError(f"shard sets have different seq_len: {seq_lens}")
         self.seq_len = next(iter(seq_lens.values()))
+        self.token_dtype = np.result_type(*(np.dtype(s.manifest["dtype"]) for s in self.sets))
         self.plan = MixturePlan.from_mixture(self.set_names, mixture, self.seq_len)
         self.rank, self.world_size, self.num_workers = rank, world_size, num_workers
         self.micro_batch_size, self.num_streams, self.seed = micro_batch_size, num_streams, seed
@@ -160,10 +161,10 @@ class MixtureStream(IterableDataset):
             yield index
             m += 1
 
-    def micro_batches(self, group: int = 1):
-        """Per micro-batch of this (rank, worker): (reader, global indices, [(index, set_id, token row,
-        sample_id) or None where lost]). Must run in the DataLoader worker (or the main process if none).
-        `group` micro-batches are located together (fewer, larger numpy calls; same result)."""
+    def chunks(self, group: int = 1):
+        """(reader, [global indices of each micro-batch]) for up to `group` micro-batches of this (rank, worker)
+        at a time: they are located and read together (fewer, larger numpy calls; same result). Must run in the
+        DataLoader worker (or the main process if none); read the samples with `reader.read`."""
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 0)
         if num_workers != self.num_workers:
@@ -171,28 +172,24 @@ class MixtureStream(IterableDataset):
                              f"{num_workers}; pass the same number to both")
         reader = _WorkerReader(self)
         indices = self.worker_indices(worker, num_workers)
+        size = 1  # 1, 2, 4, ... up to `group`: the first batch does not wait for a whole group
         while True:
-            chunk = list(itertools.islice(indices, group))
+            chunk = list(itertools.islice(indices, size))
             if not chunk:
                 return
-            index = np.concatenate(chunk)
-            samples = reader.batch(index, self.plan.choose(self.seed, index))
-            start = 0
-            for part in chunk:
-                yield reader, part, samples[start:start + len(part)]
-                start += len(part)
+            yield reader, chunk
+            size = min(group, 2 * size)
 
     def __iter__(self):
         """One dict per sample (see the module docstring); collate with DataLoader(batch_size=micro_batch_size)."""
-        for reader, _, samples in self.micro_batches():
-            for found in samples:
-                if found is None:
-                    continue
-                i, set_id, row, sample_id = found
-                tokens = torch.from_numpy(row.astype(np.int64))
+        for reader, (index,) in self.chunks():
+            tokens = np.empty((len(index), self.seq_len + 1), dtype=self.token_dtype)
+            set_ids, sample_ids = reader.read(index, tokens, np.arange(len(index)))
+            for r in np.flatnonzero(sample_ids >= 0).tolist():
+                row = torch.from_numpy(tokens[r].astype(np.int64))
                 lost, bad = reader.take_counters()
-                yield {"input_ids": tokens[:-1], "targets": tokens[1:], "index": i, "set_id": set_id,
-                       "sample_id": sample_id, "lost_samples": lost, "bad_shards": bad}
+                yield {"input_ids": row[:-1], "targets": row[1:], "index": int(index[r]), "set_id": int(set_ids[r]),
+                       "sample_id": int(sample_ids[r]), "lost_samples": lost, "bad_shards": bad}
 
 
 class _WorkerReader:
@@ -204,13 +201,17 @@ class _WorkerReader:
         n_sets, V = len(self.layouts), stream.num_streams
         self.position = np.zeros(V, dtype=np.int64)        # next position of each virtual stream
         self.draws = np.zeros((V, n_sets), dtype=np.int64)  # draws so far of each virtual stream from each set
-        self.current: dict[tuple[int, int], tuple[int, ShardSamples]] = {}  # (stream, set) -> shard being read
+        self.current = np.full((V, n_sets), -1, dtype=np.int64)  # (stream, set) -> shard index being read
+        self.held: dict[tuple[int, int], ShardSamples] = {}  # the shards some stream is still reading
         self.live: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
         self.recent: OrderedDict = OrderedDict()
         self.lost = self.bad_shards = 0
 
     def shard(self, set_id: int, shard_index: int) -> ShardSamples:
         key = (set_id, shard_index)
+        found = self.held.get(key)
+        if found is not None:  # a stream is inside it: alive anyway, no need to refresh the recency list
+            return found
         found = self.live.get(key)
         if found is None:
             found = self._load(set_id, shard_index)
@@ -227,7 +228,7 @@ class _WorkerReader:
         data, error = None, None
         for _attempt in range(2 if remote.is_url(url) else 1):
             try:
-                data = remote.read_bytes(url)
+                data = remote.map_bytes(url)
                 break
             except OSError as err:  # missing file, network error: counted below, never raised
                 error = f"{type(err).__name__}: {err}"
@@ -239,10 +240,13 @@ class _WorkerReader:
                         int(entry["samples"]) - shard.valid, int(entry["samples"]))
         return shard
 
-    def batch(self, index: np.ndarray, choices: np.ndarray) -> list:
-        """(index, set_id, token row, sample_id) per global sample, None where lost. `index` is increasing and may
-        hold several positions of one virtual stream (several micro-batches at once): draw k of each sample is
-        the stream's draws so far from its set plus the earlier samples of this call with the same (stream, set)."""
+    def read(self, index: np.ndarray, out: np.ndarray, dest: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Read global samples `index` (increasing; may hold several positions of one virtual stream, e.g.
+        several micro-batches at once) into rows `dest` of `out` [rows, seq_len + 1]. Returns (set_id,
+        sample_id) per sample; sample_id is -1 where the sample was lost to bad data (its row is left as is).
+        Draw k of a sample is its stream's draws so far from its set plus the earlier samples of this call with
+        the same (stream, set)."""
+        choices = self.stream.plan.choose(self.stream.seed, index)
         V, n_sets = self.stream.num_streams, len(self.layouts)
         streams, positions = index % V, index // V
         order = np.lexsort((positions, streams))  # by stream, then position
@@ -278,19 +282,33 @@ class _WorkerReader:
         for c in np.unique(choices).tolist():
             sel = choices == c
             _, shard_of[sel], offset_of[sel] = self.layouts[c].locate_many(streams[sel], ks[sel])
-        out = []
-        for i, v, c, shard_index, offset in zip(index.tolist(), streams.tolist(), choices.tolist(),
-                                                shard_of.tolist(), offset_of.tolist()):
-            current = self.current.get((v, c))
-            if current is None or current[0] != shard_index:
-                current = self.current[(v, c)] = (shard_index, self.shard(c, shard_index))
-            shard = current[1]
-            if offset >= shard.valid:
-                self.lost += 1
-                out.append(None)
+        sample_ids = np.full(len(index), -1, dtype=np.int64)
+        # Consecutive samples belong to different virtual streams, hence mostly to different shards: one lookup
+        # per shard, then one row copy per sample (cheaper than a numpy gather per shard for ~2 rows each).
+        pairs, which = np.unique(choices * (1 << 32) + shard_of, return_inverse=True)
+        shards = [self.shard(p >> 32, p & 0xFFFFFFFF) for p in pairs.tolist()]
+        ok = offset_of < np.array([shard.valid for shard in shards])[which]
+        self.lost += int(len(ok) - ok.sum())
+        members = np.flatnonzero(ok)
+        picks = list(zip(which[members].tolist(), offset_of[members].tolist()))
+        rows = [shards[j].tokens[o:o + 1] for j, o in picks]
+        if rows:
+            d = dest[members]
+            if d[-1] - d[0] == len(d) - 1:  # consecutive destination rows (the usual case): one copying call
+                np.concatenate(rows, out=out[d[0]:d[-1] + 1])
             else:
-                out.append((i, c, shard.tokens[offset], int(shard.sample_ids[offset])))
-        return out
+                out[d] = np.concatenate(rows)
+            sample_ids[members] = [shards[j].sample_ids[o] for j, o in picks]
+        self.held.update(((p >> 32, p & 0xFFFFFFFF), shard) for p, shard in zip(pairs.tolist(), shards))
+        # Each stream's shard stays alive while the stream is inside it (`recent` only keeps the last few).
+        stream_set = streams * n_sets + choices
+        _, from_end = np.unique(stream_set[::-1], return_index=True)
+        last = len(index) - 1 - from_end  # the last sample of each (stream, set) in this call
+        self.current.flat[stream_set[last]] = shard_of[last]
+        v_used, c_used = np.nonzero(self.current >= 0)
+        in_use = set(np.unique(c_used * (1 << 32) + self.current[v_used, c_used]).tolist())
+        self.held = {key: shard for key, shard in self.held.items() if key[0] * (1 << 32) + key[1] in in_use}
+        return choices, sample_ids
 
     def take_counters(self) -> tuple[int, int]:
         """Data errors met since the last call (they travel with the next sample or batch)."""

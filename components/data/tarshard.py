@@ -129,8 +129,10 @@ def _decode_uniform(data: bytes, expected: int, sample_len: int, item: np.dtype)
           & (header[:, 154] == 0) & (stored == computed))
     if not ok.all():
         return None
-    tokens = np.ascontiguousarray(rows[:, BLOCK:BLOCK + want]).view(item).reshape(expected, sample_len)
-    return ShardSamples(tokens.astype(item.newbyteorder("="), copy=False), digits @ _POW10, expected, 0, None)
+    tokens = rows[:, BLOCK:BLOCK + want].view(item)  # a strided view of the read buffer: rows are copied once,
+    if not item.isnative:                             # when a batch gathers them
+        tokens = tokens.astype(item.newbyteorder("="))
+    return ShardSamples(tokens, digits @ _POW10, expected, 0, None)
 
 
 def decode_shard(data: bytes | None, expected: int, sample_len: int, dtype: str, error: str | None = None,

@@ -57,3 +57,108 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interlea
     x1, x2 = x.chunk(2, dim=-1)
     rotated = torch.cat((-x2, x1), dim=-1)
     return (x.float() * cos + rotated.float() * sin).to(x.dtype)
+
+
+class _CrossEntropy(torch.autograd.Function):
+    """Mean token cross-entropy whose backward is one pass over the [N, V] logits.
+
+    F.cross_entropy saves log-probabilities and, in backward, fills a zero tensor, scatters the target gradient
+    into it and runs log_softmax's backward (three passes over [N, V]). Here the forward turns the
+    log-probabilities into softmax - onehot in place once the loss is read off them, and the backward scales it
+    (in place too, so a second backward through the same graph is refused).
+    """
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor, ignore_index: int) -> torch.Tensor:
+        logp = torch.log_softmax(logits, dim=-1, dtype=torch.float32)
+        valid = targets != ignore_index
+        safe = torch.where(valid, targets, torch.zeros_like(targets))[:, None]
+        count = valid.sum()
+        loss = -(logp.gather(1, safe).squeeze(1) * valid).sum() / count  # NaN when nothing is valid, as F's
+        if ctx.needs_input_grad[0]:
+            grad = logp.exp_()
+            grad.scatter_add_(1, safe, torch.full_like(safe, -1, dtype=grad.dtype))
+            ctx.save_for_backward(grad, valid, count)
+            ctx.input_dtype, ctx.used = logits.dtype, False
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss: torch.Tensor):
+        if ctx.used:
+            raise RuntimeError("cross_entropy: backward ran twice through the same graph (retain_graph=True); "
+                               "its saved gradient is scaled in place, compute the loss again instead")
+        ctx.used = True
+        grad, valid, count = ctx.saved_tensors
+        scale = (grad_loss / count) * valid.to(grad.dtype)
+        # In place: a fresh [N, V] tensor costs more in page faults than the multiply itself on CPU.
+        return grad.mul_(scale[:, None]).to(ctx.input_dtype), None, None
+
+
+def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    """Mean cross-entropy over targets != ignore_index, computed in fp32; logits [N, V] (any float dtype), targets
+    [N]. Same value and gradient as F.cross_entropy(logits.float(), targets, ignore_index=ignore_index)."""
+    if targets.dtype != torch.long:
+        targets = targets.long()
+    return _CrossEntropy.apply(logits, targets, ignore_index)
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """loss = mean cross-entropy of (x @ weightᵀ) over targets != ignore_index, in token chunks, without ever
+    holding the [N, V] logits: each chunk's softmax - onehot is turned into its input and weight gradients right
+    away (the same three matmuls an unfused head does), so backward only scales them by dloss / n_valid."""
+
+    @staticmethod
+    def forward(ctx, x, weight, targets, ignore_index: int, chunk: int):
+        n = x.shape[0]
+        valid = targets != ignore_index
+        safe = torch.where(valid, targets, torch.zeros_like(targets))
+        count = valid.sum()
+        need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_x = torch.empty_like(x) if need_x else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        total = x.new_zeros((), dtype=torch.float32)
+        for start in range(0, n, chunk):
+            rows = slice(start, min(n, start + chunk))
+            logp = torch.log_softmax(x[rows] @ weight.t(), dim=-1, dtype=torch.float32)
+            t, v = safe[rows, None], valid[rows]
+            total -= (logp.gather(1, t).squeeze(1) * v).sum()
+            if need_x or need_w:
+                g = logp.exp_()
+                g.scatter_add_(1, t, torch.full_like(t, -1, dtype=g.dtype))
+                g.mul_(v[:, None].to(g.dtype))  # ignored rows get no gradient
+                g = g.to(weight.dtype)
+                if need_x:
+                    torch.mm(g, weight, out=grad_x[rows])
+                if need_w:
+                    grad_w.addmm_(g.t().to(torch.float32), x[rows].to(torch.float32))
+        ctx.save_for_backward(count, grad_x, grad_w)
+        ctx.weight_dtype, ctx.used = weight.dtype, False
+        return total / count  # NaN when nothing is valid, as F.cross_entropy
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        if ctx.used:
+            raise RuntimeError("linear_cross_entropy: backward ran twice through the same graph "
+                               "(retain_graph=True); compute the loss again instead")
+        ctx.used = True
+        count, grad_x, grad_w = ctx.saved_tensors
+        scale = grad_loss / count
+        gx = grad_x.mul_(scale.to(grad_x.dtype)) if grad_x is not None else None
+        gw = grad_w.mul_(scale).to(ctx.weight_dtype) if grad_w is not None else None
+        return gx, gw, None, None, None
+
+
+def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100,
+                         chunk_elements: int | None = None) -> torch.Tensor:
+    """cross_entropy(x @ weightᵀ, targets) for x [N, H], weight [V, H], targets [N], never materializing the
+    [N, V] logits: peak extra memory is one chunk of `chunk_elements` fp32 logits (default 2**22 on CPU, where
+    large fresh allocations cost page faults, 2**28 on accelerators). Value and gradients match the unfused head
+    to fp32 rounding."""
+    if targets.dtype != torch.long:
+        targets = targets.long()
+    if chunk_elements is None:
+        chunk_elements = 2**22 if x.device.type == "cpu" else 2**28
+    n, vocab = x.shape[0], weight.shape[0]
+    pieces = max(1, -(-n * vocab // chunk_elements))
+    chunk = max(1, -(-n // pieces))
+    return _LinearCrossEntropy.apply(x, weight, targets, ignore_index, chunk)

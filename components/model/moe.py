@@ -55,6 +55,37 @@ def grouped_mm_supported(x: torch.Tensor) -> bool:
     return torch.cuda.get_device_capability(x.device)[0] >= 9
 
 
+class _Dispatch(torch.autograd.Function):
+    """xs[j] = x[order[j] // k]: each token copied to its k slots in expert order. Backward: gather the slot
+    gradients back into (token, choice) order with the inverse permutation and sum over the k choices."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, order: torch.Tensor, inverse: torch.Tensor, k: int) -> torch.Tensor:
+        ctx.save_for_backward(inverse)
+        ctx.k = k
+        return x.index_select(0, order // k)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (inverse,) = ctx.saved_tensors
+        return grad.index_select(0, inverse).view(-1, ctx.k, grad.shape[-1]).sum(1), None, None, None
+
+
+class _Permute(torch.autograd.Function):
+    """y = x[perm] for a permutation; backward gathers with the inverse (index_select's own backward would
+    zero-fill and index_add)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, perm: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(inverse)
+        return x.index_select(0, perm)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (inverse,) = ctx.saved_tensors
+        return grad.index_select(0, inverse), None, None
+
+
 class Experts(nn.Module):
     """n_routed_experts SwiGLU FFNs stored as stacked 3-D parameters [experts, out, in].
 
@@ -73,18 +104,21 @@ class Experts(nn.Module):
                 counts: torch.Tensor) -> torch.Tensor:
         """x [T, H]; indices/weights [T, k]; counts [E] tokens per expert.
 
-        Tokens are sorted by expert and each expert runs one matmul over its contiguous segment.
+        The T*k (token, choice) slots are sorted by expert and each expert runs one matmul over its contiguous
+        segment. Dispatch and combine are permutations of the slots, so both directions of both are gathers
+        (no zero-filled accumulation buffers, no scatter-add).
         """
         t, k = indices.shape
-        order = indices.reshape(-1).argsort(stable=True)
-        token_of = order // k  # which token each sorted slot came from
-        xs = x[token_of]
+        order = indices.reshape(-1).argsort(stable=True)  # sorted slot -> slot (slot = token * k + choice)
+        inverse = torch.empty_like(order)
+        inverse[order] = torch.arange(order.numel(), device=order.device)
+        xs = _Dispatch.apply(x, order, inverse, k)
         if grouped_mm_supported(xs):
             ys = self._grouped(xs, counts)
         else:
             ys = self._segments(xs, counts)
-        ys = ys * weights.reshape(-1)[order, None].to(ys.dtype)
-        return x.new_zeros(t, x.shape[-1]).index_add_(0, token_of, ys.to(x.dtype))
+        ys = _Permute.apply(ys, inverse, order).view(t, k, -1)  # back to (token, choice) order
+        return (ys * weights.to(ys.dtype)[:, :, None]).sum(1).to(x.dtype)
 
     def _grouped(self, xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         offs = counts.cumsum(0).to(torch.int32)

@@ -10,18 +10,17 @@ import zlib
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from components.model.attention import KVCache, MultiHeadLatentAttention
 from components.model.config import ModelConfig
-from components.model.layers import RMSNorm, RotaryEmbedding, SwiGLU
+from components.model.layers import RMSNorm, RotaryEmbedding, SwiGLU, cross_entropy, linear_cross_entropy
 from components.model.moe import MoE
 
 
 @dataclass
 class ModelOutput:
-    logits: torch.Tensor
+    logits: torch.Tensor | None  # None when the loss came from the fused head (targets without return_logits)
     loss: torch.Tensor | None
     expert_counts: torch.Tensor | None  # [moe_layers, n_routed_experts] tokens routed this forward pass
 
@@ -107,12 +106,14 @@ class CrescentForCausalLM(nn.Module):
         position_ids: torch.Tensor | None = None,
         cache: KVCache | None = None,
         logits_to_keep: int = 0,
+        return_logits: bool | None = None,
     ) -> ModelOutput:
         """input_ids [B, S]; targets [B, S] (already shifted: targets[t] = input_ids[t+1]; -100 = ignore).
 
         attention_mask [B, S_total] marks real tokens (1) and padding (0) over cache + new tokens; position_ids
         default to the running position (after the cached prefix). logits_to_keep > 0 computes only the last
-        positions' logits (generation).
+        positions' logits (generation). With targets, the loss comes from a chunked head that never holds the
+        [B, S, vocab] logits (`linear_cross_entropy`) and `logits` is None, unless return_logits=True.
         """
         b, s = input_ids.shape
         past = cache.length if cache is not None else 0
@@ -135,11 +136,15 @@ class CrescentForCausalLM(nn.Module):
         x = self.model.norm(x)
         if logits_to_keep:
             x = x[:, -logits_to_keep:]
+        counts = torch.stack(counts) if counts else None
+        if targets is not None and not return_logits:
+            loss = linear_cross_entropy(x.reshape(-1, x.shape[-1]), self.lm_head.weight, targets.reshape(-1))
+            return ModelOutput(logits=None, loss=loss, expert_counts=counts)
         logits = self.lm_head(x)
         loss = None
         if targets is not None:
-            loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100)
-        return ModelOutput(logits=logits, loss=loss, expert_counts=torch.stack(counts) if counts else None)
+            loss = cross_entropy(logits.view(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100)
+        return ModelOutput(logits=logits, loss=loss, expert_counts=counts)
 
     @staticmethod
     def _mask(attention_mask, b, s, past, device) -> torch.Tensor | None:

@@ -1,0 +1,113 @@
+"""The hand-written autograd pieces of the model: fused LM head + cross-entropy, and expert dispatch/combine.
+
+Each is compared, value and gradient, with the plain PyTorch expression it replaces.
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+from test_model import SMALL
+
+from components.model.config import ModelConfig
+from components.model.layers import cross_entropy, linear_cross_entropy
+from components.model.moe import Experts
+from components.model.transformer import build_model
+
+
+def _reference_head(x, w, t):
+    return F.cross_entropy((x @ w.t()).float(), t, ignore_index=-100)
+
+
+@pytest.mark.parametrize("chunk_elements", [None, 7 * 50, 50 * 50])  # default (one chunk), uneven chunks, many
+def test_linear_cross_entropy_matches_unfused_head(chunk_elements):
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(123, 16, generator=gen, requires_grad=True)
+    w = (0.3 * torch.randn(50, 16, generator=gen)).requires_grad_()
+    t = torch.randint(0, 50, (123,), generator=gen)
+    t[::4] = -100
+    expected = _reference_head(x, w, t)
+    gx, gw = torch.autograd.grad(2.5 * expected, (x, w))
+    got = linear_cross_entropy(x, w, t, chunk_elements=chunk_elements)
+    hx, hw = torch.autograd.grad(2.5 * got, (x, w))  # a non-unit upstream gradient must scale both
+    assert abs(got.item() - expected.item()) < 1e-6
+    torch.testing.assert_close(hx, gx, atol=1e-7, rtol=1e-5)
+    torch.testing.assert_close(hw, gw, atol=1e-7, rtol=1e-5)
+    assert hx[::4].abs().max().item() == 0.0  # ignored positions get no gradient
+
+
+def test_linear_cross_entropy_bf16_and_no_grad():
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(64, 16, generator=gen).bfloat16().requires_grad_()
+    w = (0.3 * torch.randn(40, 16, generator=gen)).bfloat16().requires_grad_()
+    t = torch.randint(0, 40, (64,), generator=gen)
+    got = linear_cross_entropy(x, w, t)
+    got.backward()
+    assert x.grad.dtype == torch.bfloat16 and w.grad.dtype == torch.bfloat16
+    assert abs(got.item() - _reference_head(x.detach(), w.detach(), t).item()) < 1e-3
+    with torch.no_grad():  # evaluation: no gradient work, same value
+        assert linear_cross_entropy(x, w, t).item() == pytest.approx(got.item(), abs=1e-6)
+
+
+@pytest.mark.parametrize("fn", ["linear", "plain"])
+def test_second_backward_through_the_same_graph_is_refused(fn):
+    x = torch.randn(8, 4, requires_grad=True)
+    w = torch.randn(10, 4, requires_grad=True)
+    t = torch.randint(0, 10, (8,))
+    loss = linear_cross_entropy(x, w, t) if fn == "linear" else cross_entropy(x @ w.t(), t)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="backward ran twice"):
+        loss.backward()
+
+
+def test_cross_entropy_matches_torch():
+    gen = torch.Generator().manual_seed(2)
+    logits = torch.randn(33, 20, generator=gen, requires_grad=True)
+    t = torch.randint(0, 20, (33,), generator=gen)
+    t[5] = -100
+    (g_ref,) = torch.autograd.grad(F.cross_entropy(logits, t), logits)
+    got = cross_entropy(logits, t)
+    (g,) = torch.autograd.grad(got, logits)
+    assert abs(got.item() - F.cross_entropy(logits, t).item()) < 1e-6
+    torch.testing.assert_close(g, g_ref, atol=1e-7, rtol=1e-5)
+
+
+def test_model_fused_loss_equals_loss_from_logits():
+    model = build_model(ModelConfig(**SMALL), seed=4)
+    ids = torch.randint(0, 101, (2, 12), generator=torch.Generator().manual_seed(3))
+    fused = model(ids[:, :-1], targets=ids[:, 1:])
+    assert fused.logits is None
+    grads = torch.autograd.grad(fused.loss, list(model.parameters()))
+    plain = model(ids[:, :-1], targets=ids[:, 1:], return_logits=True)
+    assert plain.logits.shape == (2, 11, 101)
+    expected = F.cross_entropy(plain.logits.reshape(-1, 101).float(), ids[:, 1:].reshape(-1))
+    assert abs(fused.loss.item() - expected.item()) < 1e-6
+    for g, h in zip(grads, torch.autograd.grad(expected, list(model.parameters()))):
+        torch.testing.assert_close(g, h, atol=1e-6, rtol=1e-4)
+
+
+def test_expert_dispatch_gradients_match_a_per_token_loop():
+    config = ModelConfig(**SMALL)
+    experts = Experts(config)
+    gen = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for p in experts.parameters():
+            p.copy_(0.2 * torch.randn(p.shape, generator=gen))
+    x = torch.randn(30, config.hidden_size, generator=gen, requires_grad=True)
+    indices = torch.stack([torch.randperm(8, generator=gen)[:2] for _ in range(30)])
+    indices[:10] = torch.tensor([3, 5])  # a crowded expert; experts 0..7 may also be empty
+    weights = torch.rand(30, 2, generator=gen, requires_grad=True)
+    counts = torch.bincount(indices.reshape(-1), minlength=8)
+    upstream = torch.randn(30, config.hidden_size, generator=gen)
+
+    got = torch.autograd.grad((experts(x, indices, weights, counts) * upstream).sum(),
+                              [x, weights, *experts.parameters()])
+    rows = []
+    for t in range(30):
+        y = 0
+        for j in range(2):
+            e = indices[t, j]
+            h = F.silu(experts.gate_proj[e] @ x[t]) * (experts.up_proj[e] @ x[t])
+            y = y + weights[t, j] * (experts.down_proj[e] @ h)
+        rows.append(y)
+    expected = torch.autograd.grad((torch.stack(rows) * upstream).sum(), [x, weights, *experts.parameters()])
+    for g, h in zip(got, expected):
+        torch.testing.assert_close(g, h, atol=1e-5, rtol=1e-4)
