@@ -145,40 +145,41 @@ class MixtureStream(IterableDataset):
         self.consumed_samples = int(state["consumed_samples"])
 
     # -- iteration ------------------------------------------------------------------------------------------
-    def worker_indices(self, worker: int, num_workers: int, start: int | None = None):
-        """Global sample indices this (rank, worker) yields, in order, as successive micro-batch arrays."""
+    def worker_indices(self, worker: int, num_workers: int, start: int | None = None, sizes=None):
+        """Global sample indices this (rank, worker) yields, in order: lists of micro-batch arrays, `sizes`
+        micro-batches at a time (an iterable of counts; default one at a time), computed together."""
         W, b, K = self.world_size, self.micro_batch_size, max(1, num_workers)
         start = self.consumed_samples if start is None else start
         first = start + (self.rank - start) % W  # first global index >= start on this rank
         m = 0
-        while True:
-            j = (m * K + worker) * b + np.arange(b, dtype=np.int64)
-            index = first + j * W
-            if self.stop_samples is not None:
-                index = index[index < self.stop_samples]
-                if index.size == 0:
-                    return
-            yield index
-            m += 1
+        for size in sizes if sizes is not None else itertools.repeat(1):
+            j = ((m + np.arange(size, dtype=np.int64)) * K + worker)[:, None] * b + np.arange(b, dtype=np.int64)
+            index = first + j * W  # [size, b]
+            m += size
+            if self.stop_samples is None or index[-1, -1] < self.stop_samples:
+                yield list(index)
+                continue
+            parts = [row[row < self.stop_samples] for row in index]
+            parts = [part for part in parts if part.size]
+            if parts:
+                yield parts
+            return
 
     def chunks(self, group: int = 1):
         """(reader, [global indices of each micro-batch]) for up to `group` micro-batches of this (rank, worker)
         at a time: they are located and read together (fewer, larger numpy calls; same result). Must run in the
-        DataLoader worker (or the main process if none); read the samples with `reader.read`."""
+        DataLoader worker (or the main process if none); read the samples with `reader.read`. The first chunks
+        hold 1, 2, 4, ... micro-batches, so the first batch does not wait for a whole group."""
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 0)
         if num_workers != self.num_workers:
             raise ValueError(f"MixtureStream was built for num_workers={self.num_workers} but the DataLoader runs "
                              f"{num_workers}; pass the same number to both")
         reader = _WorkerReader(self)
-        indices = self.worker_indices(worker, num_workers)
-        size = 1  # 1, 2, 4, ... up to `group`: the first batch does not wait for a whole group
-        while True:
-            chunk = list(itertools.islice(indices, size))
-            if not chunk:
-                return
+        ramp = itertools.chain((min(group, 1 << i) for i in range(max(1, group).bit_length())),
+                               itertools.repeat(group))
+        for chunk in self.worker_indices(worker, num_workers, sizes=ramp):
             yield reader, chunk
-            size = min(group, 2 * size)
 
     def __iter__(self):
         """One dict per sample (see the module docstring); collate with DataLoader(batch_size=micro_batch_size)."""
