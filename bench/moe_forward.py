@@ -24,7 +24,7 @@ CONFIGS = {
                                                                  n_routed_experts=16, num_experts_per_tok=4,
                                                                  num_attention_heads=8, kv_lora_rank=128), 4, 256),
 }
-ROUNDS = 7
+ROUNDS = 11
 
 
 def step_time(model, ids) -> float:

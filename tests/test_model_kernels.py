@@ -111,3 +111,20 @@ def test_expert_dispatch_gradients_match_a_per_token_loop():
     expected = torch.autograd.grad((torch.stack(rows) * upstream).sum(), [x, weights, *experts.parameters()])
     for g, h in zip(got, expected):
         torch.testing.assert_close(g, h, atol=1e-5, rtol=1e-4)
+
+
+def test_experts_without_tokens_get_exactly_zero_gradients():
+    config = ModelConfig(**SMALL)
+    experts = Experts(config)
+    torch.nn.init.normal_(experts.gate_proj), torch.nn.init.normal_(experts.up_proj)
+    torch.nn.init.normal_(experts.down_proj)
+    x = torch.randn(12, config.hidden_size, requires_grad=True)
+    indices = torch.tensor([[1, 3], [5, 1], [3, 5]] * 4)
+    counts = torch.bincount(indices.reshape(-1), minlength=8)
+    for _ in range(2):  # twice: the second backward must not see the first one's buffers
+        experts.zero_grad(set_to_none=True)
+        experts(x, indices, torch.rand(12, 2), counts).square().sum().backward()
+        for p in experts.parameters():
+            unused = [e for e in range(8) if e not in (1, 3, 5)]
+            assert torch.count_nonzero(p.grad[unused]).item() == 0
+            assert torch.count_nonzero(p.grad[[1, 3, 5]]).item() > 0
