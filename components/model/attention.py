@@ -18,8 +18,8 @@ from components.model.layers import RMSNorm, apply_rotary
 class KVCache:
     """Per-layer key/value cache for incremental decoding, preallocated to `max_length` positions.
 
-    Keys and values are stored per head after the up-projection, so a decoding step costs one projection of
-    the new tokens only.
+    Keys and values are stored per head after the up-projection (values zero-padded to the key width, as the
+    attention kernel takes them), so a decoding step costs one projection of the new tokens only.
     """
 
     def __init__(self, num_layers: int, max_length: int):
@@ -95,6 +95,10 @@ class MultiHeadLatentAttention(nn.Module):
         k_rope = apply_rotary(k_rope.view(b, 1, s, c.qk_rope_head_dim), cos, sin, c.rope_interleave)
         q = torch.cat((q_nope, q_rope), dim=-1)
         k = torch.cat((k_nope, k_rope.expand(-1, self.num_heads, -1, -1)), dim=-1)
+        # Fused (flash) SDPA kernels need equal q/k and v head dims: pad v with zeros (before caching it, so a
+        # decoding step does not pad the whole cached prefix again) and drop the padding after.
+        pad = c.qk_head_dim - c.v_head_dim
+        v = F.pad(v, (0, pad)) if pad > 0 else v
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)
 
@@ -104,14 +108,10 @@ class MultiHeadLatentAttention(nn.Module):
                 allowed = mask if mask is not None else torch.ones(s, k.shape[2], dtype=torch.bool,
                                                                    device=x.device).tril(k.shape[2] - s)
                 self.max_logit = logits.masked_fill(~allowed, float("-inf")).amax().detach()
-        # Fused (flash) SDPA kernels need equal q/k and v head dims: pad v with zeros and drop the padding after.
-        pad = c.qk_head_dim - c.v_head_dim
-        v_in = F.pad(v, (0, pad)) if pad > 0 else v
         if mask is None:
-            out = F.scaled_dot_product_attention(q, k, v_in, is_causal=s > 1 and k.shape[2] == s,
-                                                 scale=c.softmax_scale)
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=s > 1 and k.shape[2] == s, scale=c.softmax_scale)
         else:
-            out = F.scaled_dot_product_attention(q, k, v_in, attn_mask=mask, scale=c.softmax_scale)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=c.softmax_scale)
         if pad > 0:
             out = out[..., :c.v_head_dim]
         return self.o_proj(out.transpose(1, 2).reshape(b, s, self.num_heads * c.v_head_dim))
