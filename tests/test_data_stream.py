@@ -263,3 +263,26 @@ def test_virtual_stream_reads_contiguous_runs(data):
     assert positions[:50] == list(range(50, 100)) and positions[50:] == list(range(250, 300))
     epochs = {layout.locate(1, k)[0] for k in range(100)}
     assert epochs == {0, 1} and np.unique([layout.locate(1, k)[1] for k in range(50)]).size <= 4
+
+
+@pytest.mark.parametrize("context", [None, "spawn"])
+def test_worker_ring_delivers_every_uint32_row_once_as_int32(tmp_path, context):
+    """Tokens above 65535 (uint32 shards), groups that do not divide the pass, fork and spawn workers: the shared
+    ring hands over every sample exactly once, unchanged, with targets the next tokens. (192 = num_streams x 3:
+    one pass of the stream is then exactly one epoch of the set.)"""
+    from components.data.shards import write_shards
+
+    samples = np.random.default_rng(0).integers(0, 163_840, size=(192, SEQ + 1), dtype=np.uint32)
+    info = {"tokenizer": {"backend": "synthetic", "fingerprint": "x", "vocab_size": 163_840, "eos_id": 0,
+                          "bos_id": None}}
+    write_shards(samples, tmp_path / "set", seed=0, shard_samples=32, name="set", info=info)
+    stream = MixtureStream({"set": str(tmp_path / "set")}, {"set": 1.0}, micro_batch_size=4, num_workers=2,
+                           num_streams=64, stop_samples=192)
+    loader = StreamLoader(stream, group=3, multiprocessing_context=context)
+    batches = list(loader)
+    assert all(b["input_ids"].dtype == torch.int32 for b in batches)
+    tokens = torch.cat([torch.cat([b["input_ids"], b["targets"][:, -1:]], dim=1) for b in batches])
+    assert all(torch.equal(b["input_ids"][:, 1:], b["targets"][:, :-1]) for b in batches)
+    assert sorted(map(tuple, tokens.tolist())) == sorted(map(tuple, samples.astype(np.int64).tolist()))
+    assert sorted(torch.cat([b["index"] for b in batches]).tolist()) == list(range(192))
+    assert loader.stats == {"consumed_samples": 192, "lost_samples": 0, "bad_shards": 0}
