@@ -286,3 +286,68 @@ def test_worker_ring_delivers_every_uint32_row_once_as_int32(tmp_path, context):
     assert sorted(map(tuple, tokens.tolist())) == sorted(map(tuple, samples.astype(np.int64).tolist()))
     assert sorted(torch.cat([b["index"] for b in batches]).tolist()) == list(range(192))
     assert loader.stats == {"consumed_samples": 192, "lost_samples": 0, "bad_shards": 0}
+
+
+def test_one_sample_micro_batches_keep_their_own_indices(tmp_path):
+    """group=1, micro_batch_size=1: every group is a single row, whose small fields must still be copied out of
+    the ring slot that the worker writes again."""
+    from components.data.shards import write_shards
+
+    samples = np.arange(64 * (SEQ + 1), dtype=np.uint16).reshape(64, SEQ + 1)
+    info = {"tokenizer": {"backend": "synthetic", "fingerprint": "x", "vocab_size": 65536, "eos_id": 0,
+                          "bos_id": None}}
+    write_shards(samples, tmp_path / "set", seed=0, shard_samples=8, name="set", info=info)
+    stream = MixtureStream({"set": str(tmp_path / "set")}, {"set": 1.0}, micro_batch_size=1, num_workers=2,
+                           num_streams=64, stop_samples=64)
+    batches = list(StreamLoader(stream, group=1))
+    assert [int(b["index"]) for b in batches] == list(range(64))
+    for b in batches:  # the sample id names the row the tokens came from
+        assert int(b["input_ids"][0, 0]) == int(b["sample_id"]) * (SEQ + 1)
+
+
+def test_running_out_of_file_descriptors_is_an_error_not_lost_data(tmp_path, monkeypatch):
+    import errno
+
+    from components.data import remote
+    from components.data.shards import write_shards
+
+    samples = np.zeros((16, SEQ + 1), dtype=np.uint16)
+    info = {"tokenizer": {"backend": "synthetic", "fingerprint": "x", "vocab_size": 100, "eos_id": 0,
+                          "bos_id": None}}
+    write_shards(samples, tmp_path / "set", seed=0, shard_samples=8, name="set", info=info)
+
+    def exhausted(url):
+        raise OSError(errno.EMFILE, "Too many open files")
+
+    stream = MixtureStream({"set": str(tmp_path / "set")}, {"set": 1.0}, micro_batch_size=4, num_streams=4,
+                           stop_samples=16)
+    monkeypatch.setattr(remote, "map_or_read", exhausted)  # after the manifest was read
+    with pytest.raises(OSError, match="Too many open files"):
+        list(StreamLoader(stream))
+
+
+def test_memory_maps_are_capped_and_the_rest_is_read(tmp_path, monkeypatch):
+    """Each map holds a file descriptor: past remote.MAX_MAPPED live maps, shards are read instead, with the same
+    samples."""
+    from components.data import remote
+    from components.data.shards import write_shards
+
+    samples = np.random.default_rng(1).integers(0, 1000, size=(96, SEQ + 1), dtype=np.uint16)
+    info = {"tokenizer": {"backend": "synthetic", "fingerprint": "x", "vocab_size": 1000, "eos_id": 0,
+                          "bos_id": None}}
+    write_shards(samples, tmp_path / "set", seed=0, shard_samples=4, name="set", info=info)  # 24 shards
+
+    def run():
+        stream = MixtureStream({"set": str(tmp_path / "set")}, {"set": 1.0}, micro_batch_size=4, num_streams=24,
+                               stop_samples=96)
+        out, most = [], 0
+        for batch in StreamLoader(stream):
+            out.append(batch["input_ids"].clone())
+            most = max(most, remote.mapped_count())
+        return torch.cat(out), most
+
+    unlimited, most_unlimited = run()
+    monkeypatch.setattr(remote, "MAX_MAPPED", 2)
+    capped, most_capped = run()
+    assert most_unlimited > 2 and most_capped <= 2
+    assert torch.equal(capped, unlimited)

@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from test_model import SMALL
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from components.model.config import ModelConfig
 from components.model.layers import cross_entropy, linear_cross_entropy
@@ -43,7 +44,7 @@ def test_linear_cross_entropy_bf16_and_no_grad():
     got.backward()
     assert x.grad.dtype == torch.bfloat16 and w.grad.dtype == torch.bfloat16
     assert abs(got.item() - _reference_head(x.detach(), w.detach(), t).item()) < 1e-3
-    with torch.no_grad():  # evaluation: no gradient work, same value
+    with torch.no_grad():  # evaluation: same value (that no gradient work is done is tested below)
         assert linear_cross_entropy(x, w, t).item() == pytest.approx(got.item(), abs=1e-6)
 
 
@@ -128,3 +129,68 @@ def test_experts_without_tokens_get_exactly_zero_gradients():
             unused = [e for e in range(8) if e not in (1, 3, 5)]
             assert torch.count_nonzero(p.grad[unused]).item() == 0
             assert torch.count_nonzero(p.grad[[1, 3, 5]]).item() > 0
+
+
+class _MatmulLog(TorchDispatchMode):
+    """Records (op name, input dtypes) of every matmul that reaches the kernels."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if name in ("mm", "addmm", "addmm_", "bmm", "_grouped_mm"):
+            self.calls.append((name, tuple(a.dtype for a in args if torch.is_tensor(a))))
+        return func(*args, **(kwargs or {}))
+
+
+def test_linear_cross_entropy_does_no_gradient_work_without_grad_mode():
+    x = torch.randn(64, 16, requires_grad=True)
+    w = torch.randn(50, 16, requires_grad=True)  # parameters require grad, as in validation
+    t = torch.randint(0, 50, (64,))
+    with torch.no_grad(), _MatmulLog() as log:
+        value = linear_cross_entropy(x, w, t, chunk_elements=32 * 50)
+    assert [name for name, _ in log.calls] == ["mm", "mm"]  # the two chunks' logits, no gradient matmuls
+    with torch.inference_mode():
+        assert linear_cross_entropy(x, w, t, chunk_elements=32 * 50).item() == value.item()
+
+
+def test_hand_written_functions_compute_in_the_autocast_dtype():
+    model = build_model(ModelConfig(**SMALL), seed=6)
+    ids = torch.randint(0, 101, (2, 12), generator=torch.Generator().manual_seed(7))
+    with torch.autocast("cpu", dtype=torch.bfloat16), _MatmulLog() as log:
+        loss = model(ids[:, :-1], targets=ids[:, 1:]).loss
+    with _MatmulLog() as backward_log:
+        loss.backward()
+    calls = log.calls + backward_log.calls
+    assert len(calls) > 20
+    assert all(d == torch.bfloat16 for _, dtypes in calls for d in dtypes[:2]), \
+        sorted({(n, d) for n, d in calls if torch.float32 in d[:2]})
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all()
+               for p in model.parameters() if p.requires_grad)
+
+
+def test_all_ignored_targets_give_zero_gradients_like_torch():
+    x = torch.randn(6, 4, requires_grad=True)
+    w = torch.randn(9, 4, requires_grad=True)
+    t = torch.full((6,), -100)
+    loss = linear_cross_entropy(x, w, t)
+    loss.backward()
+    assert torch.isnan(loss) and torch.isnan(F.cross_entropy(x @ w.t(), t))
+    assert torch.count_nonzero(x.grad) == 0 and torch.count_nonzero(w.grad) == 0
+    logits = torch.randn(6, 9, requires_grad=True)
+    cross_entropy(logits, t).backward()
+    assert torch.count_nonzero(logits.grad) == 0
+
+
+def test_experts_take_an_empty_batch():
+    config = ModelConfig(**SMALL)
+    experts = Experts(config)
+    torch.nn.init.normal_(experts.gate_proj), torch.nn.init.normal_(experts.up_proj)
+    torch.nn.init.normal_(experts.down_proj)
+    x = torch.zeros(0, config.hidden_size, requires_grad=True)
+    y = experts(x, torch.zeros(0, 2, dtype=torch.long), torch.zeros(0, 2), torch.zeros(8, dtype=torch.long))
+    assert y.shape == (0, config.hidden_size)
+    y.sum().backward()
+    assert x.grad.shape == (0, config.hidden_size)

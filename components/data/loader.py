@@ -9,7 +9,8 @@ LongTensor[1]: the job's global count once this micro-batch has been trained on,
 
 How it is fast (see packing.py): workers write groups of micro-batches straight into a ring of shared-memory
 buffers created once per iteration and send only (worker, slot, count); tokens travel in the shards' own integer
-type and are widened once per group; local shards are memory-mapped, not read into copies.
+type and are widened once per group (into pinned memory when `pin_memory` is set and CUDA is there); local
+shards are memory-mapped (`remote.map_or_read`), not copied.
 
 After n micro-batches the job has consumed `start + n * micro_batch_size * world_size` global samples, whatever the
 data errors. `state_dict()` returns that one number (Lightning saves dataloader state from rank 0 only; this
@@ -43,21 +44,28 @@ class _Groups(IterableDataset):
 
 
 class StreamLoader(DataLoader):
-    """`group`: micro-batches a worker sends at once (default: about 2 MB of tokens; see packing.py)."""
+    """`group`: micro-batches a worker sends at once (default: about 2 MB of tokens, less with many workers so that
+    the ring stays within `RING_BYTES`; see packing.py). `pin_memory`: batches are widened straight into pinned
+    memory (the DataLoader's own pinning thread would only see the ring's slot numbers)."""
+
+    RING_BYTES = 64 << 20
 
     def __init__(self, stream: MixtureStream, *, group: int | None = None, pin_memory: bool = False,
                  prefetch_factor: int | None = None, multiprocessing_context=None):
-        if group is None:
-            group = group_size(stream.micro_batch_size, stream.seq_len, stream.token_dtype)
-        if not isinstance(group, int) or group < 1:
-            raise ValueError(f"group={group!r} must be a positive integer (or None for about 2 MB per transfer)")
         kwargs = {}
         if stream.num_workers > 0:
             kwargs["prefetch_factor"] = prefetch_factor or 2
             kwargs["multiprocessing_context"] = multiprocessing_context
+        if group is None:
+            slots = stream.num_workers * (kwargs.get("prefetch_factor", 0) * stream.num_workers + 1)
+            target = min(2 << 20, self.RING_BYTES // slots) if slots else 2 << 20
+            group = group_size(stream.micro_batch_size, stream.seq_len, stream.token_dtype, target_bytes=target)
+        if not isinstance(group, int) or group < 1:
+            raise ValueError(f"group={group!r} must be a positive integer (or None for about 2 MB per transfer)")
         super().__init__(_Groups(stream, group), batch_size=None, num_workers=stream.num_workers,
-                         pin_memory=pin_memory, persistent_workers=False, **kwargs)
+                         pin_memory=False, persistent_workers=False, **kwargs)
         self.stream, self.group = stream, group
+        self.pin = bool(pin_memory) and torch.cuda.is_available()
         self.stats = {"consumed_samples": stream.consumed_samples, "lost_samples": 0, "bad_shards": 0}
 
     @property
@@ -75,19 +83,23 @@ class StreamLoader(DataLoader):
             slots = self.prefetch_factor * self.num_workers + 1
             ring = shared_ring(self.num_workers, slots, self.group, b, row_width(stream.seq_len, stream.token_dtype))
         self.dataset.ring = ring
-        for item in super().__iter__():
-            group = item if ring is None else ring[item[0], item[1], :item[2]]
-            for ordinal, batch, lost, bad in unpack_group(group, stream.seq_len, stream.token_dtype, first, W, start):
-                pending[ordinal] = (batch, lost, bad)
-            while next_ordinal in pending:
-                batch, lost, bad = pending.pop(next_ordinal)
-                next_ordinal += 1
-                stream.consumed_samples = start + next_ordinal * b * W
-                self.stats["consumed_samples"] = stream.consumed_samples
-                self.stats["lost_samples"] += lost
-                self.stats["bad_shards"] += bad
-                if len(batch["index"]):
-                    yield batch
+        try:
+            for item in super().__iter__():
+                group = item if ring is None else ring[item[0], item[1], :item[2]]
+                for ordinal, batch, lost, bad in unpack_group(group, stream.seq_len, stream.token_dtype, first, W,
+                                                              start, pin=self.pin):
+                    pending[ordinal] = (batch, lost, bad)
+                while next_ordinal in pending:
+                    batch, lost, bad = pending.pop(next_ordinal)
+                    next_ordinal += 1
+                    stream.consumed_samples = start + next_ordinal * b * W
+                    self.stats["consumed_samples"] = stream.consumed_samples
+                    self.stats["lost_samples"] += lost
+                    self.stats["bad_shards"] += bad
+                    if len(batch["index"]):
+                        yield batch
+        finally:
+            self.dataset.ring = None  # the workers hold their own references until they exit
 
     def state_dict(self) -> dict:
         return self.stream.state_dict()

@@ -3,8 +3,9 @@
 torch sends every tensor a worker yields through a fresh shared-memory segment, copying it there, and the
 training process then faults in every page of it: on a 2-core host that cost more than reading the shards. So:
 
-- A worker packs up to `group` of its micro-batches (about 2 MB; the first groups of an iteration are 1, 2, 4, ...
-  micro-batches so the first batch comes quickly) into one byte block [group, b, width]. Per row: five int64
+- A worker packs up to `group` of its micro-batches (about 2 MB, less with many workers so that the whole ring
+  stays within `StreamLoader.RING_BYTES`; the first groups of an iteration are 1, 2, 4, ... micro-batches so the
+  first batch comes quickly) into one byte block [group, b, width]. Per row: five int64
   header fields (global index, set_id or LOST / PADDING, sample_id, lost_samples, bad_shards), then the
   seq_len + 1 tokens in the shards' own integer type (uint16 up to 65536 tokens: a quarter of int64's bytes),
   padded to a multiple of 8 bytes.
@@ -81,27 +82,29 @@ def iter_groups(stream, group: int, ring: torch.Tensor | None = None):
 
 
 def unpack_group(packed: torch.Tensor, seq_len: int, token_dtype: np.dtype, first: int, world_size: int,
-                 start: int) -> list[tuple[int, dict, int, int]]:
+                 start: int, pin: bool = False) -> list[tuple[int, dict, int, int]]:
     """Per micro-batch of a packed group: (ordinal on this rank, the collated dict of the samples that were read,
     lost samples, bad shards). `first` is this rank's first global index of the iteration, `start` the global
     count it started from; each dict's `consumed_samples` is the job's count once it has been trained on.
 
     One conversion widens all the group's tokens (to int32: nn.Embedding takes it as is, the loss widens the
-    targets it needs); every tensor of a micro-batch is a view of one per-group tensor."""
+    targets it needs), into pinned memory when `pin`; every tensor of a micro-batch is a view of one per-group
+    tensor, and none is a view of `packed` (a ring slot the worker will write again)."""
     g, b, _ = packed.shape
     headers = packed.numpy()[:, :, :HEADER_BYTES].view(np.int64)  # [g, b, META]
     ordinals = (headers[:, 0, 0] - first) // world_size // b
     counters = np.empty((g, 3), dtype=np.int64)
     counters[:, :2] = headers[:, :, 3:5].sum(axis=1)
     counters[:, 2] = start + (ordinals + 1) * b * world_size
-    fields = torch.from_numpy(np.ascontiguousarray(headers[:, :, :3].transpose(2, 0, 1)))  # [3, g, b]
+    # A copy, always: for g * b == 1 numpy would call the transposed view contiguous and hand back the ring itself.
+    fields = torch.from_numpy(np.array(headers[:, :, :3].transpose(2, 0, 1), copy=True))  # [3, g, b]
     small = torch.from_numpy(counters)
     nbytes = (seq_len + 1) * np.dtype(token_dtype).itemsize
     # numpy, single-threaded: torch's intra-op threads would spin on this small copy and take the CPU the
     # workers need (measured: twice the main process's CPU time on 2 cores).
-    wide = np.empty((g, b, seq_len + 1), dtype=np.int32)
-    np.copyto(wide, packed.numpy()[:, :, HEADER_BYTES:HEADER_BYTES + nbytes].view(token_dtype), casting="unsafe")
-    wide = torch.from_numpy(wide)
+    wide = torch.empty((g, b, seq_len + 1), dtype=torch.int32, pin_memory=pin)
+    np.copyto(wide.numpy(), packed.numpy()[:, :, HEADER_BYTES:HEADER_BYTES + nbytes].view(token_dtype),
+              casting="unsafe")
     columns = zip(wide[:, :, :-1].unbind(0), wide[:, :, 1:].unbind(0), fields[0].unbind(0), fields[1].unbind(0),
                   fields[2].unbind(0), small[:, 0:1].unbind(0), small[:, 1:2].unbind(0), small[:, 2:3].unbind(0))
     keep = headers[:, :, 1] >= 0

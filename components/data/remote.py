@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import mmap
 import os
+import resource
+import weakref
 from urllib.parse import urlparse
 
 
@@ -57,18 +59,33 @@ def read_bytes(location: str) -> bytes:
     return data
 
 
-def map_bytes(location: str):
-    """A local file memory-mapped read-only (no copy: the page cache is read in place), or `read_bytes` for a URL.
+# Live memory maps of this process. In Python < 3.13 each one holds a duplicate file descriptor, so their number is
+# capped well below the descriptor limit; past the cap, shards are read into memory instead.
+_MAPPED: weakref.WeakSet = weakref.WeakSet()
+MAX_MAPPED = 512
 
-    As with Megatron-style memory-mapped datasets, a shard must not be truncated in place while a job maps it
-    (replacing it by rename, as `crescent data build` does, is safe)."""
-    if is_url(location):
+
+def mapped_count() -> int:
+    return len(_MAPPED)
+
+
+def map_or_read(location: str):
+    """A local file memory-mapped read-only (the page cache is read in place, with no copy), or its bytes: for a
+    URL, an empty file, or while `MAX_MAPPED` maps (at most a quarter of the soft descriptor limit) are alive.
+
+    As with any memory-mapped dataset, a shard must not be truncated in place while a job maps it; replacing it
+    by rename, as `crescent data build` writes shards, is safe."""
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    cap = MAX_MAPPED if soft == resource.RLIM_INFINITY else min(MAX_MAPPED, soft // 4)
+    if is_url(location) or len(_MAPPED) >= cap:
         return read_bytes(location)
     with open(local_path(location), "rb") as f:
         try:
-            return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            data = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
         except ValueError:  # an empty file cannot be mapped
             return b""
+    _MAPPED.add(data)  # leaves the set (and closes its descriptor) when the last array viewing it is gone
+    return data
 
 
 def exists(location: str) -> bool:

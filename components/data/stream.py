@@ -16,7 +16,7 @@ A yielded item is a dict: `input_ids` LongTensor[seq_len], `targets` LongTensor[
 `index` (global sample index), `set_id` (position of the set in `set_names`), `sample_id` (the sample's position in
 its set's packed token stream), `lost_samples` and `bad_shards` (data errors met since the previous item of this
 worker; `StreamLoader` sums them into `stats`). `StreamLoader` is the way to train from it: it batches in the
-workers, moves one packed tensor per group of micro-batches, and yields the same dicts collated.
+workers, hands groups of micro-batches over through a shared-memory ring, and yields the same dicts collated.
 
 Bad data: a truncated or corrupt tar, a malformed sample or a shard that went missing is logged once, its samples
 are skipped and counted, and the stream goes on. Through `StreamLoader` a lost sample only makes its micro-batch
@@ -26,6 +26,7 @@ shard file or a tokenizer fingerprint that does not match is a ValueError.
 """
 from __future__ import annotations
 
+import errno
 import itertools
 import logging
 import weakref
@@ -43,6 +44,8 @@ from .shards import read_manifest
 from .tarshard import ShardSamples, decode_shard
 
 log = logging.getLogger(__name__)
+# Out of file descriptors or memory: not bad data, so never counted as a lost shard.
+_RESOURCE_ERRORS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM}
 
 
 @dataclass
@@ -229,9 +232,11 @@ class _WorkerReader:
         data, error = None, None
         for _attempt in range(2 if remote.is_url(url) else 1):
             try:
-                data = remote.map_bytes(url)
+                data = remote.map_or_read(url)
                 break
             except OSError as err:  # missing file, network error: counted below, never raised
+                if err.errno in _RESOURCE_ERRORS:  # this process, not the data, is in trouble: do not drop data
+                    raise
                 error = f"{type(err).__name__}: {err}"
         shard = decode_shard(data, int(entry["samples"]), int(shard_set.manifest["sample_tokens"]),
                              shard_set.manifest["dtype"], error)

@@ -13,9 +13,10 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 from components.model.config import ModelConfig
-from components.model.layers import SwiGLU
+from components.model.layers import SwiGLU, autocast_inputs
 
 
 class Router(nn.Module):
@@ -68,7 +69,8 @@ class _Dispatch(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         (inverse,) = ctx.saved_tensors
-        return grad.index_select(0, inverse).view(-1, ctx.k, grad.shape[-1]).sum(1), None, None, None
+        slots, k = grad.shape[0], ctx.k
+        return grad.index_select(0, inverse).view(slots // k, k, grad.shape[-1]).sum(1), None, None, None
 
 
 class _Permute(torch.autograd.Function):
@@ -113,22 +115,26 @@ class Experts(nn.Module):
         inverse = torch.empty_like(order)
         inverse[order] = torch.arange(order.numel(), device=order.device)
         xs = _Dispatch.apply(x, order, inverse, k)
+        # Under autocast, compute in its dtype (the hand-written matmuls below are out of autocast's reach).
+        xs, gate, up, down = autocast_inputs(xs, self.gate_proj, self.up_proj, self.down_proj)
         if grouped_mm_supported(xs):
-            ys = self._grouped(xs, counts)
+            ys = self._grouped(xs, counts, gate, up, down)
         else:
-            ys = self._segments(xs, counts)
-        ys = _Permute.apply(ys, inverse, order).view(t, k, -1)  # back to (token, choice) order
+            ys = self._segments(xs, counts, gate, up, down)
+        ys = _Permute.apply(ys, inverse, order).view(t, k, ys.shape[-1])  # back to (token, choice) order
         return (ys * weights.to(ys.dtype)[:, :, None]).sum(1).to(x.dtype)
 
-    def _grouped(self, xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    @staticmethod
+    def _grouped(xs, counts, gate, up, down) -> torch.Tensor:
         offs = counts.cumsum(0).to(torch.int32)
-        gate = torch._grouped_mm(xs, self.gate_proj.transpose(-2, -1), offs=offs)
-        up = torch._grouped_mm(xs, self.up_proj.transpose(-2, -1), offs=offs)
-        return torch._grouped_mm(F.silu(gate) * up, self.down_proj.transpose(-2, -1), offs=offs)
+        a = torch._grouped_mm(xs, gate.transpose(-2, -1), offs=offs)
+        u = torch._grouped_mm(xs, up.transpose(-2, -1), offs=offs)
+        return torch._grouped_mm(F.silu(a) * u, down.transpose(-2, -1), offs=offs)
 
-    def _segments(self, xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    @staticmethod
+    def _segments(xs, counts, gate, up, down) -> torch.Tensor:
         sizes = counts.tolist()  # one host sync per layer; the loops run over experts, never over tokens
-        return _SegmentFFN.apply(xs, self.gate_proj, self.up_proj, self.down_proj, sizes)
+        return _SegmentFFN.apply(xs, gate, up, down, sizes)
 
 
 class _SegmentFFN(torch.autograd.Function):
@@ -159,6 +165,7 @@ class _SegmentFFN(torch.autograd.Function):
         return y
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, gy):
         xs, gate, up, down, a, u = ctx.saved_tensors
         gy = gy.contiguous()
