@@ -114,11 +114,16 @@ def test_expert_dispatch_gradients_match_a_per_token_loop():
         torch.testing.assert_close(g, h, atol=1e-5, rtol=1e-4)
 
 
-def test_experts_without_tokens_get_exactly_zero_gradients():
+def _random_experts() -> tuple[ModelConfig, Experts]:
     config = ModelConfig(**SMALL)
     experts = Experts(config)
-    torch.nn.init.normal_(experts.gate_proj), torch.nn.init.normal_(experts.up_proj)
-    torch.nn.init.normal_(experts.down_proj)
+    for p in experts.parameters():
+        torch.nn.init.normal_(p)
+    return config, experts
+
+
+def test_experts_without_tokens_get_exactly_zero_gradients():
+    config, experts = _random_experts()
     x = torch.randn(12, config.hidden_size, requires_grad=True)
     indices = torch.tensor([[1, 3], [5, 1], [3, 5]] * 4)
     counts = torch.bincount(indices.reshape(-1), minlength=8)
@@ -185,10 +190,7 @@ def test_all_ignored_targets_give_zero_gradients_like_torch():
 
 
 def test_experts_take_an_empty_batch():
-    config = ModelConfig(**SMALL)
-    experts = Experts(config)
-    torch.nn.init.normal_(experts.gate_proj), torch.nn.init.normal_(experts.up_proj)
-    torch.nn.init.normal_(experts.down_proj)
+    config, experts = _random_experts()
     x = torch.zeros(0, config.hidden_size, requires_grad=True)
     y = experts(x, torch.zeros(0, 2, dtype=torch.long), torch.zeros(0, 2), torch.zeros(8, dtype=torch.long))
     assert y.shape == (0, config.hidden_size)
