@@ -25,6 +25,9 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 CONTEXT_PATHS = ["pyproject.toml", "constraints.txt", "README.md", ".dockerignore", "app", "components", "eval",
                  "containers"]
 MLFLOW_VERSION = "3.17.2"
+# Wheels the images need beyond the project's own dependencies (the MLflow image's Postgres driver; keep in step
+# with containers/mlflow.Dockerfile).
+WHEELHOUSE_EXTRAS = ("psycopg2-binary==2.9.13",)
 DEBIAN_MIRROR = "http://deb.debian.org/debian"
 
 
@@ -106,11 +109,12 @@ def prepare_context(dest: Path, wheelhouse: Path | None = None) -> Path:
 
 
 def build_wheelhouse(directory: Path, python: str = sys.executable) -> None:
-    """Wheels for torch==2.13.0 (first: the CPU wheel on this host), the build backend and every dependency."""
+    """Wheels for torch==2.13.0 (first: the CPU wheel on this host), the build backend, every dependency and
+    WHEELHOUSE_EXTRAS."""
     directory.mkdir(parents=True, exist_ok=True)
     subprocess.run([python, "-m", "pip", "wheel", "--quiet", "--wheel-dir", str(directory),
                     "--constraint", str(REPO_ROOT / "constraints.txt"), "torch==2.13.0", "setuptools>=68",
-                    "wheel", str(REPO_ROOT)], check=True)
+                    "wheel", *WHEELHOUSE_EXTRAS, str(REPO_ROOT)], check=True)
 
 
 def build_base(tag: str, engine: str = "podman", mirror: str | None = None, suite: str = "bookworm") -> None:

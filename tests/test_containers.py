@@ -21,6 +21,7 @@ DOCKERFILES = sorted((ROOT / "containers").glob("*.Dockerfile"))
 BASE_TAG = "localhost/crescent-test-base:bookworm-py311"
 TEST_IMAGE = images.Image("train", "containers/train.Dockerfile", "localhost/crescent-test/train", "ci")
 BUILD_STAGE_REF = "localhost/crescent-test/train-build:ci"
+MLFLOW_IMAGE = images.Image("mlflow", "containers/mlflow.Dockerfile", "localhost/crescent-test/mlflow", "ci")
 
 
 def _hadolint() -> str:
@@ -134,7 +135,8 @@ def _podman(*args, timeout=900, check=True):
 
 def _wheelhouse() -> Path:
     """Wheels for the build, cached across runs by the dependency pins (pip resolves them once, from this host)."""
-    key = hashlib.sha256((ROOT / "constraints.txt").read_bytes() + (ROOT / "pyproject.toml").read_bytes())
+    key = hashlib.sha256((ROOT / "constraints.txt").read_bytes() + (ROOT / "pyproject.toml").read_bytes()
+                         + " ".join(images.WHEELHOUSE_EXTRAS).encode())
     directory = Path(os.environ.get("CRESCENT_WHEELHOUSE_CACHE", "/var/tmp")) / f"crescent-wheels-{key.hexdigest()[:12]}"
     if not (directory / ".complete").exists():
         images.build_wheelhouse(directory)
@@ -163,6 +165,23 @@ def train_image(tmp_path_factory):
         if old and old != _image_id(ref):
             _podman("rmi", old, check=False)  # untagged by this build; a layer still in use is kept
     return TEST_IMAGE.ref
+
+
+@pytest.fixture(scope="module")
+def mlflow_image(tmp_path_factory):
+    """The MLflow server image, built offline from the same local base and wheelhouse."""
+    missing = [tool for tool in ("podman", "debootstrap") if shutil.which(tool) is None]
+    if os.geteuid() != 0 or missing:
+        pytest.skip(f"needs root with podman and debootstrap (missing: {missing or 'root'}); "
+                    "run .ci/setup-system.sh")
+    if _podman("image", "exists", BASE_TAG, check=False).returncode != 0:
+        images.build_base(BASE_TAG)
+    context = images.prepare_context(tmp_path_factory.mktemp("mlflow-context"), _wheelhouse())
+    before = _image_id(MLFLOW_IMAGE.ref)
+    _podman(*images.build_command("podman", MLFLOW_IMAGE, context, base_image=BASE_TAG, offline=True)[1:])
+    if before and before != _image_id(MLFLOW_IMAGE.ref):
+        _podman("rmi", before, check=False)
+    return MLFLOW_IMAGE.ref
 
 
 def _image_id(ref: str) -> str:
@@ -222,3 +241,46 @@ def test_make_images_builds_the_three_images_with_the_manifest_tags(capsys):
     with pytest.raises(SystemExit):
         images.main(["build", "--dry-run", "--only", "trainer"])
     assert "unknown ['trainer']" in capsys.readouterr().err
+
+
+# Inside the MLflow container (no network): the Postgres driver loads, and `mlflow server` started with the
+# manifest's flags (a SQLite store instead of Postgres) answers /health and creates an experiment over REST.
+_MLFLOW_PROBE = r"""
+import json, os, subprocess, sys, time, urllib.request
+import psycopg2, sqlalchemy
+engine = sqlalchemy.create_engine("postgresql+psycopg2://mlflow:x@mlflow-postgres:5432/mlflow")
+print("driver", engine.dialect.driver, psycopg2.__version__.split()[0])
+server = subprocess.Popen(["mlflow", "server", "--host=127.0.0.1", "--port=5000", "--workers=1",
+                           "--serve-artifacts", "--artifacts-destination=/tmp/mlartifacts",
+                           "--backend-store-uri=sqlite:////tmp/mlflow.db", "--allowed-hosts=127.0.0.1:*"])
+try:
+    for _ in range(240):
+        try:
+            print("health", urllib.request.urlopen("http://127.0.0.1:5000/health", timeout=2).read().decode())
+            break
+        except OSError:
+            time.sleep(0.5)
+    request = urllib.request.Request("http://127.0.0.1:5000/api/2.0/mlflow/experiments/create",
+                                     data=json.dumps({"name": "probe"}).encode(),
+                                     headers={"Content-Type": "application/json"})
+    print("experiment", json.loads(urllib.request.urlopen(request, timeout=10).read())["experiment_id"])
+finally:
+    server.terminate()
+    server.wait(30)
+"""
+
+
+@pytest.mark.slow
+def test_mlflow_image_serves_offline_as_non_root_with_the_postgres_driver(mlflow_image):
+    version = _podman("run", "--rm", "--network=none", mlflow_image, "--version").stdout
+    assert images.MLFLOW_VERSION in version
+    ident = _podman("run", "--rm", "--network=none", "--entrypoint", "id", mlflow_image).stdout
+    assert ident.startswith("uid=10001(mlflow) gid=10001(mlflow)")
+    out = _podman("run", "--rm", "--network=none", "--entrypoint", "python", mlflow_image, "-c", _MLFLOW_PROBE,
+                  timeout=300).stdout
+    lines = dict(line.split(" ", 1) for line in out.splitlines() if " " in line)
+    assert lines["driver"] == "psycopg2 2.9.13"
+    assert lines["health"] == "OK"
+    assert lines["experiment"].strip().isdigit()
+    assert _podman("run", "--rm", "--network=none", "--entrypoint", "sh", mlflow_image, "-c",
+                   "command -v pip gcc || echo none").stdout.strip() == "none"
