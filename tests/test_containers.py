@@ -4,6 +4,7 @@ with podman from a local debootstrap base and runs offline as the non-root user 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import shutil
@@ -21,6 +22,7 @@ DOCKERFILES = sorted((ROOT / "containers").glob("*.Dockerfile"))
 BASE_TAG = "localhost/crescent-test-base:bookworm-py311"
 TEST_IMAGE = images.Image("train", "containers/train.Dockerfile", "localhost/crescent-test/train", "ci")
 BUILD_STAGE_REF = "localhost/crescent-test/train-build:ci"
+EVAL_IMAGE = images.Image("eval", "containers/eval.Dockerfile", "localhost/crescent-test/eval", "ci")
 MLFLOW_IMAGE = images.Image("mlflow", "containers/mlflow.Dockerfile", "localhost/crescent-test/mlflow", "ci")
 
 
@@ -168,6 +170,17 @@ def train_image(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def eval_image(train_image, tmp_path_factory):
+    """The evaluation image; built after the training image, whose dependency layer it reuses from the cache."""
+    context = images.prepare_context(tmp_path_factory.mktemp("eval-context"), _wheelhouse())
+    before = _image_id(EVAL_IMAGE.ref)
+    _podman(*images.build_command("podman", EVAL_IMAGE, context, base_image=BASE_TAG, offline=True)[1:])
+    if before and before != _image_id(EVAL_IMAGE.ref):
+        _podman("rmi", before, check=False)
+    return EVAL_IMAGE.ref
+
+
+@pytest.fixture(scope="module")
 def mlflow_image(tmp_path_factory):
     """The MLflow server image, built offline from the same local base and wheelhouse."""
     missing = [tool for tool in ("podman", "debootstrap") if shutil.which(tool) is None]
@@ -284,3 +297,25 @@ def test_mlflow_image_serves_offline_as_non_root_with_the_postgres_driver(mlflow
     assert lines["experiment"].strip().isdigit()
     assert _podman("run", "--rm", "--network=none", "--entrypoint", "sh", mlflow_image, "-c",
                    "command -v pip gcc || echo none").stdout.strip() == "none"
+
+
+@pytest.mark.slow
+def test_eval_image_evaluates_an_export_offline_as_non_root(eval_image, tmp_path):
+    """`crescent eval run` in the image, no network, as uid 10001: MMLU and HumanEval (generated code executed)
+    from the data baked into the image, on a mounted export, results and MLflow store on a mounted volume."""
+    from test_eval_fixtures import write_export, write_tokenizer
+
+    export = write_export(tmp_path / "exports", write_tokenizer(tmp_path / "tok"), step=100)
+    out = tmp_path / "out"
+    out.mkdir()
+    os.chown(out, 10001, 10001)
+    proc = _podman("run", "--rm", "--network=none", "--volume", f"{export}:/checkpoint:ro", "--volume",
+                   f"{out}:/out", eval_image, "eval", "run", "--checkpoint", "/checkpoint", "--tasks",
+                   "mmlu,humaneval", "--limit", "1", "--allow-code-execution", "--data-dir",
+                   "/opt/crescent-eval-data", "--tracking-uri", "sqlite:////out/mlflow.db", "--output",
+                   "/out/results.json", timeout=900)
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["step"] == 100, proc.stdout[-2000:]
+    assert saved["tasks"]["humaneval"]["documents"] == 1
+    assert saved["tasks"]["mmlu"]["documents"] == 57  # --limit 1 per subject
+    assert (out / "mlflow.db").stat().st_size > 0

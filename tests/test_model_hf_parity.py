@@ -1,4 +1,7 @@
 """Parity with transformers' DeepseekV3ForCausalLM: load_hf of save_pretrained, and save_hf back."""
+import os
+import stat
+
 import pytest
 import torch
 
@@ -63,6 +66,10 @@ def test_save_hf_shards_with_index_and_reloads(tmp_path):
     save_hf(ours, tmp_path / "sharded", max_shard_bytes=20_000)
     files = sorted(p.name for p in (tmp_path / "sharded").glob("*.safetensors"))
     assert len(files) > 1 and (tmp_path / "sharded" / "model.safetensors.index.json").exists()
+    mask = os.umask(0o022)
+    os.umask(mask)
+    for name in files:  # readable as any file this process writes (safetensors alone would make them 0600)
+        assert stat.S_IMODE((tmp_path / "sharded" / name).stat().st_mode) == 0o666 & ~mask
     reloaded = load_hf(tmp_path / "sharded").eval()
     ids = torch.arange(20).view(1, 20) % BASE["vocab_size"]
     with torch.no_grad():

@@ -8,6 +8,7 @@ tensor from memory-mapped safetensors into a model allocated once, so a 16B chec
 from __future__ import annotations
 
 import json
+import os
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -151,6 +152,14 @@ def hf_state_items(model: CrescentForCausalLM) -> Iterator[tuple[str, torch.Tens
             yield name, tensor
 
 
+def _umask_mode(file: Path) -> None:
+    """safetensors writes 0600 files; give them the mode any other file gets (0666 less the umask), so that an
+    evaluation job running as another user can read an export."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    os.chmod(file, 0o666 & ~mask)
+
+
 def save_hf(model: CrescentForCausalLM, path: str | Path, max_shard_bytes: int = 4 << 30,
             dtype: torch.dtype | None = None) -> Path:
     """Write config.json + safetensors (sharded with an index above max_shard_bytes) in the HF layout."""
@@ -169,6 +178,7 @@ def save_hf(model: CrescentForCausalLM, path: str | Path, max_shard_bytes: int =
         n = len(written) + 1
         name = f"model-{n:05d}.safetensors"
         save_file(shards[-1], str(path / name), metadata={"format": "pt"})
+        _umask_mode(path / name)
         written.append(name)
         for k in shards[-1]:
             weight_map[k] = n
