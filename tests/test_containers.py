@@ -21,7 +21,6 @@ ROOT = Path(__file__).resolve().parents[1]
 DOCKERFILES = sorted((ROOT / "containers").glob("*.Dockerfile"))
 BASE_TAG = "localhost/crescent-test-base:bookworm-py311"
 TEST_IMAGE = images.Image("train", "containers/train.Dockerfile", "localhost/crescent-test/train", "ci")
-BUILD_STAGE_REF = "localhost/crescent-test/train-build:ci"
 EVAL_IMAGE = images.Image("eval", "containers/eval.Dockerfile", "localhost/crescent-test/eval", "ci")
 MLFLOW_IMAGE = images.Image("mlflow", "containers/mlflow.Dockerfile", "localhost/crescent-test/mlflow", "ci")
 
@@ -147,54 +146,49 @@ def _wheelhouse() -> Path:
 
 
 @pytest.fixture(scope="module")
-def train_image(tmp_path_factory):
+def local_base():
     missing = [tool for tool in ("podman", "debootstrap") if shutil.which(tool) is None]
     if os.geteuid() != 0 or missing:
         pytest.skip(f"needs root with podman and debootstrap (missing: {missing or 'root'}); "
                     "run .ci/setup-system.sh")
     if _podman("image", "exists", BASE_TAG, check=False).returncode != 0:
         images.build_base(BASE_TAG)  # cached by tag across runs
-    context = images.prepare_context(tmp_path_factory.mktemp("context"), _wheelhouse())
-    cmd = images.build_command("podman", TEST_IMAGE, context, base_image=BASE_TAG, offline=True)
-    # The build stage gets a tag of its own, so that each run's images replace the previous run's by tag and the
-    # old ones can be removed below: rebuilding after every commit would otherwise leave ~4 GB untagged per run.
+    return BASE_TAG
+
+
+def _build_offline(image: images.Image, directory: Path) -> str:
+    """Build `image` from the local base and the wheelhouse, with no network.
+
+    The build stage gets a tag of its own, so that each run's images replace the previous run's by tag and the old
+    ones can be removed: rebuilding after every commit would otherwise leave ~4 GB untagged per run."""
+    context = images.prepare_context(directory, _wheelhouse())
+    cmd = images.build_command("podman", image, context, base_image=BASE_TAG, offline=True)
+    stage_ref = f"{image.repository}-build:{image.tag}"
     at = cmd.index("--tag")
-    stage_cmd = cmd[:at] + ["--tag", BUILD_STAGE_REF, "--target", "build"] + cmd[at + 2:]
-    before = {ref: _image_id(ref) for ref in (TEST_IMAGE.ref, BUILD_STAGE_REF)}
+    stage_cmd = cmd[:at] + ["--tag", stage_ref, "--target", "build"] + cmd[at + 2:]
+    before = {ref: _image_id(ref) for ref in (image.ref, stage_ref)}
     _podman(*stage_cmd[1:])
     _podman(*cmd[1:])
     for ref, old in before.items():
         if old and old != _image_id(ref):
             _podman("rmi", old, check=False)  # untagged by this build; a layer still in use is kept
-    return TEST_IMAGE.ref
+    return image.ref
+
+
+@pytest.fixture(scope="module")
+def train_image(local_base, tmp_path_factory):
+    return _build_offline(TEST_IMAGE, tmp_path_factory.mktemp("context"))
 
 
 @pytest.fixture(scope="module")
 def eval_image(train_image, tmp_path_factory):
-    """The evaluation image; built after the training image, whose dependency layer it reuses from the cache."""
-    context = images.prepare_context(tmp_path_factory.mktemp("eval-context"), _wheelhouse())
-    before = _image_id(EVAL_IMAGE.ref)
-    _podman(*images.build_command("podman", EVAL_IMAGE, context, base_image=BASE_TAG, offline=True)[1:])
-    if before and before != _image_id(EVAL_IMAGE.ref):
-        _podman("rmi", before, check=False)
-    return EVAL_IMAGE.ref
+    """Built after the training image, whose dependency layer it reuses from the cache."""
+    return _build_offline(EVAL_IMAGE, tmp_path_factory.mktemp("eval-context"))
 
 
 @pytest.fixture(scope="module")
-def mlflow_image(tmp_path_factory):
-    """The MLflow server image, built offline from the same local base and wheelhouse."""
-    missing = [tool for tool in ("podman", "debootstrap") if shutil.which(tool) is None]
-    if os.geteuid() != 0 or missing:
-        pytest.skip(f"needs root with podman and debootstrap (missing: {missing or 'root'}); "
-                    "run .ci/setup-system.sh")
-    if _podman("image", "exists", BASE_TAG, check=False).returncode != 0:
-        images.build_base(BASE_TAG)
-    context = images.prepare_context(tmp_path_factory.mktemp("mlflow-context"), _wheelhouse())
-    before = _image_id(MLFLOW_IMAGE.ref)
-    _podman(*images.build_command("podman", MLFLOW_IMAGE, context, base_image=BASE_TAG, offline=True)[1:])
-    if before and before != _image_id(MLFLOW_IMAGE.ref):
-        _podman("rmi", before, check=False)
-    return MLFLOW_IMAGE.ref
+def mlflow_image(local_base, tmp_path_factory):
+    return _build_offline(MLFLOW_IMAGE, tmp_path_factory.mktemp("mlflow-context"))
 
 
 def _image_id(ref: str) -> str:
