@@ -26,6 +26,14 @@ def _leaf_tasks(manager, name):
     return manager.load([name])["tasks"]
 
 
+def _first_prompt(manager, name):
+    """(task, its first test document, that document's few-shot prompt with a fixed seed)."""
+    (task,) = _leaf_tasks(manager, name).values()
+    task.set_fewshot_seed(1234)
+    doc = list(task.test_docs())[0]
+    return task, doc, task.fewshot_context(doc, num_fewshot=task.config.num_fewshot)
+
+
 def test_humaneval_task_scores_canonical_solutions_as_passing(tasks, monkeypatch):
     monkeypatch.setenv(sandbox.ALLOW_ENV, "1")
     manager, _ = tasks
@@ -40,10 +48,7 @@ def test_humaneval_task_scores_canonical_solutions_as_passing(tasks, monkeypatch
 
 def test_mmlu_subject_prompt_is_lm_eval_format_without_the_question_itself(tasks):
     manager, specs = tasks
-    (task,) = _leaf_tasks(manager, "crescent_mmlu_anatomy").values()
-    task.set_fewshot_seed(1234)
-    doc = list(task.test_docs())[0]
-    prompt = task.fewshot_context(doc, num_fewshot=task.config.num_fewshot)
+    task, doc, prompt = _first_prompt(manager, "crescent_mmlu_anatomy")
     assert prompt.startswith("The following are multiple choice questions (with answers) about anatomy.\n\n")
     assert prompt.count("\nAnswer:") == task.config.num_fewshot + 1 == 5  # 4 examples + the question
     assert prompt.endswith(f"{doc['question'].strip()}\nA. {doc['choices'][0]}\nB. {doc['choices'][1]}\n"
@@ -54,10 +59,7 @@ def test_mmlu_subject_prompt_is_lm_eval_format_without_the_question_itself(tasks
 
 def test_gsm8k_uses_the_train_file_for_four_examples_and_extracts_the_number(tasks):
     manager, specs = tasks
-    (task,) = _leaf_tasks(manager, "crescent_gsm8k").values()
-    task.set_fewshot_seed(1234)
-    doc = list(task.test_docs())[0]
-    prompt = task.fewshot_context(doc, num_fewshot=task.config.num_fewshot)
+    task, doc, prompt = _first_prompt(manager, "crescent_gsm8k")
     assert task.config.num_fewshot == 4 and prompt.count("Question:") == 5 and specs["gsm8k"].note == ""
     assert prompt.endswith(f"Question: {doc['question']}\nAnswer:")
 
