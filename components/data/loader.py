@@ -56,9 +56,11 @@ class StreamLoader(DataLoader):
         if stream.num_workers > 0:
             kwargs["prefetch_factor"] = prefetch_factor or 2
             kwargs["multiprocessing_context"] = multiprocessing_context
+        # Ring slots per worker (see packing.py): the DataLoader's bound on outstanding items, plus one.
+        self.slots = kwargs["prefetch_factor"] * stream.num_workers + 1 if stream.num_workers else 0
         if group is None:
-            slots = stream.num_workers * (kwargs.get("prefetch_factor", 0) * stream.num_workers + 1)
-            target = min(2 << 20, self.RING_BYTES // slots) if slots else 2 << 20
+            ring_slots = stream.num_workers * self.slots
+            target = min(2 << 20, self.RING_BYTES // ring_slots) if ring_slots else 2 << 20
             group = group_size(stream.micro_batch_size, stream.seq_len, stream.token_dtype, target_bytes=target)
         if not isinstance(group, int) or group < 1:
             raise ValueError(f"group={group!r} must be a positive integer (or None for about 2 MB per transfer)")
@@ -80,8 +82,8 @@ class StreamLoader(DataLoader):
         pending, next_ordinal = {}, 0
         ring = None
         if self.num_workers > 0:
-            slots = self.prefetch_factor * self.num_workers + 1
-            ring = shared_ring(self.num_workers, slots, self.group, b, row_width(stream.seq_len, stream.token_dtype))
+            ring = shared_ring(self.num_workers, self.slots, self.group, b,
+                               row_width(stream.seq_len, stream.token_dtype))
         self.dataset.ring = ring
         try:
             for item in super().__iter__():

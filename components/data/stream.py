@@ -148,14 +148,14 @@ class MixtureStream(IterableDataset):
         self.consumed_samples = int(state["consumed_samples"])
 
     # -- iteration ------------------------------------------------------------------------------------------
-    def worker_indices(self, worker: int, num_workers: int, start: int | None = None, sizes=None):
+    def worker_indices(self, worker: int, num_workers: int, sizes, start: int | None = None):
         """Global sample indices this (rank, worker) yields, in order: lists of micro-batch arrays, `sizes`
-        micro-batches at a time (an iterable of counts; default one at a time), computed together."""
+        micro-batches at a time (an iterable of counts), computed together."""
         W, b, K = self.world_size, self.micro_batch_size, max(1, num_workers)
         start = self.consumed_samples if start is None else start
         first = start + (self.rank - start) % W  # first global index >= start on this rank
         m = 0
-        for size in sizes if sizes is not None else itertools.repeat(1):
+        for size in sizes:
             j = ((m + np.arange(size, dtype=np.int64)) * K + worker)[:, None] * b + np.arange(b, dtype=np.int64)
             index = first + j * W  # [size, b]
             m += size
@@ -181,7 +181,7 @@ class MixtureStream(IterableDataset):
         reader = _WorkerReader(self)
         ramp = itertools.chain((min(group, 1 << i) for i in range(max(1, group).bit_length())),
                                itertools.repeat(group))
-        for chunk in self.worker_indices(worker, num_workers, sizes=ramp):
+        for chunk in self.worker_indices(worker, num_workers, ramp):
             yield reader, chunk
 
     def __iter__(self):
@@ -196,6 +196,15 @@ class MixtureStream(IterableDataset):
                        "sample_id": int(sample_ids[r]), "lost_samples": lost, "bad_shards": bad}
 
 
+def _code(set_id, shard_index):
+    """One integer for a (set, shard) pair (scalars or arrays)."""
+    return set_id * (1 << 32) + shard_index
+
+
+def _uncode(code: int) -> tuple[int, int]:
+    return code >> 32, code & 0xFFFFFFFF
+
+
 class _WorkerReader:
     """The per-worker state: virtual-stream cursors, set layouts and decoded shards."""
 
@@ -206,14 +215,14 @@ class _WorkerReader:
         self.position = np.zeros(V, dtype=np.int64)        # next position of each virtual stream
         self.draws = np.zeros((V, n_sets), dtype=np.int64)  # draws so far of each virtual stream from each set
         self.current = np.full((V, n_sets), -1, dtype=np.int64)  # (stream, set) -> shard index being read
-        self.held: dict[tuple[int, int], ShardSamples] = {}  # the shards some stream is still reading
+        self.held: dict[int, ShardSamples] = {}  # the shards some stream is still reading, by _code(set, shard)
         self.live: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
         self.recent: OrderedDict = OrderedDict()
         self.lost = self.bad_shards = 0
 
     def shard(self, set_id: int, shard_index: int) -> ShardSamples:
         key = (set_id, shard_index)
-        found = self.held.get(key)
+        found = self.held.get(_code(set_id, shard_index))
         if found is not None:  # a stream is inside it: alive anyway, no need to refresh the recency list
             return found
         found = self.live.get(key)
@@ -291,8 +300,9 @@ class _WorkerReader:
         sample_ids = np.full(len(index), -1, dtype=np.int64)
         # Consecutive samples belong to different virtual streams, hence mostly to different shards: one lookup
         # per shard, then one row copy per sample (cheaper than a numpy gather per shard for ~2 rows each).
-        pairs, which = np.unique(choices * (1 << 32) + shard_of, return_inverse=True)
-        shards = [self.shard(p >> 32, p & 0xFFFFFFFF) for p in pairs.tolist()]
+        codes, which = np.unique(_code(choices, shard_of), return_inverse=True)
+        codes = codes.tolist()
+        shards = [self.shard(*_uncode(code)) for code in codes]
         ok = offset_of < np.array([shard.valid for shard in shards])[which]
         self.lost += int(len(ok) - ok.sum())
         members = np.flatnonzero(ok)
@@ -305,15 +315,15 @@ class _WorkerReader:
             else:
                 out[d] = np.concatenate(rows)
             sample_ids[members] = [shards[j].sample_ids[o] for j, o in picks]
-        self.held.update(((p >> 32, p & 0xFFFFFFFF), shard) for p, shard in zip(pairs.tolist(), shards))
+        self.held.update(zip(codes, shards))
         # Each stream's shard stays alive while the stream is inside it (`recent` only keeps the last few).
         stream_set = streams * n_sets + choices
         _, from_end = np.unique(stream_set[::-1], return_index=True)
         last = len(index) - 1 - from_end  # the last sample of each (stream, set) in this call
         self.current.flat[stream_set[last]] = shard_of[last]
         v_used, c_used = np.nonzero(self.current >= 0)
-        in_use = set(np.unique(c_used * (1 << 32) + self.current[v_used, c_used]).tolist())
-        self.held = {key: shard for key, shard in self.held.items() if key[0] * (1 << 32) + key[1] in in_use}
+        in_use = set(np.unique(_code(c_used, self.current[v_used, c_used])).tolist())
+        self.held = {code: shard for code, shard in self.held.items() if code in in_use}
         return choices, sample_ids
 
     def take_counters(self) -> tuple[int, int]:

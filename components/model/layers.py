@@ -77,51 +77,6 @@ def _no_grad_inputs(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
     return tensors if torch.is_grad_enabled() else tuple(t.detach() for t in tensors)
 
 
-class _CrossEntropy(torch.autograd.Function):
-    """Mean token cross-entropy whose backward is one pass over the [N, V] logits.
-
-    F.cross_entropy saves log-probabilities and, in backward, fills a zero tensor, scatters the target gradient
-    into it and runs log_softmax's backward (three passes over [N, V]). Here the forward turns the
-    log-probabilities into softmax - onehot in place once the loss is read off them, and the backward scales it
-    (in place too, so a second backward through the same graph is refused).
-    """
-
-    @staticmethod
-    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor, ignore_index: int) -> torch.Tensor:
-        logp = torch.log_softmax(logits, dim=-1, dtype=torch.float32)
-        valid = targets != ignore_index
-        safe = torch.where(valid, targets, torch.zeros_like(targets))[:, None]
-        count = valid.sum()
-        loss = -(logp.gather(1, safe).squeeze(1) * valid).sum() / count  # NaN when nothing is valid, as F's
-        if ctx.needs_input_grad[0]:
-            grad = logp.exp_()
-            grad.scatter_add_(1, safe, torch.full_like(safe, -1, dtype=grad.dtype))
-            ctx.save_for_backward(grad, valid, count)
-            ctx.input_dtype, ctx.used = logits.dtype, False
-        return loss
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_loss: torch.Tensor):
-        if ctx.used:
-            raise RuntimeError("cross_entropy: backward ran twice through the same graph (retain_graph=True); "
-                               "its saved gradient is scaled in place, compute the loss again instead")
-        ctx.used = True
-        grad, valid, count = ctx.saved_tensors
-        scale = (grad_loss / count.clamp(min=1)) * valid.to(grad.dtype)  # nothing valid: zero gradients, as F's
-        # In place: a fresh [N, V] tensor costs more in page faults than the multiply itself on CPU.
-        return grad.mul_(scale[:, None]).to(ctx.input_dtype), None, None
-
-
-def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
-    """Mean cross-entropy over targets != ignore_index, computed in fp32; logits [N, V] (any float dtype), targets
-    [N]. Same value and gradient as F.cross_entropy(logits.float(), targets, ignore_index=ignore_index)."""
-    if targets.dtype != torch.long:
-        targets = targets.long()
-    (logits,) = _no_grad_inputs(logits)
-    return _CrossEntropy.apply(logits, targets, ignore_index)
-
-
 class _LinearCrossEntropy(torch.autograd.Function):
     """loss = mean cross-entropy of (x @ weightᵀ) over targets != ignore_index, in token chunks, without ever
     holding the [N, V] logits: each chunk's softmax - onehot is turned into its input and weight gradients right

@@ -10,11 +10,12 @@ import zlib
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from components.model.attention import KVCache, MultiHeadLatentAttention
 from components.model.config import ModelConfig
-from components.model.layers import RMSNorm, RotaryEmbedding, SwiGLU, cross_entropy, linear_cross_entropy
+from components.model.layers import RMSNorm, RotaryEmbedding, SwiGLU, linear_cross_entropy
 from components.model.moe import MoE
 
 
@@ -143,7 +144,8 @@ class CrescentForCausalLM(nn.Module):
         logits = self.lm_head(x)
         loss = None
         if targets is not None:
-            loss = cross_entropy(logits.view(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100)
+            loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1).long(),
+                                   ignore_index=-100)
         return ModelOutput(logits=logits, loss=loss, expert_counts=counts)
 
     @staticmethod
