@@ -19,7 +19,8 @@ def corpus(tmp_path_factory):
 
 
 class PoisonLoss(pl.Callback):
-    """Multiplies the loss of the micro-batches numbered in `poisoned` by NaN; records weights after each step."""
+    """Multiplies by NaN the loss of each micro-batch n for which `poisoned(n)` holds; records the weights and the
+    optimizer state after each optimizer step."""
 
     def __init__(self, poisoned):
         self.poisoned, self.micro, self.after_step = poisoned, 0, []
