@@ -1,8 +1,9 @@
 """The LightningDataModule: the resumable shard stream for training, held-out shards for validation.
 
-The data position is one global number, `consumed_samples`, kept by the LightningModule and saved in its
-checkpoint; the train dataloader is (re)built from it, so after a restart every rank continues where the whole job
-left off, whatever the number of ranks or workers.
+The data position is one global number, `consumed_samples`, owned by the LightningModule and saved in its
+checkpoint; the train dataloader is built from it (and never writes it back), so after a restart every rank
+continues where the whole job left off, whatever the number of ranks or workers. Lightning's own dataloader state
+is not used: the loader has none.
 """
 from __future__ import annotations
 
@@ -12,9 +13,10 @@ import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader
 
+from app.module import ConfigError
 from components.data.loader import StreamLoader
-from components.data.stages import StageSchedule
 from components.data.stream import MixtureStream
+from components.schedule import StageSchedule, resolve_schedule
 
 
 class CrescentDataModule(pl.LightningDataModule):
@@ -60,11 +62,8 @@ class CrescentDataModule(pl.LightningDataModule):
         self.num_workers = num_workers
         self.seed = seed
         self.val_samples = val_samples
-        from app.module import resolve_schedule
-
         self.schedule: StageSchedule = resolve_schedule(schedule)
         self.num_streams = num_streams
-        self.train_loader: StreamLoader | None = None
 
     def prepare_data(self) -> None:
         """Rank 0 of each node: build the demo corpus if asked and missing (idempotent)."""
@@ -86,9 +85,7 @@ class CrescentDataModule(pl.LightningDataModule):
     def setup(self, stage: str) -> None:
         if self.demo:
             self._use_demo(build=False)  # prepare_data built it; every rank reads the same layout
-        from app.module import mixture_names
-
-        missing = [f"data.shards.{name}" for name in mixture_names(self.schedule) if name not in self.shards]
+        missing = [f"data.shards.{name}" for name in self.schedule.mixture_names() if name not in self.shards]
         if missing:
             raise ValueError(f"the stage schedule uses mixtures that have no shard set: {', '.join(missing)}")
 
@@ -100,15 +97,11 @@ class CrescentDataModule(pl.LightningDataModule):
         return load_tokenizer(self.tokenizer_dir).fingerprint
 
     def train_dataloader(self) -> DataLoader:
-        from app.module import ConfigError
-
-        module = self.trainer.lightning_module
         try:
-            stream = self._train_stream(module.consumed_samples)
+            stream = self._train_stream(self.trainer.lightning_module.consumed_samples)
         except (ValueError, FileNotFoundError) as err:
             raise ConfigError(f"data: {err}") from err
-        self.train_loader = _PositionlessLoader(stream, pin_memory=torch.cuda.is_available())
-        return self.train_loader
+        return StreamLoader(stream, pin_memory=torch.cuda.is_available())
 
     def _train_stream(self, consumed_samples: int) -> MixtureStream:
         return MixtureStream(self.shards, self.schedule, rank=self.trainer.global_rank,
@@ -124,13 +117,7 @@ class CrescentDataModule(pl.LightningDataModule):
                                micro_batch_size=self.micro_batch_size, num_streams=self.num_streams,
                                seed=self.seed, stop_samples=self.val_samples,
                                tokenizer_fingerprint=self._fingerprint())
-        return _RewindingLoader(stream)
-
-    def data_errors(self) -> dict:
-        """Lost samples and bad shards met by this rank's training stream (for metrics)."""
-        if self.train_loader is None:
-            return {}
-        return {k: v for k, v in self.train_loader.stats.items() if k != "consumed_samples"}
+        return StreamLoader(stream)  # every pass starts at the stream's first held-out sample
 
 
 def build_validation_set(out: Path, tokenizer: Path, seq_len: int, files: int = 24) -> Path:
@@ -147,22 +134,3 @@ def build_validation_set(out: Path, tokenizer: Path, seq_len: int, files: int = 
         raise FileNotFoundError("the interpreter ships no Lib/test files for the demo validation set")
     build_shards([str(t) for t in tests], out, tokenizer, seq_len=seq_len, shard_samples=256, seed=0, name="val")
     return out
-
-
-class _RewindingLoader(StreamLoader):
-    """Validation reads the same held-out samples every time: each pass starts from the first one."""
-
-    def __iter__(self):
-        self.stream.consumed_samples = 0
-        yield from super().__iter__()
-
-
-class _PositionlessLoader(StreamLoader):
-    """The module's checkpoint holds the data position (counted at optimizer steps). Lightning's own dataloader
-    state would be one prefetched micro-batch ahead, so it is neither saved nor restored."""
-
-    def state_dict(self) -> dict:
-        return {}
-
-    def load_state_dict(self, state) -> None:
-        pass

@@ -1,69 +1,49 @@
-"""The LightningModule: the model, its loss, and one optimizer step per global batch driven by the stage engine.
+"""The LightningModule: the model, its loss, and one optimizer step per global batch driven by the stage schedule.
 
 Optimization is manual so that the global batch can change between stages (Moonlight: 2048 → 4096 sequences at
 200B tokens) without touching the Trainer: each optimizer step accumulates `batch_size / (micro_batch × ranks)`
-micro-batches, runs Newton–Schulz once, then reads lr, batch size and routing-bias rate for the next step from
-the stage schedule at the tokens seen so far. Everything the math needs lives in `components/`.
+micro-batches, runs Newton–Schulz once, applies the routing-bias update (App. C) unless the step was skipped, then
+reads lr, batch size and routing-bias rate for the next step from the schedule at the tokens seen so far. The
+step ends in one `StepReport` (app/step.py) that the callbacks observe. Everything the math needs lives in
+`components/`.
 """
 from __future__ import annotations
+
+from collections.abc import Mapping
 
 import lightning.pytorch as pl
 import torch
 import torch.distributed as dist
 
-from components.data.stages import StageSchedule, get_schedule
+from app.step import StepReport
+from components.data.stream import check_stream_layout
+from components.model.balancing import update_routing_biases
 from components.model.config import ModelConfig, get_preset
 from components.model.counting import flops_per_token
 from components.model.transformer import build_model
+from components.schedule import StageSchedule, resolve_schedule
 
 OPTIMIZERS = ("muon", "adamw")
+STOP_REASONS = ("schedule_complete", "preempted")
 
 
 class NonFiniteLossError(RuntimeError):
-    pass
+    """`model.max_nonfinite_in_a_row` optimizer steps in a row were skipped (non-finite loss or gradient)."""
 
 
 class ConfigError(ValueError):
     """A configuration that cannot train; `crescent train` prints it without a traceback and exits 2."""
 
 
-def resolve_schedule(schedule: str | dict) -> StageSchedule:
-    if isinstance(schedule, StageSchedule):
-        return schedule
-    if isinstance(schedule, str):
-        return get_schedule(schedule)
-    return StageSchedule.from_dict(dict(schedule))
-
-
 def check_layout(schedule: StageSchedule, micro_batch_size: int, world_size: int, num_workers: int,
                  num_streams: int) -> None:
-    """Before any step: every stage's global batch must split into micro-batches over the ranks, and the data
-    order's virtual streams must split evenly over ranks × workers × micro-batch (exact resume)."""
-    per_pass = micro_batch_size * world_size
-    for stage in schedule.stages:
-        sizes = [b for _, b in stage.batch_size] if isinstance(stage.batch_size, list) else [stage.batch_size]
-        for size in sizes:
-            if size % per_pass:
-                raise ConfigError(
-                    f"stage {stage.name!r}: batch_size={size} is not divisible by data.micro_batch_size × ranks = "
-                    f"{micro_batch_size} × {world_size}")
-    period = world_size * max(1, num_workers) * micro_batch_size
-    if num_streams % period:
-        raise ConfigError(f"data.num_streams={num_streams} must be a multiple of ranks × max(1, data.num_workers) × "
-                          f"data.micro_batch_size = {world_size} × {max(1, num_workers)} × {micro_batch_size}")
-
-
-def stage_boundaries(schedule: StageSchedule) -> list[tuple[str, int]]:
-    """(stage name, first token of the stage) for plots."""
-    out, start = [], 0
-    for stage in schedule.stages:
-        out.append((stage.name, start))
-        start = stage.end_tokens
-    return out
-
-
-def mixture_names(schedule: StageSchedule) -> list[str]:
-    return sorted({name for stage in schedule.stages for name, w in stage.mixture.items() if w > 0})
+    """The one layout check, before training: every stage's global batch splits into micro-batches over the
+    ranks, and the data order's virtual streams split evenly over ranks × workers × micro-batch (exact resume)."""
+    try:
+        schedule.check_batches(micro_batch_size, world_size)
+        check_stream_layout(num_streams, world_size, num_workers, micro_batch_size)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
 
 
 class CrescentModule(pl.LightningModule):
@@ -72,7 +52,7 @@ class CrescentModule(pl.LightningModule):
         optimizer: 'muon' (Muon for matrices + AdamW for the rest, shared lr/wd) or 'adamw' (AdamW alone).
         schedule: stage preset name or a dict of stages (lr, global batch, mixture, bias rate by tokens seen).
         lr_scale: multiplies the schedule's lr (for sweeps); weight_decay: λ for both algorithms.
-        max_nonfinite_in_a_row: skipped steps in a row before training stops with an error.
+        max_nonfinite_in_a_row: skipped steps in a row (non-finite loss or gradient) before training stops.
     """
 
     def __init__(
@@ -103,29 +83,30 @@ class CrescentModule(pl.LightningModule):
             raise ValueError(f"model.weight_decay={weight_decay!r} must be >= 0")
         if max_nonfinite_in_a_row < 1:
             raise ValueError(f"model.max_nonfinite_in_a_row={max_nonfinite_in_a_row!r} must be >= 1")
-        self.save_hyperparameters()
+        # The run's parameters reach the loggers once, from the whole config (app/run.py), not from here too.
+        self.save_hyperparameters(logger=False)
         self.model_config: ModelConfig = get_preset(preset, **(model_overrides or {}))
         self.schedule = resolve_schedule(schedule)
         self.automatic_optimization = False
         self.model = None  # built in configure_model (after the strategy exists, possibly on the meta device)
-        # Training position (saved in checkpoints): the data position is global, one number for all ranks.
+        # Training position (saved in checkpoints). The data position is global, one number for all ranks, and
+        # this is its only owner: the data module builds the stream from it; nothing writes it back.
         self.consumed_samples = 0
         self.skipped_steps = 0
         self.nonfinite_in_a_row = 0
-        self.preempted = False
+        self.lost_samples = 0
+        self.bad_shards = 0
+        self.stop_reason: str | None = None
         self.val_loss = float("nan")
         self.val_loss_start = float("nan")
+        self.last_report: StepReport | None = None
         self._val = torch.zeros(2)
-        # Per-window accumulators (reset at every optimizer step).
+        # The optimizer step being accumulated (reset at every step).
         self._micro = 0
-        self._window: torch.Tensor | None = None  # [sum of finite micro-batch losses, micro-batches, non-finite]
+        self._window: torch.Tensor | None = None  # [finite loss sum, micro-batches, non-finite, lost, bad shards]
         self._window_counts: torch.Tensor | None = None
-        # Set at each optimizer step for callbacks to read.
-        self.stepped = False
-        self.step_expert_counts: torch.Tensor | None = None
-        self.step_loss: float = float("nan")
-        self.step_state = self.schedule.at(0)
-        self.optimizer_stats: dict[str, float] = {}
+        self._track_max_logit = False
+        self._max_logit: torch.Tensor | None = None
 
     # -------------------------------------------------------------------------------------------- setup
     @property
@@ -163,89 +144,147 @@ class CrescentModule(pl.LightningModule):
     def micro_batch_size(self) -> int:
         return self.trainer.datamodule.micro_batch_size
 
-    def accumulation(self, batch_size: int) -> int:
-        """Micro-batches per optimizer step for a global batch of `batch_size` sequences."""
-        per_pass = self.micro_batch_size() * self.trainer.world_size
-        if batch_size % per_pass:
-            raise ValueError(
-                f"schedule batch_size={batch_size} is not divisible by micro_batch_size × ranks = "
-                f"{self.micro_batch_size()} × {self.trainer.world_size}")
-        return batch_size // per_pass
-
     @property
     def flops_per_batch(self) -> float:
         """Training FLOPs of one micro-batch on one device (MoE-aware), for Lightning's ThroughputMonitor."""
         return flops_per_token(self.model_config, self.seq_len) * self.seq_len * self.micro_batch_size()
+
+    # -------------------------------------------------------------------------------------------- observers' API
+    def log_step_metrics(self, metrics: Mapping[str, float], monitor: bool = True) -> None:
+        """Metrics of the optimizer step just taken, at `trainer.global_step`; every value is already global.
+
+        Monitors (`ModelCheckpoint(monitor=...)`, `EarlyStopping`, `trainer.callback_metrics`) see them through
+        `self.log` (no `sync_dist`: every rank holds the same value). Every logger gets them exactly once, at this
+        step, through `logger.log_metrics`, as Lightning's own LearningRateMonitor does: Lightning's flush of
+        `self.log` values re-sends the held values at every later micro-batch (measured: each row twice under
+        2-step accumulation, and a metric logged every N steps again at each step in between), which would put
+        stale copies into the tracking store. `monitor=False` where Lightning forbids `self.log` (on_train_end).
+        """
+        values = {k: float(v) for k, v in metrics.items()}
+        if monitor:
+            self.log_dict(values, logger=False, batch_size=1)
+        if self.trainer.is_global_zero:
+            for logger in self.trainer.loggers:
+                logger.log_metrics(values, step=self.trainer.global_step)
+
+    def track_max_logit_next_step(self) -> None:
+        """Record the max pre-softmax attention logit of every layer over the next optimizer step's micro-batches
+        (App. D; it costs an extra QKᵀ per layer); the step's report carries it."""
+        self._track_max_logit = True
+
+    def stop(self, reason: str) -> None:
+        """End training after this step: `reason` is 'schedule_complete' or 'preempted' (see `stop_reason`)."""
+        if reason not in STOP_REASONS:
+            raise ValueError(f"stop reason={reason!r} is unknown; choose one of {STOP_REASONS}")
+        self.stop_reason = self.stop_reason or reason
+        self.trainer.should_stop = True
 
     # -------------------------------------------------------------------------------------------- training
     def forward(self, input_ids, targets=None):
         return self.model(input_ids, targets=targets)
 
     def training_step(self, batch, batch_idx):
-        self.stepped = False
         state = self.schedule.at(self.tokens_seen)
-        accum = self.accumulation(state.batch_size)
+        accum = self.schedule.accumulation(self.tokens_seen, self.micro_batch_size(), self.trainer.world_size)
+        attention = self._attention_layers() if self._track_max_logit else []
+        for attn in attention:
+            attn.track_max_logit = True
         out = self.model(batch["input_ids"], targets=batch["targets"])
         loss = out.loss
         # No host sync per micro-batch: a non-finite loss only poisons gradients that the step then throws away.
+        # A micro-batch whose samples were all lost to bad data still runs (collectives stay in step under FSDP2):
+        # its gradients are zero and its (undefined) loss does not count.
         self.manual_backward(loss / accum)
-        value = loss.detach().float()
-        finite = torch.isfinite(value)
-        entry = torch.stack([torch.where(finite, value, 0.0), torch.ones_like(value), (~finite).float()])
-        self._window = entry if self._window is None else self._window + entry
-        if out.expert_counts is not None:
-            counts = out.expert_counts.detach()
-            self._window_counts = counts if self._window_counts is None else self._window_counts + counts
+        self._accumulate(batch, loss.detach().float(), out.expert_counts, attention)
         self._micro += 1
         if self._micro == accum:
-            self._optimizer_step(state)
+            return {"loss": loss.detach(), "step": self._optimizer_step(state)}
         return loss.detach()
 
-    def _optimizer_step(self, state) -> None:
+    def _accumulate(self, batch, value: torch.Tensor, expert_counts, attention) -> None:
+        rows = float(batch["input_ids"].shape[0] > 0)
+        finite = torch.isfinite(value)
+        entry = torch.stack([torch.where(finite, value, 0.0) * rows, torch.ones_like(value) * rows,
+                             (~finite).float() * rows,
+                             batch["lost_samples"].to(value).reshape(()), batch["bad_shards"].to(value).reshape(())])
+        self._window = entry if self._window is None else self._window + entry
+        if expert_counts is not None:
+            counts = expert_counts.detach()
+            self._window_counts = counts if self._window_counts is None else self._window_counts + counts
+        if attention:
+            values = []
+            for attn in attention:
+                values.append(attn.max_logit.float().reshape(()) if attn.max_logit is not None
+                              else torch.tensor(float("-inf"), device=value.device))
+                attn.track_max_logit, attn.max_logit = False, None
+            top = torch.stack(values)
+            self._max_logit = top if self._max_logit is None else torch.maximum(self._max_logit, top)
+
+    def _attention_layers(self) -> list:
+        return [layer.self_attn for layer in self.model.model.layers]
+
+    def _optimizer_step(self, state) -> StepReport:
+        """The step: lr from the schedule, one host sync, the optimizer (NS once), the routing-bias update unless
+        anything was non-finite, the data position, and the report."""
         opt = self.optimizers()
+        lr = state.lr * self.hparams.lr_scale
         for group in opt.param_groups:
-            group["lr"] = state.lr * self.hparams.lr_scale
-        loss_sum, count, nonfinite = self._all_reduce(self._window, "sum").tolist()  # the step's one host sync
-        finite = nonfinite == 0
-        if finite:
+            group["lr"] = lr
+        loss_sum, count, nonfinite, lost, bad = self._all_reduce(self._window, "sum").tolist()  # the one host sync
+        skip_reason = "loss" if nonfinite else None
+        stats: dict[str, float] = {}
+        if skip_reason is None:
             opt.step()
-            self.nonfinite_in_a_row = 0
-            self.optimizer_stats = dict(getattr(opt.optimizer, "last_stats", {}) or {})
-        else:
-            self.skipped_steps += 1
-            self.nonfinite_in_a_row += 1
-            if self.nonfinite_in_a_row >= self.hparams.max_nonfinite_in_a_row:
-                raise NonFiniteLossError(
-                    f"{self.nonfinite_in_a_row} optimizer steps in a row had a non-finite loss "
-                    f"(model.max_nonfinite_in_a_row={self.hparams.max_nonfinite_in_a_row}); stopping at "
-                    f"{self.tokens_seen} tokens. Lower the lr or check the data.")
+            stats = dict(getattr(opt.optimizer, "last_stats", {}) or {})
+            if stats.get("nonfinite"):  # the optimizer found a non-finite gradient and updated nothing
+                skip_reason = "gradient"
         opt.zero_grad(set_to_none=True)
         counts = self._window_counts
         if counts is not None and self.trainer.world_size > 1:
             counts = self._all_reduce(counts.clone(), "sum")
-        self.step_expert_counts = counts
-        self.step_loss = loss_sum / (count - nonfinite) if count > nonfinite else float("nan")
-        self.step_state = state
+        max_logit = self._max_logit
+        if max_logit is not None and self.trainer.world_size > 1:
+            max_logit = self._all_reduce(max_logit.clone(), "max")
+        if skip_reason is None:
+            self.nonfinite_in_a_row = 0
+            if counts is not None:
+                update_routing_biases(self.model.moe_layers(), counts, state.bias_update_rate)  # App. C
+        else:
+            self.skipped_steps += 1
+            self.nonfinite_in_a_row += 1
         self.consumed_samples += state.batch_size
-        self.stepped = True
-        self._micro = 0
-        self._window = None
-        self._window_counts = None
-        self.emit({
-            "train/loss": self.step_loss,
-            "train/lr": state.lr * self.hparams.lr_scale,
-            "train/tokens": float(self.tokens_seen),
+        self.lost_samples += int(lost)
+        self.bad_shards += int(bad)
+        report = StepReport(
+            step=self.trainer.global_step, tokens=self.tokens_seen, consumed_samples=self.consumed_samples,
+            loss=loss_sum / (count - nonfinite) if count > nonfinite else float("nan"), lr=lr,
+            batch_size=state.batch_size, stage_index=state.stage_index, stage_name=state.stage_name,
+            bias_update_rate=state.bias_update_rate if skip_reason is None and counts is not None else 0.0,
+            skipped=skip_reason is not None, skip_reason=skip_reason, skipped_steps=self.skipped_steps,
+            lost_samples=int(lost), bad_shards=int(bad), expert_counts=counts, optimizer_stats=stats,
+            max_logit=max_logit)
+        self.last_report = report
+        self._micro, self._window, self._window_counts = 0, None, None
+        self._track_max_logit, self._max_logit = False, None
+        metrics = {
+            "train/loss": report.loss,
+            "train/lr": lr,
+            "train/tokens": float(report.tokens),
             "train/batch_size": float(state.batch_size),
             "train/stage": float(state.stage_index),
             "train/skipped_steps": float(self.skipped_steps),
-        })
+        }
+        if lost or bad:
+            metrics.update({"data/lost_samples": float(self.lost_samples), "data/bad_shards": float(self.bad_shards)})
+        self.log_step_metrics(metrics)
+        if self.nonfinite_in_a_row >= self.hparams.max_nonfinite_in_a_row:
+            raise NonFiniteLossError(
+                f"{self.nonfinite_in_a_row} optimizer steps in a row were skipped for a non-finite loss or gradient "
+                f"(model.max_nonfinite_in_a_row={self.hparams.max_nonfinite_in_a_row}); stopping at "
+                f"{self.tokens_seen} tokens. Lower the lr or check the data.")
         if self.tokens_seen >= self.schedule.total_tokens:
-            self.trainer.should_stop = True
-
-    def emit(self, metrics: dict[str, float]) -> None:
-        """Send metrics to the logger at the optimizer step (rank 0; the MLflow logger never blocks)."""
-        if self.trainer.is_global_zero and self.trainer.logger is not None:
-            self.trainer.logger.log_metrics({k: float(v) for k, v in metrics.items()}, step=self.trainer.global_step)
+            self.stop("schedule_complete")
+        return report
 
     def _all_reduce(self, tensor: torch.Tensor, op: str) -> torch.Tensor:
         if not (dist.is_available() and dist.is_initialized()) or self.trainer.world_size == 1:
@@ -257,9 +296,11 @@ class CrescentModule(pl.LightningModule):
 
     # -------------------------------------------------------------------------------------------- validation
     def validation_step(self, batch, batch_idx):
+        n = batch["input_ids"].shape[0]
+        if n == 0:  # every sample of this micro-batch was lost to bad data
+            return None
         out = self.model(batch["input_ids"], targets=batch["targets"])
-        self._val += torch.stack([out.loss.detach().float().cpu() * batch["input_ids"].shape[0],
-                                  torch.tensor(float(batch["input_ids"].shape[0]))])
+        self._val += torch.stack([out.loss.detach().float().cpu() * n, torch.tensor(float(n))])
         return out.loss
 
     @torch.no_grad()
@@ -272,8 +313,10 @@ class CrescentModule(pl.LightningModule):
         self.model.eval()
         total = torch.zeros(2)
         for batch in loader:
-            out = self.model(batch["input_ids"].to(self.device), targets=batch["targets"].to(self.device))
             n = batch["input_ids"].shape[0]
+            if n == 0:
+                continue
+            out = self.model(batch["input_ids"].to(self.device), targets=batch["targets"].to(self.device))
             total += torch.stack([out.loss.float().cpu() * n, torch.tensor(float(n))])
         self.model.train(was_training)
         total = self._all_reduce(total, "sum")
@@ -282,12 +325,12 @@ class CrescentModule(pl.LightningModule):
     def on_train_start(self) -> None:
         if self.trainer.global_step == 0:
             self.val_loss = self.val_loss_start = self.held_out_loss()
-            self.emit({"val/loss": self.val_loss})
+            self.log_step_metrics({"val/loss": self.val_loss}, monitor=False)
 
     def on_train_end(self) -> None:
-        if not self.preempted:
+        if self.stop_reason != "preempted":
             self.val_loss = self.held_out_loss()
-            self.emit({"val/loss": self.val_loss})
+            self.log_step_metrics({"val/loss": self.val_loss}, monitor=False)
 
     def on_validation_epoch_start(self) -> None:
         self._val = torch.zeros(2)
@@ -297,16 +340,19 @@ class CrescentModule(pl.LightningModule):
         if total[1] > 0:
             self.val_loss = (total[0] / total[1]).item()
             if not self.trainer.sanity_checking:
-                self.emit({"val/loss": self.val_loss})
+                self.log_step_metrics({"val/loss": self.val_loss})
 
     # -------------------------------------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        mlflow = next((lg for lg in self.trainer.loggers if hasattr(lg, "run_key")), None)
         checkpoint["crescent"] = {
             "consumed_samples": self.consumed_samples,
             "tokens_seen": self.tokens_seen,
             "skipped_steps": self.skipped_steps,
             "nonfinite_in_a_row": self.nonfinite_in_a_row,
-            "mlflow": self.trainer.logger.state_dict() if hasattr(self.trainer.logger, "state_dict") else {},
+            "lost_samples": self.lost_samples,
+            "bad_shards": self.bad_shards,
+            "mlflow": mlflow.state_dict() if mlflow is not None else {},
             "stage": self.schedule.at(self.tokens_seen).stage_name,
             "model_config": self.model_config.to_dict(),
         }
@@ -316,12 +362,5 @@ class CrescentModule(pl.LightningModule):
         self.consumed_samples = int(state.get("consumed_samples", 0))
         self.skipped_steps = int(state.get("skipped_steps", 0))
         self.nonfinite_in_a_row = int(state.get("nonfinite_in_a_row", 0))
-
-
-def total_steps_estimate(schedule: StageSchedule) -> int:
-    """Optimizer steps to the end of the schedule (for the progress bar): walk it one global batch at a time."""
-    steps, tokens = 0, 0
-    while tokens < schedule.total_tokens:
-        tokens += schedule.at(tokens).batch_size * schedule.seq_len
-        steps += 1
-    return steps
+        self.lost_samples = int(state.get("lost_samples", 0))
+        self.bad_shards = int(state.get("bad_shards", 0))

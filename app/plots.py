@@ -1,5 +1,7 @@
 """Training plots logged as MLflow artifacts: loss and lr over tokens with stage boundaries, expert load
-heatmaps, SVD entropy per group (Moonlight §3.4) and update RMS per group (§2.2).
+imbalance per layer, SVD entropy per group (Moonlight §3.4), update RMS per group (§2.2), the stage schedule.
+`training_figures` builds them from a run's metric history (the tracking store plus its outage spool), so a
+resumed or preempted run's plots cover the whole run.
 
 Figures are built with the object-oriented API (``matplotlib.figure.Figure``, rendered by Agg), never pyplot:
 no global figure registry to leak, no GUI backend, safe in a training process. Each function returns the
@@ -100,64 +102,38 @@ def loss_lr_figure(
     return _finish(figure, path)
 
 
-def _load_matrix(load) -> np.ndarray:
-    array = np.asarray(load, dtype=np.float64)
-    mean = array.mean(axis=-1, keepdims=True)
-    return np.divide(array, mean, out=np.zeros_like(array), where=mean > 0)
+def expert_imbalance_figure(tokens, max_over_mean, path: str | None = None) -> Figure:
+    """MoE layers (rows) over tokens seen (columns), colour = the busiest expert's load over the layer's mean load
+    (1 = perfectly balanced; aux-loss-free balancing, App. C, should pull it towards 1).
 
-
-def expert_load_figure(load, step: int | None = None, path: str | None = None) -> Figure:
-    """Heatmap of expert load at one step: rows are MoE layers, columns experts, colour = tokens routed to
-    the expert divided by the layer's mean (1 = perfectly balanced). ``load``: [layers, experts] counts."""
-    array = np.asarray(load, dtype=np.float64)
-    if array.ndim != 2 or 0 in array.shape:
-        raise ValueError(f"load must be a non-empty [layers, experts] array, got shape {array.shape}")
-    relative = _load_matrix(array)
-    layers, experts = array.shape
-    figure = Figure(figsize=(max(4.0, 0.25 * experts + 2), max(2.5, 0.3 * layers + 1.5)))
-    ax = figure.subplots()
-    image = ax.imshow(relative, aspect="auto", cmap="viridis", interpolation="nearest", vmin=0.0,
-                      vmax=max(2.0, float(relative.max())))
-    figure.colorbar(image, ax=ax, label="load / mean load")
-    ax.set_xlabel("expert")
-    ax.set_ylabel("MoE layer")
-    ax.set_title("expert load" + (f" at step {step}" if step is not None else ""))
-    return _finish(figure, path)
-
-
-def expert_load_over_time_figure(steps, load, path: str | None = None) -> Figure:
-    """One panel per MoE layer: experts (rows) over steps (columns), colour = load / mean load.
-
-    ``load``: [steps, layers, experts] counts; ``steps``: the step of each snapshot.
+    ``max_over_mean``: [snapshots, layers]; ``tokens``: the tokens seen at each snapshot.
     """
-    array = np.asarray(load, dtype=np.float64)
-    if array.ndim != 3 or 0 in array.shape:
-        raise ValueError(f"load must be a non-empty [steps, layers, experts] array, got shape {array.shape}")
-    x = _series("steps", steps, array.shape[0])
-    relative = _load_matrix(array)
-    layers = array.shape[1]
-    vmax = max(2.0, float(relative.max()))
-    figure = Figure(figsize=(9, 1.8 * layers + 1), layout="constrained")
-    axes = np.atleast_1d(figure.subplots(layers, 1, sharex=True, squeeze=False)[:, 0])
-    # Cell edges halfway between snapshots, so uneven step spacing is drawn to scale.
+    array = np.asarray(max_over_mean, dtype=np.float64)
+    if array.ndim != 2 or 0 in array.shape:
+        raise ValueError(f"max_over_mean must be a non-empty [snapshots, layers] array, got shape {array.shape}")
+    x = _series("tokens", tokens, array.shape[0])
+    figure = Figure(figsize=(9, max(2.5, 0.3 * array.shape[1] + 1.5)), layout="constrained")
+    ax = figure.subplots()
+    # Cell edges halfway between snapshots, so uneven spacing is drawn to scale.
     half = np.diff(x) / 2 if x.size > 1 else np.array([0.5])
     edges = np.concatenate([[x[0] - half[0]], x[:-1] + half, [x[-1] + half[-1]]])
-    expert_edges = np.arange(array.shape[2] + 1) - 0.5
-    for layer, ax in enumerate(axes):
-        mesh = ax.pcolormesh(edges, expert_edges, relative[:, layer, :].T, cmap="viridis", vmin=0.0, vmax=vmax)
-        ax.invert_yaxis()
-        ax.set_ylabel(f"layer {layer}\nexpert")
-    axes[-1].set_xlabel("step")
-    figure.colorbar(mesh, ax=list(axes), label="load / mean load")
+    mesh = ax.pcolormesh(edges, np.arange(array.shape[1] + 1) - 0.5, array.T, cmap="viridis", vmin=1.0,
+                         vmax=max(2.0, float(np.nanmax(array))))
+    ax.invert_yaxis()
+    ax.set_ylabel("MoE layer")
+    ax.set_xlabel("tokens seen")
+    ax.xaxis.set_major_formatter(EngFormatter())
+    ax.set_title("expert load imbalance (max / mean load per layer)")
+    figure.colorbar(mesh, ax=ax, label="max load / mean load")
     return _finish(figure, path)
 
 
 def group_series_figure(
-    steps, series: Mapping[str, Sequence[float]], ylabel: str, title: str, log_y: bool = False,
+    tokens, series: Mapping[str, Sequence[float]], ylabel: str, title: str, log_y: bool = False,
     path: str | None = None,
 ) -> Figure:
-    """One line per parameter group over steps; paper groups first in their fixed order and colours."""
-    x = _series("steps", steps)
+    """One line per parameter group over tokens seen; paper groups first in their fixed order and colours."""
+    x = _series("tokens", tokens)
     if not series:
         raise ValueError(f"series is empty; expected values for groups such as {list(GROUPS)}")
     names = [g for g in GROUPS if g in series] + sorted(k for k in series if k not in GROUPS)
@@ -168,7 +144,8 @@ def group_series_figure(
         ax.plot(x, y, color=_GROUP_COLORS.get(name, f"C{(len(GROUPS) + i) % 10}"), linewidth=1.2, label=name)
     if log_y:
         ax.set_yscale("log")
-    ax.set_xlabel("step")
+    ax.set_xlabel("tokens seen")
+    ax.xaxis.set_major_formatter(EngFormatter())
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.grid(alpha=0.3)
@@ -176,11 +153,73 @@ def group_series_figure(
     return _finish(figure, path)
 
 
-def svd_entropy_figure(steps, entropy: Mapping[str, Sequence[float]], path: str | None = None) -> Figure:
-    """SVD entropy per group over steps (Moonlight §3.4: Muon keeps it higher than AdamW)."""
-    return group_series_figure(steps, entropy, "normalized SVD entropy", "SVD entropy per group", path=path)
+def svd_entropy_figure(tokens, entropy: Mapping[str, Sequence[float]], path: str | None = None) -> Figure:
+    """SVD entropy per group over tokens seen (Moonlight §3.4: Muon keeps it higher than AdamW)."""
+    return group_series_figure(tokens, entropy, "normalized SVD entropy", "SVD entropy per group", path=path)
 
 
-def update_rms_figure(steps, rms: Mapping[str, Sequence[float]], path: str | None = None) -> Figure:
-    """Update RMS per group over steps (Moonlight §2.2: Muon's scaled update should sit near AdamW's 0.2-0.4)."""
-    return group_series_figure(steps, rms, "update RMS", "update RMS per group", log_y=True, path=path)
+def update_rms_figure(tokens, rms: Mapping[str, Sequence[float]], path: str | None = None) -> Figure:
+    """Update RMS per group over tokens seen (Moonlight §2.2: Muon's scaled update should sit near AdamW's
+    0.2-0.4)."""
+    return group_series_figure(tokens, rms, "update RMS", "update RMS per group", log_y=True, path=path)
+
+
+def schedule_figure(schedule, points: int = 600, path: str | None = None) -> Figure:
+    """LR, global batch (sequences) and mixture weights over tokens seen, stage boundaries dashed (a
+    `components.schedule.StageSchedule`)."""
+    tokens = np.linspace(0, schedule.total_tokens, points)
+    tokens = np.unique(np.concatenate([tokens, np.array(schedule.starts[1:], dtype=float)]))
+    states = [schedule.at(t) for t in tokens]
+    sets = sorted({name for s in schedule.stages for name in s.mixture})
+    weights = np.array([[st.mixture.get(n, 0.0) / sum(st.mixture.values()) for n in sets] for st in states])
+    figure = Figure(figsize=(8, 7))
+    axes = figure.subplots(3, 1, sharex=True)
+    axes[0].plot(tokens, [st.lr for st in states])
+    axes[0].set_ylabel("learning rate")
+    axes[1].step(tokens, [st.batch_size for st in states], where="post")
+    axes[1].set_ylabel("global batch (sequences)")
+    axes[2].stackplot(tokens, weights.T, labels=sets, step="post")
+    axes[2].set_ylabel("mixture weight")
+    axes[2].set_xlabel("tokens seen")
+    axes[2].xaxis.set_major_formatter(EngFormatter())
+    axes[2].legend(loc="upper left", fontsize="small")
+    for ax in axes:
+        for boundary in schedule.starts[1:]:
+            ax.axvline(boundary, color="gray", linestyle="--", linewidth=0.8)
+    figure.suptitle(" | ".join(s.name for s in schedule.stages))
+    return _finish(figure, path)
+
+
+def training_figures(history: Mapping[str, Mapping[int, float]], boundaries=()) -> dict[str, Figure]:
+    """The run's figures from its metric history {key: {step: value}} (the keys `CrescentModule` and the
+    callbacks log), x = tokens seen (`train/tokens` at each step; 0 before the first step)."""
+    tokens = dict(history.get("train/tokens", {}))
+    tokens.setdefault(0, 0.0)
+
+    def over_tokens(key: str) -> tuple[list[float], list[float]]:
+        points = sorted((s, v) for s, v in history.get(key, {}).items() if s in tokens)
+        return [tokens[s] for s, _ in points], [v for _, v in points]
+
+    def by_group(suffix: str, prefix: str) -> tuple[list[float], dict[str, list[float]]]:
+        keys = sorted(k for k in history if k.startswith(prefix) and k.endswith(suffix))
+        steps = sorted({s for k in keys for s in history[k] if s in tokens})
+        series = {k[len(prefix):len(k) - len(suffix)]: [history[k].get(s, float("nan")) for s in steps] for k in keys}
+        return [tokens[s] for s in steps], series
+
+    figures: dict[str, Figure] = {}
+    x, loss = over_tokens("train/loss")
+    if x:
+        _, lr = over_tokens("train/lr")
+        vx, val = over_tokens("val/loss")
+        figures["loss_lr.png"] = loss_lr_figure(x, loss, lr, boundaries, val_tokens=vx or None,
+                                                val_loss=val or None)
+    x, layers = by_group("/max_over_mean", "experts/layer_")
+    if x and layers:
+        figures["expert_load.png"] = expert_imbalance_figure(x, np.array([layers[k] for k in sorted(layers)]).T)
+    x, entropy = by_group("", "svd_entropy/")
+    if x and entropy:
+        figures["svd_entropy.png"] = svd_entropy_figure(x, entropy)
+    x, rms = by_group("/update_rms", "optim/")
+    if x and rms:
+        figures["update_rms.png"] = update_rms_figure(x, rms)
+    return figures

@@ -15,7 +15,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench._train_runs import history, train  # noqa: E402
-from components.data.stages import get_schedule  # noqa: E402
+from components.schedule import get_schedule  # noqa: E402
 from components.model.config import get_preset  # noqa: E402
 from components.model.counting import flops_per_token  # noqa: E402
 

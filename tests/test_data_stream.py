@@ -13,7 +13,7 @@ import torch
 from components.data.loader import StreamLoader
 from components.data.sequence import SetLayout
 from components.data.shards import build_shards
-from components.data.stages import Stage, StageSchedule
+from components.schedule import Stage, StageSchedule
 from components.data.stream import MixtureStream
 from components.data.tokenizer import load_tokenizer, train_bpe
 
@@ -73,20 +73,14 @@ def test_build_stream_decode_round_trips_the_text(data):
 
 
 def test_resume_with_two_workers_continues_exactly(data):
-    def loader(state=None):
+    def loader(consumed=0):
         stream = MixtureStream(sets_of(data), {"english": 0.6, "code": 0.4}, num_workers=2, micro_batch_size=4,
-                               num_streams=48, seed=7)
-        result = StreamLoader(stream)
-        if state is not None:
-            result.load_state_dict(state)
-        return result
+                               num_streams=48, seed=7, consumed_samples=consumed)
+        return StreamLoader(stream)
 
     straight = take(loader(), 40)  # 160 samples: more than one epoch of each set
-    first = loader()
-    trained = take(first, 15)
-    state = first.state_dict()
-    assert state["consumed_samples"] == 60 == int(trained[-1]["consumed_samples"])
-    resumed = take(loader(state), 25)
+    take(loader(), 15)
+    resumed = take(loader(15 * 4), 25)  # the position after 15 micro-batches of 4 on one rank
     for a, b in zip(straight[15:], resumed):
         assert torch.equal(a["index"], b["index"])
         assert torch.equal(a["input_ids"], b["input_ids"]) and torch.equal(a["targets"], b["targets"])
@@ -107,12 +101,10 @@ def test_world_size_two_then_three_repeats_nothing_and_skips_nothing(data):
 
     before = [rank_loader(r, 2, 0) for r in range(2)]
     seen = [x for lo in before for x in identities(take(lo, 5))]
-    consumed = before[0].state_dict()["consumed_samples"]  # rank 0's state is the job's state
-    assert consumed == 5 * 4 * 2
+    consumed = 5 * 4 * 2  # 5 micro-batches of 4 on each of 2 ranks
     after = [rank_loader(r, 3, consumed) for r in range(3)]
     seen += [x for lo in after for x in identities(take(lo, 6))]
-    consumed = after[0].state_dict()["consumed_samples"]
-    assert consumed == 40 + 6 * 4 * 3
+    consumed += 6 * 4 * 3
     single = rank_loader(0, 1, consumed, workers=3)           # and then one rank with three workers
     seen += identities(take(single, 5))
     indices = [i for i, _, _ in seen]
@@ -152,10 +144,11 @@ def test_truncated_shard_streams_to_the_end_and_counts_exactly_the_lost(data, tm
     where = [layout.locate(i % 4, i // 4)[1:] for i in range(stream.stop_samples)]
     lost = sum(1 for shard, offset in where if shard == 2 and offset >= 5)  # 5 whole samples survive the cut
     assert lost == 2 * (manifest["shards"][2]["samples"] - 5)
-    loader = StreamLoader(stream)
-    yielded = [x for b in loader for x in identities([b])]
-    assert loader.stats["lost_samples"] == lost
-    assert loader.stats["bad_shards"] >= 1  # counted once per load of the shard
+    batches = list(StreamLoader(stream))
+    yielded = identities(batches)
+    assert len(batches) == stream.stop_samples // 2  # every micro-batch of the order, empty ones included
+    assert sum(int(b["lost_samples"]) for b in batches) == lost
+    assert sum(int(b["bad_shards"]) for b in batches) >= 1  # counted once per load of the shard
     assert len(yielded) == stream.stop_samples - lost
     assert len({(s, k) for _, s, k in yielded}) == manifest["samples"] - lost // 2
 
@@ -172,9 +165,7 @@ def test_resume_stays_exact_across_lost_samples(data, tmp_path):
                                           micro_batch_size=4, num_streams=8, consumed_samples=consumed))
 
     straight = take(loader(), 30)
-    first = loader()
-    take(first, 11)
-    resumed = take(loader(first.state_dict()["consumed_samples"]), 19)
+    resumed = take(loader(11 * 4), 19)  # the position after 11 micro-batches of 4
     assert identities(resumed) == identities(straight[11:])
     assert sum(len(b["index"]) for b in straight) < 30 * 4  # some samples were lost on the way
 
@@ -198,10 +189,11 @@ def test_wrong_length_sample_and_missing_shard_are_counted(data, tmp_path):
     manifest = stream.sets[0].manifest
     os.remove(tmp_path / "code" / "shard-000004.tar")  # disappears after the start-up check
     stream.stop_samples = manifest["samples"]
-    loader = StreamLoader(stream)
-    count = sum(len(b["index"]) for b in loader)
+    batches = list(StreamLoader(stream))
+    count = sum(len(b["index"]) for b in batches)
     lost = 1 + manifest["shards"][4]["samples"]
-    assert loader.stats["lost_samples"] == lost and loader.stats["bad_shards"] == 2
+    assert sum(int(b["lost_samples"]) for b in batches) == lost
+    assert sum(int(b["bad_shards"]) for b in batches) == 2
     assert count == manifest["samples"] - lost
 
 
@@ -285,7 +277,7 @@ def test_worker_ring_delivers_every_uint32_row_once_as_int32(tmp_path, context):
     assert all(torch.equal(b["input_ids"][:, 1:], b["targets"][:, :-1]) for b in batches)
     assert sorted(map(tuple, tokens.tolist())) == sorted(map(tuple, samples.astype(np.int64).tolist()))
     assert sorted(torch.cat([b["index"] for b in batches]).tolist()) == list(range(192))
-    assert loader.stats == {"consumed_samples": 192, "lost_samples": 0, "bad_shards": 0}
+    assert sum(int(b["lost_samples"]) + int(b["bad_shards"]) for b in batches) == 0
 
 
 def test_one_sample_micro_batches_keep_their_own_indices(tmp_path):

@@ -1,8 +1,9 @@
 """Preemption: on SIGTERM (what Kubernetes sends before killing a pod) finish the current optimizer step, save a
 resumable checkpoint, and stop cleanly; `crescent train` resumes from it automatically.
 
-The signal handler only sets a flag. At the next optimizer-step boundary the ranks agree (all-reduce MAX) so that
-all of them save and stop at the same step; a checkpoint taken mid-accumulation would lose gradients.
+The signal handler only sets a flag. At the next optimizer-step boundary the ranks agree (the strategy's
+`reduce_boolean_decision`: any rank asked) so that all of them save and stop at the same step; a checkpoint taken
+mid-accumulation would lose gradients.
 """
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ import signal
 from pathlib import Path
 
 import lightning.pytorch as pl
-import torch
+
+from app.step import step_report
 
 PREEMPTED_EXIT_CODE = 143  # 128 + SIGTERM: the Job's podFailurePolicy treats it as retriable
 
@@ -30,15 +32,11 @@ class PreemptionCheckpoint(pl.Callback):
         self._previous = signal.signal(signal.SIGTERM, self._handler)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if not pl_module.stepped:
-            return
-        flag = pl_module._all_reduce(torch.tensor([float(self.requested)]), "max")
-        if flag.item() == 0:
+        if step_report(outputs) is None or not trainer.strategy.reduce_boolean_decision(self.requested, all=False):
             return
         self.saved_path = self.dirpath / f"preempt-step={trainer.global_step:08d}.ckpt"
-        pl_module.preempted = True
+        pl_module.stop("preempted")
         trainer.save_checkpoint(str(self.saved_path))
-        trainer.should_stop = True
 
     def on_train_end(self, trainer, pl_module) -> None:
         if self._previous is not None:

@@ -5,6 +5,8 @@ import time
 
 from lightning.pytorch.callbacks import TQDMProgressBar
 
+from app.step import step_report
+
 
 class TokenProgressBar(TQDMProgressBar):
     def __init__(self, refresh_rate: int = 1):
@@ -14,9 +16,7 @@ class TokenProgressBar(TQDMProgressBar):
 
     def on_train_start(self, trainer, pl_module) -> None:
         super().on_train_start(trainer, pl_module)
-        from app.module import total_steps_estimate
-
-        self.train_progress_bar.reset(total=total_steps_estimate(pl_module.schedule))
+        self.train_progress_bar.reset(total=pl_module.schedule.total_steps())
         self.train_progress_bar.n = trainer.global_step
         self.train_progress_bar.set_description("train")
         self._t0, self._tokens0 = time.perf_counter(), pl_module.tokens_seen
@@ -41,16 +41,17 @@ class TokenProgressBar(TQDMProgressBar):
         pass
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if not pl_module.stepped:
+        report = step_report(outputs)
+        if report is None:
             return
         bar = self.train_progress_bar
-        bar.n = trainer.global_step
+        bar.n = report.step
         elapsed = max(time.perf_counter() - self._t0, 1e-9)
         bar.set_postfix({
-            "loss": f"{pl_module.step_loss:.3f}",
-            "lr": f"{pl_module.step_state.lr * pl_module.hparams.lr_scale:.2e}",
-            "tok/s": f"{(pl_module.tokens_seen - self._tokens0) / elapsed:,.0f}",
-            "stage": pl_module.step_state.stage_name,
+            "loss": f"{report.loss:.3f}",
+            "lr": f"{report.lr:.2e}",
+            "tok/s": f"{(report.tokens - self._tokens0) / elapsed:,.0f}",
+            "stage": report.stage_name,
         }, refresh=False)
         if trainer.global_step % self.refresh_rate == 0:
             bar.refresh()

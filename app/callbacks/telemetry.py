@@ -2,55 +2,46 @@
 from __future__ import annotations
 
 import lightning.pytorch as pl
-import torch
 from lightning.fabric.utilities.throughput import Throughput
 from lightning.pytorch.callbacks import ThroughputMonitor
 
+from app.step import step_report
 from components.metrics.svd_entropy import svd_entropy_by_group
 
 
 class OptimizerTelemetry(pl.Callback):
     """Logs the optimizer's per-group stats after every step (paper §2.2: update RMS; Algorithm 1's return value)
-    and, every `max_logit_every_n_steps`, the max pre-softmax attention logit over all layers (App. D)."""
+    and, every `max_logit_every_n_steps` steps, the max pre-softmax attention logit over the step's micro-batches,
+    per layer and over all layers (App. D)."""
 
     def __init__(self, max_logit_every_n_steps: int = 10):
         if max_logit_every_n_steps < 0:
             raise ValueError(f"OptimizerTelemetry.max_logit_every_n_steps={max_logit_every_n_steps!r} must be >= 0")
         self.every = max_logit_every_n_steps
-        self._tracking = False
 
-    def _attention(self, pl_module):
-        return [layer.self_attn for layer in pl_module.model.model.layers]
+    def _request(self, pl_module, next_step_start: int) -> None:
+        if self.every and next_step_start % self.every == 0:
+            pl_module.track_max_logit_next_step()
 
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        if self.every and pl_module._micro == 0 and trainer.global_step % self.every == 0:
-            self._tracking = True
-            for attn in self._attention(pl_module):
-                attn.track_max_logit = True
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._request(pl_module, trainer.global_step)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if self._tracking:
-            self._tracking = False
-            values = []
-            for attn in self._attention(pl_module):
-                attn.track_max_logit = False
-                if attn.max_logit is not None:
-                    values.append(attn.max_logit.float())
-                    attn.max_logit = None
-            if values:
-                top = torch.stack(values).max()
-                top = pl_module._all_reduce(top.reshape(1).cpu(), "max")[0]
-                pl_module.emit({"attn/max_logit": float(top)})
-        if pl_module.stepped and pl_module.optimizer_stats:
-            stats = {f"optim/{k}": float(v) for k, v in pl_module.optimizer_stats.items()}
-            pl_module.emit(stats)
-            history = getattr(pl_module, "history", None)
-            if history is not None:
-                history.record_optimizer(pl_module.tokens_seen, pl_module.optimizer_stats)
+        report = step_report(outputs)
+        if report is None:
+            return
+        metrics = {f"optim/{k}": float(v) for k, v in report.optimizer_stats.items()}
+        if report.max_logit is not None:
+            metrics["attn/max_logit"] = float(report.max_logit.max())
+            metrics.update({f"attn/layer_{i:02d}/max_logit": float(v) for i, v in enumerate(report.max_logit)})
+        if metrics:
+            pl_module.log_step_metrics(metrics)
+        self._request(pl_module, report.step)
 
 
 class SVDEntropyMonitor(pl.Callback):
-    """SVD entropy per group (AttnQO, AttnKV, Experts, SharedExperts, Router, Dense) every `every_n_steps` (§3.4).
+    """SVD entropy per group (AttnQO, AttnKV, Experts, SharedExperts, Router, Dense) after the first optimizer step
+    and every `every_n_steps` (§3.4).
 
     Runs on every rank (sharded parameters are gathered collectively); rank 0 logs.
     """
@@ -61,16 +52,11 @@ class SVDEntropyMonitor(pl.Callback):
         self.every_n_steps = every_n_steps
         self.experts_per_layer = experts_per_layer
 
-    def _measure(self, trainer, pl_module) -> None:
-        entropy = svd_entropy_by_group(pl_module.model, self.experts_per_layer)
-        pl_module.emit({f"svd_entropy/{k}": v for k, v in entropy.items()})
-        history = getattr(pl_module, "history", None)
-        if history is not None:
-            history.record_svd_entropy(pl_module.tokens_seen, entropy)
-
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if pl_module.stepped and (trainer.global_step == 1 or trainer.global_step % self.every_n_steps == 0):
-            self._measure(trainer, pl_module)
+        report = step_report(outputs)
+        if report is not None and (report.step == 1 or report.step % self.every_n_steps == 0):
+            entropy = svd_entropy_by_group(pl_module.model, self.experts_per_layer)
+            pl_module.log_step_metrics({f"svd_entropy/{k}": v for k, v in entropy.items()})
 
 
 class MoEThroughputMonitor(ThroughputMonitor):

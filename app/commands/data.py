@@ -86,7 +86,7 @@ def _inspect(args) -> int:
 
 
 def _schedule(args) -> int:
-    from components.data.stages import PRESETS, StageSchedule, get_schedule, plot_schedule
+    from components.schedule import PRESETS, StageSchedule, get_schedule
 
     if args.schedule in PRESETS:
         schedule = get_schedule(args.schedule)
@@ -101,7 +101,9 @@ def _schedule(args) -> int:
     for tokens in args.at or []:
         print(f"  at {tokens}: {schedule.at(float(tokens))}")
     if args.plot:
-        plot_schedule(schedule, args.plot)
+        from app.plots import schedule_figure
+
+        schedule_figure(schedule, path=args.plot)
         print(f"plot: {args.plot}")
     return 0
 

@@ -29,12 +29,17 @@ def main(argv: list[str]) -> int:
 
         def instantiate_trainer(self, **kwargs):
             run = RunOptions(**self.config["run"])
-            callbacks, logger = run.build(self.model, self.datamodule)
-            configured = self._get(self.config_init, "trainer", default={}).get("callbacks") or []
-            configured = configured if isinstance(configured, list) else [configured]
-            # Passed at construction so that Lightning uses our progress bar instead of adding its default one.
-            return super().instantiate_trainer(**kwargs, logger=logger, callbacks=[*configured, *callbacks],
-                                               enable_progress_bar=run.progress_bar)
+            trainer_init = self._get(self.config_init, "trainer", default={})
+            bar = trainer_init.get("enable_progress_bar")
+            callbacks, logger = run.build(progress_bar=bar is not False)
+            configured = _as_list(trainer_init.get("callbacks"))
+            # The YAML's own loggers (TensorBoard, CSV, ...) sit beside the outage-safe MLflow logger, which comes
+            # first (`trainer.logger`). Callbacks go in at construction so that Lightning uses our progress bar.
+            loggers = [logger, *(lg for lg in _as_list(trainer_init.get("logger")) if not isinstance(lg, bool))]
+            kwargs.pop("logger", None)
+            kwargs.pop("callbacks", None)
+            return super().instantiate_trainer(**kwargs, logger=loggers, callbacks=[*configured, *callbacks],
+                                               enable_progress_bar=run.progress_bar and bar is not False)
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     # argv is sys.argv[2:] (after `crescent train`); Lightning's DDP launcher re-runs sys.argv, so it stays as is.
@@ -52,3 +57,9 @@ def main(argv: list[str]) -> int:
         print(f"crescent train: error: {err}", file=sys.stderr)
         return 2
     return train_from_cli(cli, Path.cwd())
+
+
+def _as_list(value) -> list:
+    if value is None:
+        return []
+    return list(value) if isinstance(value, list | tuple) else [value]

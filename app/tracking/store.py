@@ -113,3 +113,17 @@ def resolve_run(
     for i in range(0, len(entities), MAX_PARAMS_TAGS_PER_BATCH):
         client.log_batch(run_id, tags=entities[i : i + MAX_PARAMS_TAGS_PER_BATCH], synchronous=True)
     return run_id, False
+
+
+def read_metric_history(tracking_uri: str, run_id: str, prefixes: tuple[str, ...] = ("",)) -> dict[str, dict[int, float]]:
+    """{key: {step: value}} of every metric of the run whose key starts with one of ``prefixes`` (the last value
+    logged at a step wins). Raises what MLflow raises when the store cannot be read."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri)
+    keys = [k for k in client.get_run(run_id).data.metrics if k.startswith(prefixes)]
+    out: dict[str, dict[int, float]] = {}
+    for key in keys:
+        points = sorted(client.get_metric_history(run_id, key), key=lambda m: (m.step, m.timestamp))
+        out[key] = {m.step: m.value for m in points}
+    return out

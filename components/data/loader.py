@@ -3,29 +3,22 @@
 Each batch it yields is one micro-batch of this rank: `input_ids` and `targets` IntTensor[n, seq_len] (int32: two
 views of one [n, seq_len + 1] tensor, targets are the next tokens; `nn.Embedding` takes int32 indices, and the
 model's loss widens its targets), `index`, `set_id`, `sample_id` LongTensor[n], and `lost_samples`, `bad_shards`
-LongTensor[1] (data errors behind this batch; their running sums are in `stats`), and `consumed_samples`
-LongTensor[1]: the job's global count once this micro-batch has been trained on, the number to checkpoint. n is
-`micro_batch_size` except where samples were lost to bad data (then smaller; the other samples keep their places).
+LongTensor[1] (data errors behind this batch, met by the worker that read it). n is `micro_batch_size` except
+where samples were lost to bad data (then smaller, possibly 0: every micro-batch of the data order is yielded, so
+the other samples keep their places and a consumer that counts micro-batches knows the position).
 
 How it is fast (see packing.py): workers write groups of micro-batches straight into a ring of shared-memory
 buffers created once per iteration and send only (worker, slot, count); tokens travel in the shards' own integer
 type and are widened once per group (into pinned memory when `pin_memory` is set and CUDA is there); local
 shards are memory-mapped (`remote.map_or_read`), not copied.
 
-After n micro-batches the job has consumed `start + n * micro_batch_size * world_size` global samples, whatever the
-data errors. `state_dict()` returns that one number (Lightning saves dataloader state from rank 0 only; this
-state is global, so rank 0's copy resumes every rank); `load_state_dict()` sets it before the next `iter()`.
-Workers are never persistent: each `iter()` starts them from the current counter, so an interrupted iteration
-(prefetched batches thrown away) repeats nothing.
-
-Inside a Lightning fit, `state_dict()` runs ahead of training by the batches Lightning has fetched but not trained
-on (its fetcher prefetches one batch when the loader has no length). For an exact resume, checkpoint
-`batch["consumed_samples"]` of the last batch the optimizer stepped on and pass it back with
-`load_state_dict({"consumed_samples": n})` (or `MixtureStream(consumed_samples=n)`).
+The data position is not the loader's: after n micro-batches of every rank the job has consumed
+`stream.consumed_samples + n * micro_batch_size * world_size` global samples, whatever the data errors; the
+trainer counts that (app/module.py) and builds the next loader from it. Workers are never persistent: each
+`iter()` starts them from the stream's start, so an interrupted iteration (prefetched batches thrown away) repeats
+nothing.
 """
 from __future__ import annotations
-
-from collections.abc import Mapping
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset
@@ -68,11 +61,6 @@ class StreamLoader(DataLoader):
                          pin_memory=False, persistent_workers=False, **kwargs)
         self.stream, self.group = stream, group
         self.pin = bool(pin_memory) and torch.cuda.is_available()
-        self.stats = {"consumed_samples": stream.consumed_samples, "lost_samples": 0, "bad_shards": 0}
-
-    @property
-    def consumed_samples(self) -> int:
-        return self.stream.consumed_samples
 
     def __iter__(self):
         stream = self.stream
@@ -88,24 +76,10 @@ class StreamLoader(DataLoader):
         try:
             for item in super().__iter__():
                 group = item if ring is None else ring[item[0], item[1], :item[2]]
-                for ordinal, batch, lost, bad in unpack_group(group, stream.seq_len, stream.token_dtype, first, W,
-                                                              start, pin=self.pin):
-                    pending[ordinal] = (batch, lost, bad)
+                for ordinal, batch in unpack_group(group, stream.seq_len, stream.token_dtype, first, W, pin=self.pin):
+                    pending[ordinal] = batch
                 while next_ordinal in pending:
-                    batch, lost, bad = pending.pop(next_ordinal)
+                    yield pending.pop(next_ordinal)
                     next_ordinal += 1
-                    stream.consumed_samples = start + next_ordinal * b * W
-                    self.stats["consumed_samples"] = stream.consumed_samples
-                    self.stats["lost_samples"] += lost
-                    self.stats["bad_shards"] += bad
-                    if len(batch["index"]):
-                        yield batch
         finally:
             self.dataset.ring = None  # the workers hold their own references until they exit
-
-    def state_dict(self) -> dict:
-        return self.stream.state_dict()
-
-    def load_state_dict(self, state: Mapping) -> None:
-        self.stream.load_state_dict(state)
-        self.stats["consumed_samples"] = self.stream.consumed_samples

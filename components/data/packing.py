@@ -82,10 +82,10 @@ def iter_groups(stream, group: int, ring: torch.Tensor | None = None):
 
 
 def unpack_group(packed: torch.Tensor, seq_len: int, token_dtype: np.dtype, first: int, world_size: int,
-                 start: int, pin: bool = False) -> list[tuple[int, dict, int, int]]:
+                 pin: bool = False) -> list[tuple[int, dict]]:
     """Per micro-batch of a packed group: (ordinal on this rank, the collated dict of the samples that were read,
-    lost samples, bad shards). `first` is this rank's first global index of the iteration, `start` the global
-    count it started from; each dict's `consumed_samples` is the job's count once it has been trained on.
+    with the lost samples and bad shards met while reading it). `first` is this rank's first global index of
+    the iteration.
 
     One conversion widens all the group's tokens (to int32: nn.Embedding takes it as is, the loss widens the
     targets it needs), into pinned memory when `pin`; every tensor of a micro-batch is a view of one per-group
@@ -93,9 +93,7 @@ def unpack_group(packed: torch.Tensor, seq_len: int, token_dtype: np.dtype, firs
     g, b, _ = packed.shape
     headers = packed.numpy()[:, :, :HEADER_BYTES].view(np.int64)  # [g, b, META]
     ordinals = (headers[:, 0, 0] - first) // world_size // b
-    counters = np.empty((g, 3), dtype=np.int64)
-    counters[:, :2] = headers[:, :, 3:5].sum(axis=1)
-    counters[:, 2] = start + (ordinals + 1) * b * world_size
+    counters = np.ascontiguousarray(headers[:, :, 3:5].sum(axis=1))  # [g, 2]: lost samples, bad shards
     # A copy, always: for g * b == 1 numpy would call the transposed view contiguous and hand back the ring itself.
     fields = torch.from_numpy(np.array(headers[:, :, :3].transpose(2, 0, 1), copy=True))  # [3, g, b]
     small = torch.from_numpy(counters)
@@ -106,16 +104,16 @@ def unpack_group(packed: torch.Tensor, seq_len: int, token_dtype: np.dtype, firs
     np.copyto(wide.numpy(), packed.numpy()[:, :, HEADER_BYTES:HEADER_BYTES + nbytes].view(token_dtype),
               casting="unsafe")
     columns = zip(wide[:, :, :-1].unbind(0), wide[:, :, 1:].unbind(0), fields[0].unbind(0), fields[1].unbind(0),
-                  fields[2].unbind(0), small[:, 0:1].unbind(0), small[:, 1:2].unbind(0), small[:, 2:3].unbind(0))
+                  fields[2].unbind(0), small[:, 0:1].unbind(0), small[:, 1:2].unbind(0))
     keep = headers[:, :, 1] >= 0
     kept_all = keep.all(axis=1).tolist()
     out = []
-    for m, (ordinal, (lost, bad, _), cols) in enumerate(zip(ordinals.tolist(), counters.tolist(), columns)):
-        batch = dict(zip(("input_ids", "targets", "index", "set_id", "sample_id", "lost_samples", "bad_shards",
-                          "consumed_samples"), cols))
+    for m, (ordinal, cols) in enumerate(zip(ordinals.tolist(), columns)):
+        batch = dict(zip(("input_ids", "targets", "index", "set_id", "sample_id", "lost_samples", "bad_shards"),
+                         cols))
         if not kept_all[m]:
             rows = torch.from_numpy(np.flatnonzero(keep[m]))
             for key in ("input_ids", "targets", "index", "set_id", "sample_id"):
                 batch[key] = batch[key].index_select(0, rows)
-        out.append((ordinal, batch, lost, bad))
+        out.append((ordinal, batch))
     return out

@@ -72,15 +72,11 @@ class MixturePlan:
 
     @classmethod
     def from_mixture(cls, set_names, mixture, seq_len: int) -> MixturePlan:
-        """From a constant {set: weight} dict or a `StageSchedule` (its stages' token boundaries and mixtures)."""
+        """From a constant {set: weight} dict or a `StageSchedule` (its stage starts and mixtures)."""
         if hasattr(mixture, "stages"):
             if mixture.seq_len != seq_len:
                 raise ValueError(f"schedule seq_len={mixture.seq_len} does not match the shards' seq_len={seq_len}")
-            stages, start = [], 0
-            for stage in mixture.stages:
-                stages.append((start, stage.mixture))
-                start = stage.end_tokens
-            return cls(set_names, stages, seq_len)
+            return cls(set_names, [(start, s.mixture) for s, start in zip(mixture.stages, mixture.starts)], seq_len)
         return cls(set_names, [(0, dict(mixture))], seq_len)
 
     def choose(self, seed: int, index: np.ndarray) -> np.ndarray:

@@ -15,7 +15,7 @@ Correctness does not depend on it (a shared stream is just read by several worke
 A yielded item is a dict: `input_ids` LongTensor[seq_len], `targets` LongTensor[seq_len] (the next tokens),
 `index` (global sample index), `set_id` (position of the set in `set_names`), `sample_id` (the sample's position in
 its set's packed token stream), `lost_samples` and `bad_shards` (data errors met since the previous item of this
-worker; `StreamLoader` sums them into `stats`). `StreamLoader` is the way to train from it: it batches in the
+worker; `StreamLoader` hands them on with each micro-batch). `StreamLoader` is the way to train from it: it batches in the
 workers, hands groups of micro-batches over through a shared-memory ring, and yields the same dicts collated.
 
 Bad data: a truncated or corrupt tar, a malformed sample or a shard that went missing is logged once, its samples
@@ -81,6 +81,17 @@ def open_shard_set(name: str, location: str, tokenizer_fingerprint: str | None =
     return ShardSet(name, location, manifest, urls)
 
 
+def check_stream_layout(num_streams: int, world_size: int, num_workers: int, micro_batch_size: int) -> None:
+    """The data order's layout rule: with more than one reader, the V virtual streams must split evenly over
+    ranks × workers × micro-batch, so that every stream has exactly one owner (exact resume on any layout)."""
+    period = world_size * max(1, num_workers) * micro_batch_size
+    if num_streams % period and world_size * max(1, num_workers) > 1:  # one reader owns all: no constraint
+        raise ValueError(
+            f"num_streams={num_streams} must be a multiple of world_size*max(1,num_workers)*micro_batch_size"
+            f" = {world_size}*{max(1, num_workers)}*{micro_batch_size} = {period}, so that every virtual stream"
+            " has one owner; choose num_streams as a multiple of every layout the job may resume on")
+
+
 class MixtureStream(IterableDataset):
     """Infinite (or `stop_samples`-bounded) stream of packed samples from several shard sets.
 
@@ -95,7 +106,8 @@ class MixtureStream(IterableDataset):
       1-3 ranks x 1-4 workers x 8 or 16 sequences); for a large job pick V as a multiple of every layout it may
       run on (e.g. 3 * 2**13 for up to 512 ranks x 4 workers x 4 sequences). Each set needs >= V samples for a
       worker to read only its own shards (otherwise streams share shards, which is correct but reads more).
-    consumed_samples: global samples consumed so far (resume point).
+    consumed_samples: global samples the job consumed before this stream starts (the resume point; the trainer
+      owns the running count, the stream only starts there).
     """
 
     def __init__(self, sets: Mapping[str, str], mixture, *, rank: int = 0, world_size: int = 1,
@@ -111,12 +123,7 @@ class MixtureStream(IterableDataset):
                 raise ValueError(f"{field}={value!r} must be an integer >= {low}")
         if rank >= world_size:
             raise ValueError(f"rank={rank} must be < world_size={world_size}")
-        period = world_size * max(1, num_workers) * micro_batch_size
-        if num_streams % period and world_size * max(1, num_workers) > 1:  # one reader owns all: no constraint
-            raise ValueError(
-                f"num_streams={num_streams} must be a multiple of world_size*max(1,num_workers)*micro_batch_size"
-                f" = {world_size}*{max(1, num_workers)}*{micro_batch_size} = {period}, so that every virtual stream"
-                " has one owner; choose num_streams as a multiple of every layout the job may resume on")
+        check_stream_layout(num_streams, world_size, num_workers, micro_batch_size)
         if not isinstance(sets, Mapping) or not sets:
             raise ValueError(f"sets={sets!r} must be a non-empty mapping {{name: location}} of shard sets")
         if stop_samples is not None and (not isinstance(stop_samples, int) or stop_samples < 0):
@@ -135,17 +142,6 @@ class MixtureStream(IterableDataset):
         self.micro_batch_size, self.num_streams, self.seed = micro_batch_size, num_streams, seed
         self.consumed_samples, self.stop_samples = consumed_samples, stop_samples
         self.cache_shards = cache_shards
-
-    # -- resume state: one global number --------------------------------------------------------------------
-    def state_dict(self) -> dict:
-        return {"consumed_samples": self.consumed_samples, "num_streams": self.num_streams, "seed": self.seed}
-
-    def load_state_dict(self, state: Mapping) -> None:
-        for key in ("num_streams", "seed"):
-            if key in state and state[key] != getattr(self, key):
-                raise ValueError(f"resume state has {key}={state[key]}, this stream has {getattr(self, key)}; "
-                                 "the data order would change")
-        self.consumed_samples = int(state["consumed_samples"])
 
     # -- iteration ------------------------------------------------------------------------------------------
     def worker_indices(self, worker: int, num_workers: int, sizes, start: int | None = None):

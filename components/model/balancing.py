@@ -24,3 +24,11 @@ def update_routing_bias(bias: torch.Tensor, counts: torch.Tensor, rate: float) -
     delta = rate * (sign - sign.mean())
     bias.add_(delta.to(bias.dtype))
     return delta
+
+
+@torch.no_grad()
+def update_routing_biases(moe_layers, counts: torch.Tensor, rate: float) -> None:
+    """One optimizer step's update of every MoE layer's router bias from its counts [layers, E] (summed over the
+    step's micro-batches and all ranks, so every rank applies the same update)."""
+    for layer, layer_counts in zip(moe_layers, counts):
+        update_routing_bias(layer.gate.e_score_correction_bias, layer_counts, rate)

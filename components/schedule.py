@@ -1,4 +1,6 @@
-"""Token-based training stages (Moonlight §3.3): LR shape, global batch, data mixture and routing-bias rate.
+"""The token-based stage schedule (Moonlight §3.3) and everything derived from it: LR, global batch, data mixture
+and routing-bias rate at any token count, stage starts, mixture names, the optimizer-step estimate and the rule
+that a stage's global batch splits into micro-batches over the ranks.
 
 Every quantity is a pure function of *tokens seen*, so a resume at any token count (on any world size or batch
 size) reproduces the same state. Stage k covers tokens [end_tokens of stage k-1, end_tokens of stage k); past the
@@ -167,6 +169,39 @@ class StageSchedule:
     def total_tokens(self) -> int:
         return self.stages[-1].end_tokens
 
+    def boundaries(self) -> list[tuple[str, int]]:
+        """(stage name, first token of the stage) for each stage, in order."""
+        return [(s.name, start) for s, start in zip(self.stages, self.starts)]
+
+    def mixture_names(self) -> list[str]:
+        """The shard-set names some stage draws from (weight > 0), sorted."""
+        return sorted({name for s in self.stages for name, w in s.mixture.items() if w > 0})
+
+    def batch_sizes(self) -> list[tuple[str, int]]:
+        """(stage name, global batch) for every batch size any stage uses."""
+        return [(s.name, b) for s in self.stages
+                for b in ([b for _, b in s.batch_size] if isinstance(s.batch_size, list) else [s.batch_size])]
+
+    def check_batches(self, micro_batch_size: int, world_size: int) -> None:
+        """Every global batch must split into whole micro-batches over the ranks (gradient accumulation)."""
+        per_pass = micro_batch_size * world_size
+        for name, size in self.batch_sizes():
+            if size % per_pass:
+                raise ValueError(f"stage {name!r}: batch_size={size} is not divisible by data.micro_batch_size × "
+                                 f"ranks = {micro_batch_size} × {world_size}")
+
+    def accumulation(self, tokens_seen: int, micro_batch_size: int, world_size: int) -> int:
+        """Micro-batches per rank in the optimizer step that starts at `tokens_seen` (see `check_batches`)."""
+        return self.at(tokens_seen).batch_size // (micro_batch_size * world_size)
+
+    def total_steps(self) -> int:
+        """Optimizer steps to the end of the schedule: walk it one global batch at a time."""
+        steps, tokens = 0, 0
+        while tokens < self.total_tokens:
+            tokens += self.at(tokens).batch_size * self.seq_len
+            steps += 1
+        return steps
+
     def stage_index(self, tokens_seen: int) -> int:
         for k, s in enumerate(self.stages):
             if tokens_seen < s.end_tokens:
@@ -262,33 +297,10 @@ def get_schedule(name: str) -> StageSchedule:
     return PRESETS[name]()
 
 
-def plot_schedule(schedule: StageSchedule, path, points: int = 600):
-    """PNG of LR, global batch (sequences) and mixture weights over tokens, stage boundaries dashed."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    tokens = np.linspace(0, schedule.total_tokens, points)
-    tokens = np.unique(np.concatenate([tokens, np.array(schedule.starts[1:], dtype=float)]))
-    states = [schedule.at(t) for t in tokens]
-    sets = sorted({name for s in schedule.stages for name in s.mixture})
-    weights = np.array([[st.mixture.get(n, 0.0) / sum(st.mixture.values()) for n in sets] for st in states])
-    fig, axes = plt.subplots(3, 1, figsize=(8, 7), sharex=True)
-    axes[0].plot(tokens, [st.lr for st in states])
-    axes[0].set_ylabel("learning rate")
-    axes[1].step(tokens, [st.batch_size for st in states], where="post")
-    axes[1].set_ylabel("global batch (seq)")
-    axes[2].stackplot(tokens, weights.T, labels=sets, step="post")
-    axes[2].set_ylabel("mixture")
-    axes[2].set_xlabel("tokens seen")
-    axes[2].legend(loc="upper left", fontsize="small")
-    for ax in axes:
-        for boundary in schedule.starts[1:]:
-            ax.axvline(boundary, color="gray", linestyle="--", linewidth=0.8)
-    fig.suptitle(" | ".join(s.name for s in schedule.stages))
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+def resolve_schedule(schedule: str | dict | StageSchedule) -> StageSchedule:
+    """A schedule from a preset name, a YAML mapping (`StageSchedule.from_dict`) or a schedule."""
+    if isinstance(schedule, StageSchedule):
+        return schedule
+    if isinstance(schedule, str):
+        return get_schedule(schedule)
+    return StageSchedule.from_dict(dict(schedule))

@@ -4,7 +4,8 @@ import math
 import pytest
 import yaml
 
-from components.data.stages import Stage, StageSchedule, get_schedule, parse_tokens, plot_schedule
+from app.plots import schedule_figure
+from components.schedule import Stage, StageSchedule, get_schedule, parse_tokens
 
 
 @pytest.fixture(scope="module")
@@ -97,6 +98,7 @@ def test_unknown_field_and_preset_are_rejected():
 
 
 def test_plot_writes_a_png(moonlight, tmp_path):
-    path = plot_schedule(moonlight, tmp_path / "schedule.png")
+    path = tmp_path / "schedule.png"
+    schedule_figure(moonlight, path=str(path))
     data = path.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
