@@ -7,8 +7,8 @@ import sys
 
 import pytest
 
-from app.k8s import kustomize
 from app.k8s.render import RenderParams, find, render
+from app.k8s.workloads import pod_templates
 
 
 @pytest.fixture(scope="module")
@@ -19,7 +19,7 @@ def objects(tmp_path_factory):
 
 
 def _container(objs, kind, name):
-    return kustomize.pod_templates(find(objs, kind, name))[0]["spec"]["containers"][0]
+    return pod_templates(find(objs, kind, name))[0]["spec"]["containers"][0]
 
 
 @pytest.mark.parametrize("overlay", ["dev", "prod"])

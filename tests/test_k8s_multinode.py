@@ -1,8 +1,9 @@
-"""Multi-node for real on one machine: the rendered training Job's pods as two hosts.
+"""Multi-node for real on one machine: the rendered training workload's pods (Indexed Job, or JobSet) as two hosts.
 
 Each "node" is a network namespace joined to the other by a veth pair, with its own hostname (a UTS namespace,
 as a pod has) and its own /etc/hosts (ip netns exec bind-mounts /etc/netns/NAME/hosts) resolving the headless
-Service's pod names, exactly the names the Job's torchrun flags use. Each pod's command, arguments and
+Service's pod names as the Job / JobSet controllers name pods (app/k8s/workloads.py), the names the torchrun
+flags must use. Each pod's command, arguments and
 environment come from the rendered manifest: the Job controller's JOB_COMPLETION_INDEX is added, $(VAR)
 references are expanded as the kubelet does, and volume mount paths map to local directories (the ConfigMap's
 files are written out). Needs root (network namespaces); CI runs as root.
@@ -21,7 +22,8 @@ from pathlib import Path
 
 import pytest
 
-from app.k8s.render import RenderParams, find, render
+from app.k8s.render import RenderParams, find, render, training_workload
+from app.k8s.workloads import jobset_subdomain, pod_hostname, pod_templates
 
 ROOT = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
@@ -43,10 +45,10 @@ def expand_k8s_vars(text: str, env: dict[str, str]) -> str:
 
 def pod_process(objects: list[dict], index: int, mounts: dict[str, Path]) -> tuple[list[str], dict[str, str]]:
     """argv and environment of the training container of pod `index`, as the kubelet would start it."""
-    job = find(objects, "Job", "crescent-train")
-    pod = job["spec"]["template"]["spec"]
+    workload = training_workload(objects)
+    pod = pod_templates(workload)[0]["spec"]
     container = next(c for c in pod["containers"] if c["name"] == "trainer")
-    env: dict[str, str] = {"JOB_COMPLETION_INDEX": str(index), "HOSTNAME": f"{job['metadata']['name']}-{index}"}
+    env: dict[str, str] = {"JOB_COMPLETION_INDEX": str(index), "HOSTNAME": pod_hostname(workload, index)}
     for item in container.get("env", []):
         assert "value" in item, f"env {item['name']} comes from {item.get('valueFrom')}: not emulated here"
         env[item["name"]] = expand_k8s_vars(item["value"], env)
@@ -148,13 +150,23 @@ def test_kubelet_variable_expansion():
     assert expand_k8s_vars("$$(JOB_COMPLETION_INDEX) $(UNKNOWN)", env) == "$(JOB_COMPLETION_INDEX) $(UNKNOWN)"
 
 
+def _service(workload: dict) -> str:
+    if workload["kind"] == "JobSet":
+        return jobset_subdomain(workload)
+    return workload["spec"]["template"]["spec"]["subdomain"]
+
+
 @pytest.mark.slow
-def test_rendered_job_rendezvous_across_two_network_namespaces(tmp_path):
+@pytest.mark.parametrize("overlay, master", [("dev", "crescent-train-0.crescent-train"),
+                                             ("jobset", "crescent-train-node-0-0.crescent-train")])
+def test_rendered_workload_rendezvous_across_two_network_namespaces(tmp_path, overlay, master):
     """torchrun from the manifest, with a gloo all_reduce program in place of training: both nodes meet at pod 0's
-    Service DNS name and agree on the result."""
+    DNS name (the Indexed Job's or the JobSet's) and agree on the result."""
     config = tmp_path / "run.yaml"
     config.write_text("trainer:\n  max_steps: 1\n")
-    objects = render(RenderParams(overlay="dev", nodes=2, gpus_per_node=0, cpu_procs_per_node=1, config=str(config)))
+    objects = render(RenderParams(overlay=overlay, nodes=2, gpus_per_node=0, cpu_procs_per_node=1,
+                                  config=str(config)))
+    workload = training_workload(objects)
     mounts = {"/etc/crescent": config_map_files(objects, tmp_path / "configmap")}
     script = tmp_path / "all_reduce.py"
     script.write_text(ALL_REDUCE)
@@ -162,18 +174,19 @@ def test_rendered_job_rendezvous_across_two_network_namespaces(tmp_path):
     for index in range(2):
         argv, env = pod_process(objects, index, mounts)
         assert argv[:4] == ["torchrun", "--nnodes=2", "--nproc-per-node=1", f"--node-rank={index}"]
-        assert "--master-addr=crescent-train-0.crescent-train" in argv
+        assert f"--master-addr={master}" in argv
         program = argv.index("-m")  # keep the manifest's torchrun flags, swap the program
         processes.append((argv[:program] + [str(script)], env))
-    with two_hosts(["crescent-train-0", "crescent-train-1"], "crescent-train") as namespaces:
+    hostnames = [pod_hostname(workload, index) for index in range(2)]
+    with two_hosts(hostnames, _service(workload)) as namespaces:
         results = run_pods(namespaces, processes, tmp_path, timeout=180)
     lines = []
     for r in results:
         assert r.returncode == 0, r.stderr[-3000:]
         lines += [ln for ln in r.stdout.splitlines() if ln.startswith("RESULT")]
     assert sorted(lines) == [
-        "RESULT host=crescent-train-0 rank=0 world=2 node=0 master=crescent-train-0.crescent-train sum=3.0",
-        "RESULT host=crescent-train-1 rank=1 world=2 node=1 master=crescent-train-0.crescent-train sum=3.0",
+        f"RESULT host={hostnames[0]} rank=0 world=2 node=0 master={master} sum=3.0",
+        f"RESULT host={hostnames[1]} rank=1 world=2 node=1 master={master} sum=3.0",
     ]
 
 

@@ -1,8 +1,10 @@
 """`crescent k8s render|submit|status|logs|delete`: Kubernetes jobs from the overlays in k8s/.
 
     crescent k8s render --overlay prod --nodes 8 --gpus-per-node 8 --image REG/crescent/train:0.1.0 > run.yaml
+    crescent k8s render --overlay jobset --queue team-a      # a JobSet, queued in Kueue's LocalQueue team-a
     crescent k8s submit --overlay prod --nodes 8            # server-side apply with the kubernetes client
     crescent k8s status --watch                              # Job progress until it completes or fails
+    crescent k8s status --kind JobSet                        # the jobset overlay's workload (kubeflow: TrainJob)
     crescent k8s logs --index 0 --follow                     # stream a node's log
     crescent k8s delete                                      # the training Job and its pods
 
@@ -25,11 +27,12 @@ def _add_render_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-image", help="evaluation image, pinned")
     p.add_argument("--config", help="training config: a name in app/configs/ (tiny-cpu, ...) or a YAML path")
     p.add_argument("--data-slices", type=int, help="data-build Job completions (slices of the sources)")
-    p.add_argument("--max-restarts", type=int, default=3, help="whole-job restarts (backoffLimit = this x nodes)")
+    p.add_argument("--max-restarts", type=int, default=3,
+                   help="whole-group restarts (JobSet maxRestarts; an Indexed Job's backoffLimit = this x nodes)")
+    p.add_argument("--queue", help="Kueue LocalQueue: label the training workload with kueue.x-k8s.io/queue-name "
+                                   "and create it suspended until Kueue admits all its pods")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="extra training override, passed as --KEY VALUE to `crescent train` (repeatable)")
-    p.add_argument("--engine", default="auto", choices=["auto", "kubectl", "python"],
-                   help="kustomize engine: kubectl kustomize, or the built-in subset (default: kubectl if found)")
 
 
 def _params(args: argparse.Namespace) -> RenderParams:
@@ -42,7 +45,7 @@ def _params(args: argparse.Namespace) -> RenderParams:
     return RenderParams(overlay=args.overlay, nodes=args.nodes, gpus_per_node=args.gpus_per_node,
                         cpu_procs_per_node=args.cpu_procs_per_node, image=args.image, eval_image=args.eval_image,
                         config=args.config, data_slices=args.data_slices, max_restarts=args.max_restarts,
-                        train_overrides=overrides, engine=args.engine)
+                        train_overrides=overrides, queue=args.queue)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -53,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_render_args(p)
     p.add_argument("--output", "-o", help="write to this file instead of stdout")
     for name, help_ in (("submit", "server-side apply the rendered objects"),
-                        ("status", "the training Job's progress and its pods"),
+                        ("status", "the training workload's progress and its pods"),
                         ("logs", "a training pod's log"),
                         ("delete", "delete the training Job (and, with --all, everything rendered but volumes)")):
         p = sub.add_parser(name, help=help_)
@@ -67,11 +70,15 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--wait", action="store_true", help="then follow the Job until it ends")
             p.add_argument("--only", choices=["train", "data", "eval", "mlflow"],
                            help="apply one component's objects only (no namespace/RBAC: for the submitter Role)")
+        if name in ("status", "logs", "delete"):
+            p.add_argument("--kind", default="Job",
+                           help="the training workload's kind: Job (dev, prod), JobSet (jobset), TrainJob "
+                                "(kubeflow), or any kind the API server serves (Kind.group if ambiguous)")
         if name == "status":
-            p.add_argument("--watch", action="store_true", help="follow until the Job completes or fails")
-            p.add_argument("--job", default="crescent-train")
+            p.add_argument("--watch", action="store_true", help="follow until it completes or fails")
+            p.add_argument("--job", default="crescent-train", help="the workload's name")
         if name == "logs":
-            p.add_argument("--job", default="crescent-train")
+            p.add_argument("--job", default="crescent-train", help="the workload's name")
             p.add_argument("--index", type=int, default=0, help="completion index (node) whose log to show")
             p.add_argument("--follow", "-f", action="store_true")
             p.add_argument("--tail", type=int, help="only the last N lines")

@@ -1,15 +1,16 @@
 """Our own checks on rendered objects: what schema validation (kubernetes-validate) does not catch.
 
 Enums the schemas leave as free strings, quantities, the pod security settings every pod must carry, pinned
-images, secrets that never appear as literals, and the consistency of the distributed training Job (node count,
-torchrun flags, the rendezvous address and its headless Service). `problems(objects)` returns one line per
-violation; `crescent k8s render` refuses to print objects that have any.
+images, secrets that never appear as literals, and the consistency of the distributed training workload, as an
+Indexed Job or a JobSet (node count, torchrun flags, the rendezvous address and the headless Service its DNS name
+needs, whole-group restarts). `problems(objects)` returns one line per violation; `crescent k8s render` refuses
+to print objects that have any.
 """
 from __future__ import annotations
 
 import re
 
-from app.k8s.kustomize import pod_templates
+from app.k8s.workloads import job_specs, jobset_subdomain, pod_dns_name, pod_templates, replicated_jobs
 
 ENUMS = {
     "imagePullPolicy": {"Always", "IfNotPresent", "Never"},
@@ -17,13 +18,16 @@ ENUMS = {
     "completionMode": {"NonIndexed", "Indexed"},
     "protocol": {"TCP", "UDP", "SCTP"},
     "podFailurePolicyAction": {"FailJob", "FailIndex", "Ignore", "Count"},
+    "jobSetFailurePolicyAction": {"FailJobSet", "RestartJobSet", "RestartJobSetAndIgnoreMaxRestarts", "RestartJob",
+                                  "RestartJobAndIgnoreMaxRestarts"},
     "accessModes": {"ReadWriteOnce", "ReadOnlyMany", "ReadWriteMany", "ReadWriteOncePod"},
     "emptyDirMedium": {"", "Memory"},
     "serviceType": {"ClusterIP", "NodePort", "LoadBalancer", "ExternalName"},
     "policyTypes": {"Ingress", "Egress"},
 }
-RESTART_POLICY = {"Job": {"Never", "OnFailure"}, "CronJob": {"Never", "OnFailure"},
-                  "Deployment": {"Always"}, "StatefulSet": {"Always"}}
+_JOB_RESTART = {"Never", "OnFailure"}
+RESTART_POLICY = {"Job": _JOB_RESTART, "CronJob": _JOB_RESTART, "JobSet": _JOB_RESTART,
+                  "TrainingRuntime": _JOB_RESTART, "Deployment": {"Always"}, "StatefulSet": {"Always"}}
 _QUANTITY = re.compile(r"^[+]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+|m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?$")
 _SUFFIX = {"": 1, "m": 1e-3, "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "P": 1e15, "E": 1e18,
            "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50, "Ei": 2**60}
@@ -71,10 +75,6 @@ def _object_problems(obj: dict, objects: list[dict]) -> list[str]:
         out.append(f"concurrencyPolicy={spec.get('concurrencyPolicy')!r}: evaluation must not overlap (Forbid)")
     if kind == "CronJob":
         out += _enum("concurrencyPolicy", spec.get("concurrencyPolicy"))
-    if kind == "Job":
-        out += _enum("completionMode", spec.get("completionMode", "NonIndexed"))
-        for rule in spec.get("podFailurePolicy", {}).get("rules", []):
-            out += _enum("podFailurePolicyAction", rule.get("action"))
     if kind == "PersistentVolumeClaim":
         for mode in spec.get("accessModes", []):
             out += _enum("accessModes", mode)
@@ -86,10 +86,18 @@ def _object_problems(obj: dict, objects: list[dict]) -> list[str]:
     if kind == "NetworkPolicy":
         for policy_type in spec.get("policyTypes", []):
             out += _enum("policyTypes", policy_type)
-    for template in pod_templates(obj):
-        out += _pod_problems(kind, template["spec"], spec)
-    if kind == "Job" and spec.get("completionMode") == "Indexed" and _is_torchrun(obj):
-        out += _training_job_problems(obj, objects)
+    for job_spec in job_specs(obj):
+        out += _enum("completionMode", job_spec.get("completionMode", "NonIndexed"))
+        for rule in job_spec.get("podFailurePolicy", {}).get("rules", []):
+            out += _enum("podFailurePolicyAction", rule.get("action"))
+    if kind == "JobSet":
+        for rule in spec.get("failurePolicy", {}).get("rules", []):
+            out += _enum("jobSetFailurePolicyAction", rule.get("action"))
+    owner_specs = job_specs(obj) or [spec] * len(pod_templates(obj))
+    for template, owner_spec in zip(pod_templates(obj), owner_specs):
+        out += _pod_problems(kind, template["spec"], owner_spec)
+    if kind in ("Job", "JobSet") and _torchrun_container(obj) is not None:
+        out += _training_problems(obj, objects)
     if kind == "TrainJob":
         out += _trainjob_problems(obj)
     return out
@@ -197,31 +205,38 @@ def _quantities(values: dict) -> list[str]:
     return out
 
 
-def _is_torchrun(job: dict) -> bool:
-    return any(c.get("command", [None])[0] == "torchrun" for c in job["spec"]["template"]["spec"]["containers"])
+def _torchrun_container(workload: dict) -> dict | None:
+    for template in pod_templates(workload):
+        for c in template["spec"]["containers"]:
+            if c.get("command", [None])[0] == "torchrun":
+                return c
+    return None
 
 
-def _training_job_problems(job: dict, objects: list[dict]) -> list[str]:
+def _training_problems(workload: dict, objects: list[dict]) -> list[str]:
+    """A distributed training workload: every node runs at once, torchrun agrees with the node count and meets
+    pod 0 at its DNS name, which a headless Service must provide; a failure restarts the whole group."""
     out: list[str] = []
-    spec, pod = job["spec"], job["spec"]["template"]["spec"]
-    name = job["metadata"]["name"]
+    if workload["kind"] == "JobSet":
+        out += _jobset_problems(workload, objects)
+    else:
+        out += _job_service_problems(workload, objects)
+    spec = job_specs(workload)[0]
+    pod, c = spec["template"]["spec"], _torchrun_container(workload)
+    if spec.get("completionMode") != "Indexed":
+        out.append(f"completionMode={spec.get('completionMode')!r}: a training Job must be Indexed (node rank = "
+                   "completion index)")
     if spec.get("completions") != spec.get("parallelism"):
         out.append(f"completions={spec.get('completions')} != parallelism={spec.get('parallelism')}: "
                    "every node must run at once")
-    c = next(c for c in pod["containers"] if c.get("command", [None])[0] == "torchrun")
     flags = dict(a.split("=", 1) for a in c.get("args", []) if a.startswith("--") and "=" in a)
     if flags.get("--nnodes") != str(spec.get("completions")):
         out.append(f"torchrun --nnodes={flags.get('--nnodes')} but completions={spec.get('completions')}")
     if flags.get("--node-rank") != "$(JOB_COMPLETION_INDEX)":
         out.append("torchrun --node-rank must be $(JOB_COMPLETION_INDEX)")
-    subdomain = pod.get("subdomain")
-    if flags.get("--master-addr") != f"{name}-0.{subdomain}":
-        out.append(f"torchrun --master-addr={flags.get('--master-addr')}: expected {name}-0.{subdomain}")
-    services = [o for o in objects if o["kind"] == "Service" and o["metadata"]["name"] == subdomain]
-    if not services or services[0]["spec"].get("clusterIP") != "None":
-        out.append(f"no headless Service named {subdomain!r} for the pods' DNS names")
-    elif services[0]["spec"].get("selector", {}).get("batch.kubernetes.io/job-name") != name:
-        out.append(f"Service {subdomain!r} does not select the pods of Job {name!r}")
+    master = pod_dns_name(workload, 0)
+    if flags.get("--master-addr") != master:
+        out.append(f"torchrun --master-addr={flags.get('--master-addr')}: expected {master} (pod 0's DNS name)")
     gpus = c.get("resources", {}).get("limits", {}).get("nvidia.com/gpu")
     if gpus is not None and flags.get("--nproc-per-node") != str(gpus):
         out.append(f"--nproc-per-node={flags.get('--nproc-per-node')} but {gpus} GPUs per pod")
@@ -238,4 +253,42 @@ def _training_job_problems(job: dict, objects: list[dict]) -> list[str]:
                    f"terminationGracePeriodSeconds={grace} (the trainers' SIGTERM checkpoint window)")
     if pod.get("restartPolicy") != "Never" or not spec.get("podFailurePolicy"):
         out.append("needs restartPolicy Never and a podFailurePolicy")
+    return out
+
+
+def _job_service_problems(job: dict, objects: list[dict]) -> list[str]:
+    """An Indexed Job's pods get DNS names only through a headless Service named as their subdomain."""
+    name, subdomain = job["metadata"]["name"], job["spec"]["template"]["spec"].get("subdomain")
+    services = [o for o in objects if o["kind"] == "Service" and o["metadata"]["name"] == subdomain]
+    if not services or services[0]["spec"].get("clusterIP") != "None":
+        return [f"no headless Service named {subdomain!r} for the pods' DNS names"]
+    if services[0]["spec"].get("selector", {}).get("batch.kubernetes.io/job-name") != name:
+        return [f"Service {subdomain!r} does not select the pods of Job {name!r}"]
+    return []
+
+
+def _jobset_problems(jobset: dict, objects: list[dict]) -> list[str]:
+    """JobSet makes the headless Service and the pod DNS names itself (network.enableDNSHostnames) unless a
+    Service of that name exists already; node rank is the completion index only inside one Job; a failed pod
+    must fail its Job (backoffLimit 0) so that the failurePolicy restarts every node."""
+    out: list[str] = []
+    name, spec = jobset["metadata"]["name"], jobset["spec"]
+    if spec.get("network", {}).get("enableDNSHostnames") is not True:
+        out.append("network.enableDNSHostnames must be true: the nodes meet pod 0 by its DNS name")
+    subdomain = jobset_subdomain(jobset)
+    for service in (o for o in objects if o["kind"] == "Service" and o["metadata"]["name"] == subdomain):
+        if service["spec"].get("selector") != {"jobset.sigs.k8s.io/jobset-name": name}:
+            out.append(f"Service {subdomain!r} takes the place of the headless Service JobSet creates but does "
+                       f"not select the pods of JobSet {name!r} (selector {service['spec'].get('selector')})")
+    jobs = replicated_jobs(jobset)
+    if len(jobs) != 1 or jobs[0].get("replicas", 1) != 1:
+        out.append(f"replicatedJobs={[(j['name'], j.get('replicas', 1)) for j in jobs]}: training needs one "
+                   "replicated job with replicas 1 (node rank = completion index)")
+    backoff = job_specs(jobset)[0].get("backoffLimit", 6)
+    if backoff != 0:
+        out.append(f"backoffLimit={backoff}: must be 0, so that one failed pod fails the Job and the JobSet "
+                   "restarts every node")
+    policy = spec.get("failurePolicy", {})
+    if not policy.get("maxRestarts"):
+        out.append(f"failurePolicy.maxRestarts={policy.get('maxRestarts')!r}: the group is never restarted")
     return out

@@ -1,8 +1,10 @@
 """`crescent k8s render`: an overlay of k8s/ plus one run's parameters -> the objects to apply.
 
-The overlay holds the defaults (node count, GPUs, config name in the Job's `crescent/config` annotation); the
-parameters given here rewrite them consistently everywhere they appear (Job completions and parallelism, the
-torchrun flags, Lightning's num_nodes/devices, GPU resources, backoffLimit). The training config is read from
+The overlay (built by the real kustomize, `kubectl kustomize`) holds the defaults: node count, GPUs, the config
+name in the training workload's `crescent/config` annotation. The training workload is the Indexed Job, the
+JobSet or the Kubeflow TrainJob named crescent-train. The parameters given here rewrite the defaults consistently
+everywhere they appear (completions and parallelism, the torchrun flags, Lightning's num_nodes/devices, GPU
+resources, the restart budget) and can queue the workload in Kueue. The training config is read from
 app/configs/NAME.yaml (or a path) at render time into the ConfigMap the pods mount at /etc/crescent/config.yaml,
 so it is never copied by hand.
 """
@@ -14,7 +16,8 @@ from pathlib import Path
 
 import yaml
 
-from app.k8s import kustomize, policy
+from app.k8s import kubectl, policy
+from app.k8s.workloads import job_specs, pod_templates
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 K8S_DIR = REPO_ROOT / "k8s"
@@ -27,12 +30,14 @@ CONFIG_ANNOTATION = "crescent/config"
 DATA_BUILD_JOB = "crescent-data-build"
 DATA_MERGE_JOB = "crescent-data-merge"
 GPU_RESOURCE = "nvidia.com/gpu"
+QUEUE_LABEL = "kueue.x-k8s.io/queue-name"  # Kueue queues a Job, JobSet or TrainJob that carries it
+_LABEL_VALUE = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,61}[a-z0-9])?$")  # a LocalQueue name that fits in a label
 SHUTDOWN_MARGIN_S = 30  # torchrun's --shutdown-timeout ends this long before the kubelet's SIGKILL
 
 # Apply order: what others refer to comes first.
 KIND_ORDER = ["Namespace", "ServiceAccount", "Role", "RoleBinding", "Secret", "ConfigMap",
               "PersistentVolumeClaim", "Service", "NetworkPolicy", "StatefulSet", "Deployment", "Job", "CronJob",
-              "TrainingRuntime", "TrainJob"]
+              "JobSet", "TrainingRuntime", "TrainJob"]
 
 
 class RenderError(ValueError):
@@ -51,9 +56,9 @@ class RenderParams:
     eval_image: str | None = None
     config: str | None = None
     data_slices: int | None = None
-    max_restarts: int = 3  # restarts of the whole job; backoffLimit = max_restarts * nodes
+    max_restarts: int = 3  # restarts of the whole group: JobSet maxRestarts, or Job backoffLimit = this * nodes
     train_overrides: list[tuple[str, str]] = field(default_factory=list)
-    engine: str = "auto"
+    queue: str | None = None  # a Kueue LocalQueue: the workload is created suspended and admitted as a whole
 
     def __post_init__(self) -> None:
         for name in ("nodes", "data_slices"):
@@ -70,6 +75,9 @@ class RenderParams:
             value = getattr(self, name)
             if value is not None:
                 check_image_ref(value, name)
+        if self.queue is not None and not _LABEL_VALUE.match(self.queue):
+            raise RenderError(f"queue={self.queue!r}: a LocalQueue name is lowercase letters, digits, '-' and '.', "
+                              "starting and ending with a letter or digit, at most 63 characters")
         for key, _ in self.train_overrides:
             if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_.]*", key):
                 raise RenderError(f"train override key {key!r}: expected dotted names like trainer.max_steps")
@@ -109,21 +117,24 @@ def resolve_config(config: str) -> Path:
 def render(params: RenderParams) -> list[dict]:
     """The overlay's objects with the parameters applied and the config ConfigMap added, in apply order."""
     try:
-        objects = kustomize.build(overlay_dir(params.overlay), params.engine)  # a fresh copy
-    except kustomize.KustomizeError as err:
+        objects = kubectl.build(overlay_dir(params.overlay), reads=(K8S_DIR,))  # a fresh copy
+    except kubectl.KustomizeError as err:
         raise RenderError(str(err)) from err
-    trainjobs = [o for o in objects if o["kind"] == "TrainJob"]  # the kubeflow overlay
-    job = trainjobs[0] if trainjobs else find(objects, "Job", TRAIN_JOB)
-    config = params.config or job["metadata"].get("annotations", {}).get(CONFIG_ANNOTATION)
+    workload = training_workload(objects)
+    config = params.config or workload["metadata"].get("annotations", {}).get(CONFIG_ANNOTATION)
     if not config:
-        raise RenderError(f"no config: pass --config or set the {CONFIG_ANNOTATION} annotation on the Job")
+        raise RenderError(f"no config: pass --config or set the {CONFIG_ANNOTATION} annotation on "
+                          f"{workload['kind']}/{TRAIN_JOB}")
     config_path = resolve_config(config)
-    job["metadata"].setdefault("annotations", {})[CONFIG_ANNOTATION] = config
-    objects.append(config_map(config_path, job["metadata"].get("namespace"), job["metadata"].get("labels", {})))
-    if trainjobs:
-        _apply_trainjob(job, find(objects, "TrainingRuntime", job["spec"]["runtimeRef"]["name"]), params)
+    workload["metadata"].setdefault("annotations", {})[CONFIG_ANNOTATION] = config
+    objects.append(config_map(config_path, workload["metadata"].get("namespace"),
+                              workload["metadata"].get("labels", {})))
+    if workload["kind"] == "TrainJob":
+        _apply_trainjob(workload, params)
     else:
-        _apply_training(job, params)
+        _apply_training(workload, params)
+    if params.queue:
+        _apply_queue(workload, params.queue)
     _apply_images(objects, params)
     if params.data_slices is not None:
         _apply_data_slices(objects, params.data_slices)
@@ -131,6 +142,15 @@ def render(params: RenderParams) -> list[dict]:
     if issues:
         raise RenderError("the rendered objects break the deployment rules:\n  " + "\n  ".join(issues))
     return sorted(objects, key=_order)
+
+
+def training_workload(objects: list[dict]) -> dict:
+    """The object that runs pretraining: a TrainJob, a JobSet or an Indexed Job named crescent-train."""
+    for kind in ("TrainJob", "JobSet", "Job"):
+        for obj in objects:
+            if obj["kind"] == kind and obj["metadata"]["name"] == TRAIN_JOB:
+                return obj
+    raise RenderError(f"the overlay has no training workload: a Job, JobSet or TrainJob named {TRAIN_JOB}")
 
 
 def config_map(path: Path, namespace: str | None, labels: dict) -> dict:
@@ -159,13 +179,17 @@ def container(pod_spec: dict, name: str) -> dict:
     raise RenderError(f"no container {name!r} in the pod template")
 
 
-def _apply_training(job: dict, params: RenderParams) -> None:
-    spec = job["spec"]
+def _apply_training(workload: dict, params: RenderParams) -> None:
+    """Node count, processes and GPUs per node, restart budget and overrides of an Indexed Job or a JobSet."""
+    spec = job_specs(workload)[0]
     trainer = container(spec["template"]["spec"], TRAIN_CONTAINER)
     args = trainer["args"]
     nodes = params.nodes if params.nodes is not None else int(spec["completions"])
     spec["completions"] = spec["parallelism"] = nodes
-    spec["backoffLimit"] = params.max_restarts * nodes
+    if workload["kind"] == "JobSet":  # one failed pod fails the Job (backoffLimit 0); the JobSet restarts all
+        workload["spec"].setdefault("failurePolicy", {})["maxRestarts"] = params.max_restarts
+    else:  # each whole-job restart costs up to `nodes` pod failures
+        spec["backoffLimit"] = params.max_restarts * nodes
     grace = int(spec["template"]["spec"].get("terminationGracePeriodSeconds", 30))
     _set_flag(args, "--shutdown-timeout", str(max(grace - SHUTDOWN_MARGIN_S, 1)))
     _set_flag(args, "--nnodes", str(nodes))
@@ -175,36 +199,42 @@ def _apply_training(job: dict, params: RenderParams) -> None:
         procs = gpus if gpus > 0 else params.cpu_procs_per_node
         _set_flag(args, "--nproc-per-node", str(procs))
         _set_option(args, "--trainer.devices", str(procs))
-        resources = trainer.setdefault("resources", {})
-        for section in ("requests", "limits"):
-            values = resources.setdefault(section, {})
-            if gpus > 0:
-                values[GPU_RESOURCE] = str(gpus)
-            else:
-                values.pop(GPU_RESOURCE, None)
+        _set_gpus(trainer.setdefault("resources", {}), gpus)
     for key, value in params.train_overrides:
         _set_option(args, f"--{key}", value)
 
 
-def _apply_trainjob(trainjob: dict, runtime: dict, params: RenderParams) -> None:
-    """The Kubeflow TrainJob form: node count and per-node resources are TrainJob fields; torchrun's flags come
-    from the runtime's torch plugin (PET_* variables), so only Lightning's num_nodes/devices are in the args."""
+def _set_gpus(resources: dict, gpus: int) -> None:
+    for section in ("requests", "limits"):
+        values = resources.setdefault(section, {})
+        if gpus > 0:
+            values[GPU_RESOURCE] = str(gpus)
+        else:
+            values.pop(GPU_RESOURCE, None)
+
+
+def _apply_queue(workload: dict, queue: str) -> None:
+    """Kueue: the queue label on the Job / JobSet / TrainJob itself, and created suspended. Kueue unsuspends it
+    once the queue's quota admits every pod at once (one Workload for the whole group: gang admission)."""
+    workload["metadata"].setdefault("labels", {})[QUEUE_LABEL] = queue
+    workload["spec"]["suspend"] = True
+
+
+def _apply_trainjob(trainjob: dict, params: RenderParams) -> None:
+    """The Kubeflow TrainJob form: node count, processes and resources per node are TrainJob fields (the
+    runtime's torch plugin turns them into torchrun's PET_* variables), so only Lightning's num_nodes/devices
+    are in the args."""
     trainer = trainjob["spec"]["trainer"]
     args = trainer["args"]
     nodes = params.nodes if params.nodes is not None else int(trainer["numNodes"])
-    trainer["numNodes"] = runtime["spec"]["mlPolicy"]["numNodes"] = nodes
+    trainer["numNodes"] = nodes
     _set_option(args, "--trainer.num_nodes", str(nodes))
     if params.gpus_per_node is not None:
         gpus = params.gpus_per_node
         procs = gpus if gpus > 0 else params.cpu_procs_per_node
-        runtime["spec"]["mlPolicy"]["torch"]["numProcPerNode"] = trainer["numProcPerNode"] = procs
+        trainer["numProcPerNode"] = procs
         _set_option(args, "--trainer.devices", str(procs))
-        for section in ("requests", "limits"):
-            values = trainer.setdefault("resourcesPerNode", {}).setdefault(section, {})
-            if gpus > 0:
-                values[GPU_RESOURCE] = str(gpus)
-            else:
-                values.pop(GPU_RESOURCE, None)
+        _set_gpus(trainer.setdefault("resourcesPerNode", {}), gpus)
     if params.image:
         trainer["image"] = params.image
     for key, value in params.train_overrides:
@@ -213,7 +243,7 @@ def _apply_trainjob(trainjob: dict, runtime: dict, params: RenderParams) -> None
 
 def _apply_images(objects: list[dict], params: RenderParams) -> None:
     for obj in objects:
-        for template in kustomize.pod_templates(obj):
+        for template in pod_templates(obj):
             for c in template["spec"]["containers"] + template["spec"].get("initContainers", []):
                 component = template.get("metadata", {}).get("labels", {}).get("app.kubernetes.io/component")
                 if params.image and component in ("train", "data"):

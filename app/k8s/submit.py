@@ -1,9 +1,10 @@
-"""Talk to a cluster with the `kubernetes` client: server-side apply, status, logs, delete.
+"""Talk to a cluster with the `kubernetes` client's DynamicClient: server-side apply, status, logs, delete.
 
-Apply goes through one PATCH per object with `application/apply-patch+yaml` (server-side apply, field manager
-`crescent`), so what reaches the API server is exactly the rendered object (`apply_requests` is that plan; a
-test compares it with the render and replays it against a recording HTTP server). Errors from configuration or
-the network become one sentence (`describe_error`), never a traceback.
+Every object goes through the dynamic client: discovery (/api, /apis, /apis/GROUP/VERSION) says where a kind
+lives and whether it is namespaced, so any kind the API server serves applies (Job, JobSet, TrainJob, a Kueue
+LocalQueue, ...) and a kind it does not serve is refused by name before anything is applied. Apply is
+server-side apply (`application/apply-patch+yaml`, field manager `crescent`, forced: this tool owns the fields it
+renders). Errors from configuration or the network become one sentence (`describe_error`), never a traceback.
 """
 from __future__ import annotations
 
@@ -11,50 +12,17 @@ import json
 import os
 import secrets
 import socket
-import sys
-import time
-from dataclasses import dataclass
 from pathlib import Path
 
-from app.k8s import kustomize
-from app.k8s.render import CONFIG_MAP, TRAIN_JOB, RenderParams, render
+from app.k8s.render import CONFIG_MAP, TRAIN_JOB, RenderParams, render, training_workload
 
 FIELD_MANAGER = "crescent"
 POSTGRES_SECRET = "mlflow-postgres"
-PLURALS = {"Namespace": "namespaces", "ServiceAccount": "serviceaccounts", "Secret": "secrets",
-           "ConfigMap": "configmaps", "PersistentVolumeClaim": "persistentvolumeclaims", "Service": "services",
-           "Role": "roles", "RoleBinding": "rolebindings", "NetworkPolicy": "networkpolicies",
-           "StatefulSet": "statefulsets", "Deployment": "deployments", "Job": "jobs", "CronJob": "cronjobs",
-           "TrainingRuntime": "trainingruntimes", "TrainJob": "trainjobs"}
 KEEP_ON_DELETE = {"Namespace", "PersistentVolumeClaim"}
 
 
 class ClusterError(RuntimeError):
     """A cluster problem already phrased for the user."""
-
-
-@dataclass(frozen=True)
-class ApplyRequest:
-    method: str
-    path: str
-    body: dict
-
-
-def object_path(obj: dict) -> str:
-    api_version, kind = obj["apiVersion"], obj["kind"]
-    if kind not in PLURALS:
-        raise ClusterError(f"cannot apply kind {kind!r}: known kinds are {sorted(PLURALS)}")
-    prefix = "/api/v1" if api_version == "v1" else f"/apis/{api_version}"
-    name = obj["metadata"]["name"]
-    if kind in kustomize.CLUSTER_SCOPED:
-        return f"{prefix}/{PLURALS[kind]}/{name}"
-    namespace = obj["metadata"].get("namespace", "default")
-    return f"{prefix}/namespaces/{namespace}/{PLURALS[kind]}/{name}"
-
-
-def apply_requests(objects: list[dict]) -> list[ApplyRequest]:
-    """The server-side apply plan: one PATCH per rendered object, body = the object itself."""
-    return [ApplyRequest("PATCH", object_path(obj), obj) for obj in objects]
 
 
 def select(objects: list[dict], only: str | None) -> list[dict]:
@@ -65,9 +33,13 @@ def select(objects: list[dict], only: str | None) -> list[dict]:
     return [o for o in objects if o["metadata"].get("labels", {}).get("app.kubernetes.io/component") in wanted]
 
 
-def load_client(kubeconfig: str | None, context: str | None, timeout: float):
-    """An ApiClient from a kubeconfig (argument, $KUBECONFIG, ~/.kube/config) or the in-cluster account."""
-    from kubernetes import client, config
+def load_client(kubeconfig: str | None, context: str | None):
+    """An ApiClient from a kubeconfig (argument, $KUBECONFIG, ~/.kube/config) or the in-cluster account.
+    Nothing is sent yet."""
+    try:
+        from kubernetes import client, config
+    except ImportError:
+        raise ClusterError("talking to a cluster needs the kubernetes client: pip install 'crescent[k8s]'") from None
 
     cfg = client.Configuration()
     default = Path(os.path.expanduser("~/.kube/config"))
@@ -82,9 +54,47 @@ def load_client(kubeconfig: str | None, context: str | None, timeout: float):
         raise ClusterError("no Kubernetes cluster configured: no kubeconfig (--kubeconfig, $KUBECONFIG, "
                            f"~/.kube/config) and not running inside a cluster ({err})") from None
     cfg.retries = 1
-    api = client.ApiClient(cfg)
-    api.crescent_timeout = timeout
-    return api
+    return client.ApiClient(cfg)
+
+
+def dynamic_client(api):
+    """The DynamicClient over `api` (its first call reads the server's discovery documents)."""
+    from kubernetes.dynamic import DynamicClient
+
+    return DynamicClient(api)
+
+
+def resource_for(dyn, api_version: str, kind: str):
+    """The API resource serving `kind` in `api_version`, found through discovery; a clear error if none."""
+    from kubernetes.dynamic.exceptions import ResourceNotFoundError
+    from kubernetes.dynamic.resource import ResourceList
+
+    try:
+        return dyn.resources.get(api_version=api_version, kind=kind)
+    except ResourceNotFoundError:
+        group, _, version = api_version.rpartition("/")
+        served = sorted({r.kind for r in dyn.resources.search(prefix="apis" if group else "api", group=group,
+                                                               api_version=version)
+                         if not isinstance(r, ResourceList)})
+        where = (f"{api_version} serves {served}" if served else
+                 f"it serves no API {api_version!r} (is the CRD that defines {kind} installed?)")
+        raise ClusterError(f"kind {kind!r} ({api_version}) is not served by this API server: {where}") from None
+
+
+def resource_named(dyn, kind: str):
+    """The preferred API resource for a kind given by name (`JobSet`), or `Kind.group` when two groups serve it."""
+    from kubernetes.dynamic.resource import ResourceList
+
+    name, _, group = kind.partition(".")
+    found = [r for r in dyn.resources.search(kind=name, group=group or None) if not isinstance(r, ResourceList)]
+    preferred = [r for r in found if r.preferred] or found
+    if not preferred:
+        raise ClusterError(f"kind {kind!r} is not served by this API server (is the CRD that defines it "
+                           "installed? kinds are case-sensitive: Job, JobSet, TrainJob)")
+    groups = sorted({r.group_version for r in preferred})
+    if len(groups) > 1:
+        raise ClusterError(f"kind {kind!r} is served by {groups}: name one as {name}.GROUP")
+    return preferred[0]
 
 
 def describe_error(err: BaseException) -> str | None:
@@ -104,7 +114,7 @@ def describe_error(err: BaseException) -> str | None:
         where = f" at {host}:{port}" if host else ""
         return f"cannot reach the Kubernetes API server{where}: {_short(reason)}"
     if isinstance(err, ApiException):
-        return f"the API server answered {err.status} {err.reason}: {_api_message(err)}"
+        return f"the API server answered {err.status} {err.reason}: {api_message(err)}"
     return None
 
 
@@ -116,58 +126,39 @@ def _short(reason) -> str:
     return text.split(": ", 1)[-1][:200]
 
 
-def _api_message(err) -> str:
+def api_message(err) -> str:
     try:
         return json.loads(err.body).get("message", err.body)
     except (TypeError, ValueError):
         return str(err.body)[:300]
 
 
-def _call(api, method: str, path: str, body=None, query=None, content_type="application/json", stream=False):
-    """One request through the kubernetes client (its auth, TLS and proxy settings); JSON back, or the raw
-    response when streaming. Non-2xx answers raise ApiException."""
+def apply(dyn, objects: list[dict], timeout: float, out=None) -> None:
+    """Server-side apply each object. Every kind is looked up first, so an unserved kind applies nothing."""
     from kubernetes.client.exceptions import ApiException
 
-    method, url, headers, body, _ = api.param_serialize(
-        method, path, query_params=query or [], header_params={"Content-Type": content_type,
-                                                                "Accept": "application/json, */*"},
-        body=body, auth_settings=["BearerToken"])
-    response = api.call_api(method, url, header_params=headers, body=body,
-                            _request_timeout=None if stream else api.crescent_timeout)
-    if not 200 <= response.status < 300:
-        response.read()
-        raise ApiException(http_resp=response)
-    if stream:
-        return response.response
-    data = response.read()
-    return json.loads(data) if data else {}
-
-
-def apply(api, objects: list[dict], out=None) -> None:
-    from kubernetes.client.exceptions import ApiException
-
-    for request in apply_requests(objects):
-        obj = request.body
+    resources = [resource_for(dyn, obj["apiVersion"], obj["kind"]) for obj in objects]
+    for obj, resource in zip(objects, resources):
         what = f"{obj['kind']}/{obj['metadata']['name']}"
         try:
-            _call(api, request.method, request.path, body=obj, content_type="application/apply-patch+yaml",
-                  query=[("fieldManager", FIELD_MANAGER), ("force", "true")])
+            dyn.server_side_apply(resource, body=obj, field_manager=FIELD_MANAGER, force_conflicts=True,
+                                  _request_timeout=timeout)
         except ApiException as err:
-            if err.status == 422 and obj["kind"] == "Job" and "immutable" in str(err.body):
-                raise ClusterError(f"{what} already exists with a different spec (a Job's template cannot "
+            if err.status == 422 and obj["kind"] in ("Job", "JobSet") and "immutable" in str(err.body):
+                raise ClusterError(f"{what} already exists with a different spec (its template cannot "
                                    "change): run `crescent k8s delete` first") from None
             if err.status == 403:
-                raise ClusterError(f"not allowed to apply {what}: {_api_message(err)} (the Role "
+                raise ClusterError(f"not allowed to apply {what}: {api_message(err)} (the Role "
                                    "crescent-submitter grants what submit needs; namespaces and RBAC need an "
                                    "admin, or use --only train)") from None
-            raise ClusterError(f"applying {what} failed: {err.status} {err.reason}: {_api_message(err)}") from None
+            raise ClusterError(f"applying {what} failed: {err.status} {err.reason}: {api_message(err)}") from None
         print(f"applied {what}", file=out)
 
 
-def ensure_postgres_secret(api, namespace: str, out=None) -> None:
+def ensure_postgres_secret(dyn, namespace: str, timeout: float, out=None) -> None:
     """The database password lives only in the cluster: create it once, random, if it is missing. Create-only
     (409 = it exists), so the submitter never needs permission to read Secrets."""
-    from kubernetes.client.exceptions import ApiException
+    from kubernetes.dynamic.exceptions import ConflictError
 
     body = {"apiVersion": "v1", "kind": "Secret", "type": "Opaque",
             "metadata": {"name": POSTGRES_SECRET, "namespace": namespace,
@@ -175,102 +166,57 @@ def ensure_postgres_secret(api, namespace: str, out=None) -> None:
                                     "app.kubernetes.io/component": "postgres"}},
             "stringData": {"password": secrets.token_urlsafe(24)}}
     try:
-        _call(api, "POST", f"/api/v1/namespaces/{namespace}/secrets", body=body)
-    except ApiException as err:
-        if err.status == 409:
-            return
-        raise
+        dyn.create(resource_for(dyn, "v1", "Secret"), body=body, namespace=namespace, _request_timeout=timeout)
+    except ConflictError:
+        return
     print(f"created Secret/{POSTGRES_SECRET} with a random password", file=out)
 
 
-def _uses_postgres_secret(objects: list[dict]) -> bool:
-    return POSTGRES_SECRET in str(objects)
-
-
-def job_status(api, namespace: str, job: str) -> tuple[str, list[str]]:
-    """('Complete' | 'Failed' | 'Running', lines describing the Job and its pods)."""
-    data = _call(api, "GET", f"/apis/batch/v1/namespaces/{namespace}/jobs/{job}")
-    spec, status = data.get("spec", {}), data.get("status", {})
-    state = "Running"
-    for cond in status.get("conditions", []) or []:
-        if cond.get("status") == "True" and cond.get("type") in ("Complete", "Failed"):
-            state = cond["type"]
-    lines = [f"Job {job}: {state}; completions {status.get('succeeded', 0)}/{spec.get('completions')}, "
-             f"active {status.get('active', 0)}, failed {status.get('failed', 0)}"]
-    for cond in status.get("conditions", []) or []:
-        lines.append(f"  condition {cond.get('type')}={cond.get('status')} {cond.get('reason', '')} "
-                     f"{cond.get('message', '')}".rstrip())
-    pods = _call(api, "GET", f"/api/v1/namespaces/{namespace}/pods",
-                 query=[("labelSelector", f"batch.kubernetes.io/job-name={job}")])
-    for pod in pods.get("items", []):
-        meta = pod["metadata"]
-        index = meta.get("annotations", {}).get("batch.kubernetes.io/job-completion-index", "?")
-        lines.append(f"  pod {meta['name']} index {index}: {pod.get('status', {}).get('phase')}")
-    return state, lines
-
-
-def follow_status(api, namespace: str, job: str, watch: bool, out=None, interval: float = 10.0) -> int:
-    while True:
-        state, lines = job_status(api, namespace, job)
-        print("\n".join(lines), file=out, flush=True)
-        if not watch or state != "Running":
-            return 1 if state == "Failed" else 0
-        time.sleep(interval)
-
-
-def stream_logs(api, namespace: str, job: str, index: int, follow: bool, tail: int | None, out=None) -> int:
-    pods = _call(api, "GET", f"/api/v1/namespaces/{namespace}/pods", query=[
-        ("labelSelector", f"batch.kubernetes.io/job-name={job},batch.kubernetes.io/job-completion-index={index}")])
-    items = sorted(pods.get("items", []), key=lambda p: p["metadata"].get("creationTimestamp", ""))
-    if not items:
-        raise ClusterError(f"no pod of Job {job} with completion index {index} in namespace {namespace}")
-    name = items[-1]["metadata"]["name"]
-    query = [("follow", "true" if follow else "false")] + ([("tailLines", str(tail))] if tail else [])
-    response = _call(api, "GET", f"/api/v1/namespaces/{namespace}/pods/{name}/log", query=query, stream=True)
-    out = out or sys.stdout
-    for chunk in response.stream(4096):
-        out.write(chunk.decode("utf-8", "replace"))
-        out.flush()
-    return 0
-
-
-def delete(api, objects: list[dict], everything: bool, namespace: str, out=None) -> None:
-    from kubernetes.client.exceptions import ApiException
+def delete(dyn, objects: list[dict], everything: bool, namespace: str, kind: str, timeout: float,
+           out=None) -> None:
+    """Delete the training workload (of `kind`) and its ConfigMap, or with `everything` all rendered objects
+    but volumes and the namespace; the workload's Jobs and pods go with it (background propagation)."""
+    from kubernetes.dynamic.exceptions import NotFoundError
 
     if everything:
-        targets = [o for o in objects if o["kind"] not in KEEP_ON_DELETE]
+        targets = [(resource_for(dyn, o["apiVersion"], o["kind"]), o["metadata"]["name"])
+                   for o in objects if o["kind"] not in KEEP_ON_DELETE]
     else:
-        targets = [{"apiVersion": api_version, "kind": kind, "metadata": {"name": name, "namespace": namespace}}
-                   for api_version, kind, name in (("v1", "ConfigMap", CONFIG_MAP), ("batch/v1", "Job", TRAIN_JOB))]
-    for obj in reversed(targets):
-        what = f"{obj['kind']}/{obj['metadata']['name']}"
+        targets = [(resource_for(dyn, "v1", "ConfigMap"), CONFIG_MAP), (resource_named(dyn, kind), TRAIN_JOB)]
+    for resource, name in reversed(targets):
+        what = f"{resource.kind}/{name}"
         try:
-            _call(api, "DELETE", object_path(obj), body={"propagationPolicy": "Background"})
+            dyn.delete(resource, name=name, namespace=namespace if resource.namespaced else None,
+                       body={"propagationPolicy": "Background"}, _request_timeout=timeout)
             print(f"deleted {what}", file=out)
-        except ApiException as err:
-            if err.status != 404:
-                raise
+        except NotFoundError:
             print(f"{what} not found", file=out)
 
 
 def run(args, params: RenderParams | None) -> int:
     """The cluster side of `crescent k8s` (argparse namespace from app.commands.k8s)."""
+    from app.k8s import status
+
     objects = render(params) if params is not None else []
     if args.action == "submit":
         objects = select(objects, getattr(args, "only", None))
-    api = load_client(args.kubeconfig, args.context, args.request_timeout)
+    dyn = dynamic_client(load_client(args.kubeconfig, args.context))
+    timeout = args.request_timeout
     if args.action == "submit":
         namespaces = [o for o in objects if o["kind"] == "Namespace"]
-        apply(api, namespaces)  # the Secret below lives in it
-        if _uses_postgres_secret(objects):
-            ensure_postgres_secret(api, args.namespace)
-        apply(api, [o for o in objects if o["kind"] != "Namespace"])
-        return follow_status(api, args.namespace, TRAIN_JOB, watch=True) if args.wait else 0
+        apply(dyn, namespaces, timeout)  # the Secret below lives in it
+        if POSTGRES_SECRET in str(objects):
+            ensure_postgres_secret(dyn, args.namespace, timeout)
+        apply(dyn, [o for o in objects if o["kind"] != "Namespace"], timeout)
+        if not args.wait:
+            return 0
+        return status.follow(dyn, args.namespace, training_workload(objects)["kind"], TRAIN_JOB, True, timeout)
     if args.action == "status":
-        return follow_status(api, args.namespace, args.job, args.watch)
+        return status.follow(dyn, args.namespace, args.kind, args.job, args.watch, timeout)
     if args.action == "logs":
-        return stream_logs(api, args.namespace, args.job, args.index, args.follow, args.tail)
+        return status.stream_logs(dyn, args.namespace, args.kind, args.job, args.index, args.follow, args.tail,
+                                  timeout)
     if args.action == "delete":
-        delete(api, objects, args.all, args.namespace)
+        delete(dyn, objects, args.all, args.namespace, args.kind, timeout)
         return 0
     raise ValueError(f"unknown action {args.action!r}")
