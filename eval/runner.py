@@ -1,8 +1,10 @@
 """Evaluate one export checkpoint on a list of tasks with lm-eval and our `crescent` LM; returns a results document.
 
-One lm-eval call per task so each keeps its own few-shot count (MMLU 5, GSM8K 4, HumanEval 0 by default).
-Generated code is executed only when the request allows it (then in `eval/sandbox.py`); otherwise a run that
-includes HumanEval is refused before anything is loaded.
+One lm-eval call per task so each keeps its own few-shot count (MMLU 5, GSM8K 4, HumanEval 0 by default), and a
+failure is per task: a task that raises is recorded in `doc["failed"]` and the others still run; a task with no
+data here is never attempted (`doc["skipped"]`, with the reason). `on_result(name, doc)` is called after each task,
+so a caller can publish results before the next task starts. Generated code is executed only when the request
+allows it (then in `eval/sandbox.py`); otherwise a run that includes HumanEval is refused before anything is loaded.
 """
 from __future__ import annotations
 
@@ -10,13 +12,14 @@ import logging
 import os
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
 from components.checkpoint import read_metadata
 from eval import sandbox
-from eval.offline_tasks import TaskSpec, render_tasks, resolve_tasks
+from eval.offline_tasks import TaskSpec, check_known, render_tasks, resolve_tasks
 
 log = logging.getLogger(__name__)
 CODE_TASKS = {"humaneval", "crescent_humaneval"}
@@ -41,6 +44,9 @@ class EvalRequest:
         if self.limit is not None and self.limit < 1:
             raise ValueError(f"--limit={self.limit!r} must be a positive number of documents per task")
 
+    def specs(self) -> list[TaskSpec]:
+        return resolve_tasks(self.tasks, self.data_dir, source=self.task_source, fewshot=self.fewshot)
+
 
 def check_code_execution(request: EvalRequest) -> None:
     """HumanEval runs generated programs: refuse unless the user passed --allow-code-execution."""
@@ -48,31 +54,58 @@ def check_code_execution(request: EvalRequest) -> None:
         raise PermissionError(sandbox.REFUSAL)
 
 
-def evaluate_checkpoint(path: str | Path, request: EvalRequest) -> dict:
-    """Run the tasks on the export at `path`; raises if it cannot be loaded."""
+def task_manager(specs: list[TaskSpec], include: str | Path):
+    """lm-eval's TaskManager over the rendered offline tasks, plus its own index when a Hub task is requested;
+    a task name that neither knows is a ValueError listing what exists (before any model is loaded)."""
     from lm_eval.tasks import TaskManager
 
+    manager = TaskManager(include_path=str(include), include_defaults=any(s.source == "hub" for s in specs))
+    check_known(specs, manager.all_tasks)
+    return manager
+
+
+def check_task_names(request: EvalRequest) -> None:
+    """Fail fast on unknown task names (builds lm-eval's task index only when a non-Crescent name is asked for)."""
+    specs = request.specs()
+    if any(s.source == "hub" for s in specs):
+        with tempfile.TemporaryDirectory(prefix="crescent-tasks-") as include:
+            task_manager(specs, include)
+
+
+def evaluate_checkpoint(path: str | Path, request: EvalRequest,
+                        on_result: Callable[[str, dict], None] | None = None) -> dict:
+    """Run the tasks on the export at `path`; raises only if the checkpoint cannot be loaded (or for bad names)."""
     from eval.lm import CrescentLM
 
     check_code_execution(request)
     path = Path(path).resolve()
     metadata = read_metadata(path)
-    specs = resolve_tasks(request.tasks, request.data_dir, source=request.task_source, fewshot=request.fewshot)
-    started = time.monotonic()
-    lm = CrescentLM(pretrained=str(path), device=request.device, dtype=request.dtype, batch_size=request.batch_size)
+    specs = request.specs()
     doc = {"checkpoint": str(path), "step": metadata["step"], "run_id": metadata.get("run_id"),
            "tokens_seen": metadata.get("tokens_seen"), "limit": request.limit, "tasks": {}, "lm_eval": {},
+           "failed": {}, "skipped": {s.name: s.skip for s in specs if s.skip},
            "sandbox": sandbox.isolation() if request.allow_code_execution else "disabled",
            "created": datetime.now(UTC).isoformat(timespec="seconds")}
+    runnable = [s for s in specs if not s.skip]
+    started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="crescent-tasks-") as include, _code_execution(request):
-        render_tasks(specs, request.data_dir, include)
-        manager = TaskManager(include_path=include, include_defaults=any(s.source == "hub" for s in specs))
-        for spec in specs:
+        render_tasks(runnable, request.data_dir, include)
+        manager = task_manager(runnable, include) if runnable else None
+        lm = CrescentLM(pretrained=str(path), device=request.device, dtype=request.dtype,
+                        batch_size=request.batch_size) if runnable else None
+        for spec in runnable:
             log.info("evaluating %s (%s, %s-shot) on %s", spec.name, spec.lm_eval_name, spec.num_fewshot, path)
-            out = _evaluate_task(lm, manager, spec, request)
+            try:
+                out = _evaluate_task(lm, manager, spec, request)
+            except Exception as err:  # noqa: BLE001 - one task's failure must not discard the others
+                log.error("%s on %s failed: %s: %s", spec.name, path, type(err).__name__, err)
+                doc["failed"][spec.name] = f"{type(err).__name__}: {err}"
+                continue
             doc["tasks"][spec.name] = _task_entry(spec, out, request)
             doc["lm_eval"][spec.name] = {k: out.get(k) for k in ("results", "groups", "n-shot", "n-samples",
                                                                   "versions", "higher_is_better")}
+            if on_result is not None:
+                on_result(spec.name, doc)
     doc["seconds"] = round(time.monotonic() - started, 2)
     return doc
 
@@ -102,6 +135,8 @@ def _evaluate_task(lm, manager, spec: TaskSpec, request: EvalRequest, seed: int 
         elif task.get_config("num_fewshot") is None:
             task.set_config(key="num_fewshot", value=0)
         task.set_fewshot_seed(seed=seed)
+        if spec.split is None:  # a Hub task: the split lm-eval evaluates
+            spec.split = task.get_config("test_split") or task.get_config("validation_split")
     return evaluate(lm=lm, task_dict=loaded, limit=request.limit, bootstrap_iters=1000, log_samples=False,
                     confirm_run_unsafe_code=request.allow_code_execution, verbosity="WARNING")
 
@@ -116,8 +151,9 @@ def _task_entry(spec: TaskSpec, out: dict, request: EvalRequest) -> dict:
         metrics[metric if filter_name in ("", "none") else f"{metric}/{filter_name}"] = float(value)
     samples = out.get("n-samples", {})
     n_docs = sum(v.get("effective", 0) for k, v in samples.items())
-    return {"lm_eval_task": spec.lm_eval_name, "source": spec.source, "num_fewshot": spec.num_fewshot,
-            "limit": request.limit, "documents": n_docs, "metrics": metrics, "note": spec.note}
+    return {"lm_eval_task": spec.lm_eval_name, "source": spec.source, "split": spec.split,
+            "num_fewshot": spec.num_fewshot, "limit": request.limit, "documents": n_docs, "metrics": metrics,
+            "note": spec.note}
 
 
 class _code_execution:
@@ -142,13 +178,15 @@ class _code_execution:
 
 
 def format_table(doc: dict) -> str:
-    rows = [("task", "source", "n-shot", "limit", "docs", "metric", "value")]
+    rows = [("task", "source", "split", "n-shot", "limit", "docs", "metric", "value")]
     for name, entry in doc["tasks"].items():
         for metric, value in sorted(entry["metrics"].items()):
-            rows.append((name, entry["source"], str(entry["num_fewshot"]), str(entry["limit"] or "all"),
-                         str(entry["documents"]), metric, f"{value:.4f}"))
+            rows.append((name, entry["source"], str(entry["split"]), str(entry["num_fewshot"]),
+                         str(entry["limit"] or "all"), str(entry["documents"]), metric, f"{value:.4f}"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
     header = f"checkpoint {doc['checkpoint']} (step {doc['step']})"
     notes = [f"note: {name}: {e['note']}" for name, e in doc["tasks"].items() if e.get("note")]
+    notes += [f"skipped: {name}: {reason}" for name, reason in doc.get("skipped", {}).items()]
+    notes += [f"failed: {name}: {error}" for name, error in doc.get("failed", {}).items()]
     return "\n".join([header, *lines, *notes])

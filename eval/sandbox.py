@@ -6,8 +6,6 @@ file-size limit, an empty temporary working directory and a minimal environment.
 at all (only a downed loopback), world-writable directories replaced by a private tmpfs, and an unprivileged uid, so
 it cannot write outside its directory; killing the namespace's first process kills every process it started.
 Otherwise it runs with the limits alone, and `isolation()` says so.
-
-pass@k uses the unbiased estimator of Chen et al. 2021 (Codex, §2.1): 1 - C(n-c, k) / C(n, k).
 """
 from __future__ import annotations
 
@@ -24,8 +22,6 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import numpy as np
 
 log = logging.getLogger(__name__)
 
@@ -176,12 +172,3 @@ def run_programs(sources: list[str], limits: SandboxLimits | None = None, worker
         return list(pool.map(lambda s: run_program(s, limits), sources))
 
 
-def pass_at_k(n: int, c: int, k: int) -> float:
-    """Unbiased pass@k from n samples of which c passed (Chen et al. 2021, eq. 1), in a stable product form."""
-    if not (0 <= c <= n and k >= 1):
-        raise ValueError(f"pass_at_k: need 0 <= c <= n and k >= 1, got n={n}, c={c}, k={k}")
-    if k > n:
-        raise ValueError(f"pass_at_k: k={k} exceeds the number of samples n={n}")
-    if n - c < k:
-        return 1.0
-    return float(1.0 - np.prod(1.0 - k / np.arange(n - c + 1, n + 1)))

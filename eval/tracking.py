@@ -1,10 +1,14 @@
 """Evaluation results into MLflow, next to the training curves.
 
 A checkpoint whose crescent.json names a training run gets its metrics on that run, at the checkpoint's step
-(`eval/mmlu/acc`, `eval/gsm8k/exact_match/strict-match`, `eval/humaneval/pass_at_1`), tags for each task's few-shot count, limit and
-source, and the results JSON as an artifact under `eval/step-XXXXXXXX/`. A checkpoint without a run id (or whose
-run this tracking store does not know) gets its own run in the `eval` experiment. Either way a tag
-`crescent.eval.step-XXXXXXXX` records `done` or `failed: ...`, which is how `watch` knows what is left to do.
+(`eval/mmlu/acc` for MMLU's test split, `eval/mmlu_dev/acc` for lm-eval's dev questions,
+`eval/gsm8k/exact_match/strict-match`, `eval/humaneval/pass_at_1`), tags for each task's split, few-shot count,
+limit and source, and each task's results JSON as an artifact `eval/step-XXXXXXXX/TASK.json`. A checkpoint without a
+run id (or whose run this tracking store does not know) gets its own run in the `eval` experiment.
+
+Status tags say what is left to do, per task: `crescent.eval.step-XXXXXXXX.TASK` is `done`, `failed:N: ...` (N
+attempts so far) or `skipped: REASON` (no data here: the warning a user sees on the run). The checkpoint's own tag
+`crescent.eval.step-XXXXXXXX` holds `running:HOST:PID:UNIXTIME` while a watcher works on it, then a summary.
 """
 from __future__ import annotations
 
@@ -27,6 +31,7 @@ log = logging.getLogger(__name__)
 DEFAULT_TRACKING_URI = "sqlite:///mlruns.db"
 EVAL_EXPERIMENT = "eval"
 STATUS_TAG = "crescent.eval.{name}"
+TASK_STATUS_TAG = "crescent.eval.{name}.{task}"
 CHECKPOINT_TAG = "crescent.checkpoint"
 
 
@@ -77,22 +82,50 @@ class EvalTracker:
             return self.client.get_experiment_by_name(EVAL_EXPERIMENT).experiment_id
 
     def status(self, run_id: str, step: int) -> str | None:
+        """The checkpoint's own tag: the running marker or the summary of its last evaluation."""
         return self.client.get_run(run_id).data.tags.get(STATUS_TAG.format(name=export_dir_name(step)))
 
     def mark(self, run_id: str, step: int, status: str) -> None:
         self.client.set_tag(run_id, STATUS_TAG.format(name=export_dir_name(step)), status[:5000])
 
-    def log_results(self, run_id: str, doc: dict) -> None:
-        """Metrics at the checkpoint's step, per-task tags, and the results JSON as an artifact."""
+    def task_statuses(self, run_id: str, step: int) -> dict[str, str]:
+        """task -> its status tag for this checkpoint (tasks never attempted are absent)."""
+        prefix = STATUS_TAG.format(name=export_dir_name(step)) + "."
+        tags = self.client.get_run(run_id).data.tags
+        return {key[len(prefix):]: value for key, value in tags.items() if key.startswith(prefix)}
+
+    def mark_task(self, run_id: str, step: int, task: str, status: str) -> None:
+        self.client.set_tag(run_id, TASK_STATUS_TAG.format(name=export_dir_name(step), task=task), status[:5000])
+
+    def record_failures(self, run_id: str, step: int, failed: dict[str, str], statuses: dict[str, str]) -> None:
+        """`failed:N: error` for each failed task, N counting this attempt (`statuses`: the tags before it)."""
+        for task, error in failed.items():
+            self.mark_task(run_id, step, task, f"failed:{failed_attempts(statuses.get(task)) + 1}: {error}")
+
+    def log_results(self, run_id: str, doc: dict, tasks: list[str] | None = None) -> None:
+        """Metrics at the checkpoint's step, per-task tags, and each task's results JSON as an artifact, for
+        `tasks` (default: every task in `doc`)."""
         step, now = doc["step"], int(time.time() * 1000)
+        chosen = {t: doc["tasks"][t] for t in (tasks if tasks is not None else doc["tasks"])}
         metrics = [Metric(metric_key(task, name), value, now, step)
-                   for task, entry in doc["tasks"].items() for name, value in entry["metrics"].items()]
+                   for task, entry in chosen.items() for name, value in entry["metrics"].items()]
         if metrics:
             self.client.log_batch(run_id, metrics=metrics)
-        for task, entry in doc["tasks"].items():
-            for field in ("num_fewshot", "limit", "source"):
-                self.client.set_tag(run_id, f"eval.{task}.{field}", str(entry[field]))
+        for task, entry in chosen.items():
+            for key in ("split", "num_fewshot", "limit", "source"):
+                self.client.set_tag(run_id, f"eval.{task}.{key}", str(entry[key]))
         with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / "results.json"
-            path.write_text(json.dumps(doc, indent=2, default=str) + "\n")
-            self.client.log_artifact(run_id, str(path), artifact_path=f"eval/{export_dir_name(step)}")
+            for task, entry in chosen.items():
+                path = Path(tmp) / f"{task}.json"
+                record = {k: v for k, v in doc.items() if k not in ("tasks", "lm_eval", "failed", "skipped")}
+                record.update(task=task, result=entry, lm_eval=doc["lm_eval"].get(task))
+                path.write_text(json.dumps(record, indent=2, default=str) + "\n")
+                self.client.log_artifact(run_id, str(path), artifact_path=f"eval/{export_dir_name(step)}")
+
+
+def failed_attempts(status: str | None) -> int:
+    """Failed attempts recorded in a task's status tag (`failed:N: ...`); 0 for any other status."""
+    if not status or not status.startswith("failed:"):
+        return 0
+    count = status.split(":", 2)[1]
+    return int(count) if count.isdigit() else 1

@@ -1,12 +1,17 @@
-"""`crescent eval watch`: evaluate every export checkpoint not yet evaluated, once, in step order, then exit.
+"""`crescent eval watch`: evaluate what is left to do on every export checkpoint, in step order, then exit.
 
-What is done lives in MLflow (the `crescent.eval.step-N` tag, see `eval/tracking.py`), so a CronJob pod with no
-local state knows where to continue. While a watcher evaluates a checkpoint it holds an exclusive, non-blocking
-`fcntl` lock on `DIR/.eval-locks/step-N.lock`; a second watcher skips that checkpoint, and after taking a lock a
-watcher checks MLflow again, so a checkpoint finished by another watcher in the meantime is not redone. While it
-works the tag says `running:HOST:PID:UNIXTIME`; watchers on other machines (where a file lock on a shared volume
-may not hold) skip such a checkpoint until the marker is older than `stale_after_s` (a crashed watcher). A
-checkpoint that cannot be loaded (or whose evaluation raises) is recorded as failed and the others continue.
+What is done lives in MLflow, per task (the `crescent.eval.step-N.TASK` tags, see `eval/tracking.py`), so a CronJob
+pod with no local state knows where to continue. A task is left to do when it was never attempted, failed fewer
+than `max_attempts` times (`--retry-failed` ignores that limit), or was skipped for want of data that is there now.
+Each task's results are logged as soon as it finishes; a task that fails is recorded and the others still run, and
+a task with no data is skipped with its reason (a warning on the run). A checkpoint that cannot be loaded counts as
+a failed attempt of each task it was to run.
+
+While a watcher evaluates a checkpoint it holds an exclusive, non-blocking `fcntl` lock on
+`DIR/.eval-locks/step-N.lock`; a second watcher skips that checkpoint, and after taking a lock a watcher reads
+MLflow again, so work finished by another watcher in the meantime is not redone. While it works the checkpoint's tag
+says `running:HOST:PID:UNIXTIME`; watchers on other machines (where a file lock on a shared volume may not hold)
+skip such a checkpoint until the marker is older than `stale_after_s` (a crashed watcher).
 """
 from __future__ import annotations
 
@@ -17,12 +22,12 @@ import os
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from components.checkpoint import export_step, list_exports, read_metadata
-from eval.runner import EvalRequest, check_code_execution, evaluate_checkpoint, format_table
-from eval.tracking import EvalTracker, resolve_tracking_uri
+from eval.runner import EvalRequest, check_code_execution, check_task_names, evaluate_checkpoint, format_table
+from eval.tracking import EvalTracker, failed_attempts, resolve_tracking_uri
 
 log = logging.getLogger(__name__)
 LOCK_DIR = ".eval-locks"
@@ -30,9 +35,9 @@ LOCK_DIR = ".eval-locks"
 
 @dataclass
 class WatchReport:
-    evaluated: list[int] = field(default_factory=list)
-    failed: list[int] = field(default_factory=list)
-    skipped: list[int] = field(default_factory=list)  # already done, failed before, or locked by another watcher
+    evaluated: list[int] = field(default_factory=list)  # at least one task evaluated and logged
+    failed: list[int] = field(default_factory=list)  # at least one task failed (recorded, retried later)
+    skipped: list[int] = field(default_factory=list)  # nothing left to do, or locked by another watcher
 
 
 @contextmanager
@@ -59,11 +64,14 @@ def checkpoint_lock(checkpoints_dir: Path, name: str) -> Iterator[bool]:
 
 def watch(checkpoints_dir: str | Path, request: EvalRequest, *, tracking_uri: str | None = None,
           results_dir: str | Path | None = None, retry_failed: bool = False,
-          stale_after_s: float = 6 * 3600) -> WatchReport:
+          stale_after_s: float = 6 * 3600, max_attempts: int = 3) -> WatchReport:
     check_code_execution(request)
+    if not isinstance(max_attempts, int) or max_attempts < 1:
+        raise ValueError(f"--max-attempts={max_attempts!r} must be an integer >= 1")
     root = Path(checkpoints_dir)
     if not root.is_dir():
         raise ValueError(f"--checkpoints={str(root)!r} is not a directory")
+    check_task_names(request)
     report = WatchReport()
     trackers: dict[str, EvalTracker] = {}
     for path in list_exports(root):
@@ -77,38 +85,72 @@ def watch(checkpoints_dir: str | Path, request: EvalRequest, *, tracking_uri: st
         with checkpoint_lock(root, path.name) as held:
             # Under the lock: the run lookup (it may create the checkpoint's `eval` run) and the status check.
             run_id = tracker.target_run(metadata, path) if held else None
-            if not held or _finished(tracker.status(run_id, step), retry_failed, stale_after_s):
+            if not held or _running_elsewhere(tracker.status(run_id, step), stale_after_s):
                 report.skipped.append(step)
                 continue
-            tracker.mark(run_id, step, f"running:{os.uname().nodename}:{os.getpid()}:{int(time.time())}")
-            try:
-                if "unreadable" in metadata:
-                    raise ValueError(metadata["unreadable"])
-                doc = evaluate_checkpoint(path, request)
-            except Exception as err:  # noqa: BLE001 - a bad checkpoint must not block the rest
-                log.error("evaluation of %s failed: %s", path, err)
-                tracker.mark(run_id, step, f"failed: {type(err).__name__}: {err}")
-                report.failed.append(step)
+            statuses = tracker.task_statuses(run_id, step)
+            todo = [t for t in request.tasks if _left_to_do(statuses.get(t), retry_failed, max_attempts)]
+            specs = replace(request, tasks=todo).specs() if todo else []
+            for spec in specs:
+                if spec.skip and statuses.get(spec.name) != f"skipped: {spec.skip}":
+                    log.warning("%s: %s skipped: %s", path.name, spec.name, spec.skip)
+                    tracker.mark_task(run_id, step, spec.name, f"skipped: {spec.skip}")
+            runnable = [s.name for s in specs if not s.skip]
+            if not runnable:
+                report.skipped.append(step)
                 continue
-            print(format_table(doc), flush=True)
-            if results_dir is not None:
-                out = Path(results_dir)
-                out.mkdir(parents=True, exist_ok=True)
-                (out / f"{path.name}.json").write_text(json.dumps(doc, indent=2, default=str) + "\n")
-            tracker.log_results(run_id, doc)
-            tracker.mark(run_id, step, "done")
-            report.evaluated.append(step)
+            _evaluate(tracker, run_id, path, step, metadata, replace(request, tasks=runnable), statuses, report,
+                      results_dir)
     return report
 
 
-def _finished(status: str | None, retry_failed: bool, stale_after_s: float) -> bool:
-    """Whether a checkpoint needs no work now: done, failed (unless retrying), or running and not stale."""
-    if status is None:
+def _evaluate(tracker: EvalTracker, run_id: str, path: Path, step: int, metadata: dict, request: EvalRequest,
+              statuses: dict[str, str], report: WatchReport, results_dir: str | Path | None) -> None:
+    """Run the checkpoint's remaining tasks, logging each one's results as soon as it is done."""
+    tracker.mark(run_id, step, f"running:{os.uname().nodename}:{os.getpid()}:{int(time.time())}")
+
+    def publish(task: str, doc: dict) -> None:
+        tracker.log_results(run_id, doc, [task])
+        tracker.mark_task(run_id, step, task, "done")
+
+    try:
+        if "unreadable" in metadata:
+            raise ValueError(metadata["unreadable"])
+        doc = evaluate_checkpoint(path, request, on_result=publish)
+        failed = doc["failed"]
+    except Exception as err:  # noqa: BLE001 - a bad checkpoint must not block the rest
+        log.error("evaluation of %s failed: %s", path, err)
+        doc, failed = None, {task: f"{type(err).__name__}: {err}" for task in request.tasks}
+    tracker.record_failures(run_id, step, failed, statuses)
+    if doc is not None:
+        print(format_table(doc), flush=True)
+        if results_dir is not None:
+            out = Path(results_dir)
+            out.mkdir(parents=True, exist_ok=True)
+            (out / f"{path.name}.json").write_text(json.dumps(doc, indent=2, default=str) + "\n")
+    done = list(doc["tasks"]) if doc is not None else []
+    tracker.mark(run_id, step, "; ".join([f"done {','.join(done)}"] * bool(done)
+                                         + [f"failed {','.join(failed)}"] * bool(failed)))
+    if done:
+        report.evaluated.append(step)
+    if failed:
+        report.failed.append(step)
+
+
+def _left_to_do(status: str | None, retry_failed: bool, max_attempts: int) -> bool:
+    if status is None or status.startswith("skipped"):
+        return True  # never attempted, or skipped for want of data (resolved again: the data may be there now)
+    if status.startswith("failed"):
+        return retry_failed or failed_attempts(status) < max_attempts
+    return status != "done"
+
+
+def _running_elsewhere(status: str | None, stale_after_s: float) -> bool:
+    """Whether another watcher marked the checkpoint running, recently enough to trust it is still alive."""
+    if status is None or not status.startswith("running:"):
         return False
-    if status.startswith("running:"):
-        try:
-            started = float(status.rsplit(":", 1)[1])
-        except ValueError:
-            return False
-        return time.time() - started < stale_after_s
-    return status == "done" or (status.startswith("failed") and not retry_failed)
+    try:
+        started = float(status.rsplit(":", 1)[1])
+    except ValueError:
+        return False
+    return time.time() - started < stale_after_s

