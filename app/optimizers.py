@@ -1,13 +1,16 @@
 """Builds the one optimizer Lightning gets: Muon (+AdamW groups) or AdamW alone, matched to the strategy.
 
 Which Muon runs is the strategy's choice (`Strategy.muon_variant`): the single-device class, the ZeRO-1 class
-for `muon_ddp`, or the same class over DTensor parameters for `muon_fsdp`.
+for `muon_ddp`, or the DTensor class for `muon_fsdp`.
 """
 from __future__ import annotations
 
 import torch
 
-from components.optim.routing import build_muon
+from components.optim import DTensorMuon, ZeroOneMuon, build_muon
+
+# Strategy.muon_variant -> optimizer class; None: `Muon`, or `DTensorMuon` when the parameters are DTensors.
+MUON_VARIANTS = {"single": None, "zero1": ZeroOneMuon, "dtensor": DTensorMuon}
 
 
 def make_optimizer(module, strategy) -> torch.optim.Optimizer:
@@ -24,11 +27,9 @@ def make_optimizer(module, strategy) -> torch.optim.Optimizer:
         kwargs = dict(momentum=h.momentum, ns_steps=h.ns_steps, ns_coefficients=h.ns_coefficients,
                       scale_mode=h.scale_mode, ns_dtype=h.ns_dtype)
     variant = getattr(strategy, "muon_variant", "single")
-    optimizer_cls = None
-    if variant == "zero1":
-        from components.optim.zero1 import ZeroOneMuon
-
-        optimizer_cls = ZeroOneMuon
+    if variant not in MUON_VARIANTS:
+        raise ValueError(f"strategy {type(strategy).__name__}: muon_variant={variant!r} is unknown; choose one of "
+                         f"{sorted(MUON_VARIANTS)}")
     return build_muon(module.model, lr=lr, weight_decay=h.weight_decay, norm_weight_decay=norm_wd,
-                      overrides=overrides, optimizer_cls=optimizer_cls, adamw_betas=tuple(h.adamw_betas),
+                      overrides=overrides, optimizer_cls=MUON_VARIANTS[variant], adamw_betas=tuple(h.adamw_betas),
                       adamw_eps=h.adamw_eps, **kwargs)

@@ -15,6 +15,8 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor, Shard
 
+from components.optim.dtensor import DTensorMuon
+from components.optim.muon import Muon
 from components.optim.routing import build_muon
 from components.optim.zero1 import ZeroOneMuon
 
@@ -200,6 +202,41 @@ def test_fsdp2_dcp_resume_in_a_fresh_process_group(save_world, load_world, singl
         launch(_fsdp_run, save_world, tmp_path, 5, None, False)
         uninterrupted = torch.load(tmp_path / "fsdp.pt", weights_only=False)["params"]
         assert all(torch.equal(resumed[n], p) for n, p in uninterrupted.items())
+
+
+def _fsdp_construction_and_nonfinite(rank, world, out):
+    model = _fsdp_model(world)
+    opt = build_muon(model, **SETTINGS)
+    errors = []
+    for build in (lambda: build_muon(model, optimizer_cls=Muon, **SETTINGS),
+                  lambda: DTensorMuon([ToyMoE().w1], **SETTINGS)):
+        try:
+            build()
+        except ValueError as exc:
+            errors.append(str(exc))
+    owners = [None] * world
+    dist.all_gather_object(owners, [opt.owners[p] for p in (model.w1, model.w2, model.unused)])
+    ids, targets = local_batch(0, rank, world)
+    model(ids, targets).backward()
+    if rank == world - 1:  # this rank holds expert 2 (no tokens, zero gradient): make it non-finite here only
+        model.experts.grad._local_tensor[-1, 0, 0] = float("nan")
+    before = {n: p.full_tensor().clone() for n, p in model.named_parameters()}
+    opt.step()
+    unchanged = all(torch.equal(before[n], p.full_tensor()) for n, p in model.named_parameters())
+    if rank == 0:
+        torch.save({"type": type(opt).__name__, "errors": errors, "owners": owners, "unchanged": unchanged,
+                    "skipped": opt.last_stats["skipped_steps"]}, out / "construction.pt")
+
+
+def test_fsdp2_variant_is_chosen_at_construction_and_a_nonfinite_shard_skips_the_step_everywhere(tmp_path):
+    launch(_fsdp_construction_and_nonfinite, 2, tmp_path)
+    result = torch.load(tmp_path / "construction.pt")
+    assert result["type"] == "DTensorMuon"
+    assert "'w1' is a DTensor (FSDP2); use DTensorMuon" in result["errors"][0]
+    assert "every parameter must be a DTensor placed (Shard(0),), got 'param #0 of the group': Parameter" \
+        in result["errors"][1]
+    assert result["owners"][0] == result["owners"][1]  # every rank plans the same owners
+    assert result["unchanged"] and result["skipped"] == 1
 
 
 # ------------------------------------------------------------------------------------------------ update_norm

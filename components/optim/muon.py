@@ -6,7 +6,9 @@ skipped; so is a Muon matrix (one expert of a stack) whose gradient is exactly z
 so neither its momentum nor its weights move. Non-finite gradients either skip the whole step (counted in
 `skipped_steps`) or raise. After each step `last_stats` holds update/weight RMS per group and NS time.
 
-The same class runs unchanged on FSDP2 parameters (DTensor, Shard(0)): see `dtensor.py`.
+`muon_matrix_step` is the one Muon matrix step (momentum + Nesterov, NS, update scale, decoupled weight decay,
+per-matrix telemetry). The distributed paths are subclasses that call it or its pieces and differ only in
+communication: `ZeroOneMuon` (zero1.py, ZeRO-1 over DDP) and `DTensorMuon` (dtensor.py, FSDP2 parameters).
 """
 from __future__ import annotations
 
@@ -69,13 +71,21 @@ class Muon(torch.optim.Optimizer):
         self.nonfinite = nonfinite
         self.telemetry = telemetry
         self.last_stats: dict[str, float] = {}
-        self.comm = None  # a CountingComm on the distributed paths: bytes per collective in `comm.last`
+        self.comm = None  # a CountingComm on the distributed paths (set by their _init_state): bytes in `comm.last`
         self._init_state()
 
     # ----------------------------------------------------------------------------------------- construction
     def add_param_group(self, param_group: dict) -> None:
         super().add_param_group(param_group)
         validate_group(self.param_groups[-1])
+        self._check_placement(self.param_groups[-1])
+
+    def _check_placement(self, group: dict) -> None:
+        """Plain tensors only: a DTensor's local shard is not a whole matrix, so NS on it would be wrong."""
+        for p, name in zip(group["params"], param_names(group)):
+            if isinstance(p, DTensor):
+                raise ValueError(f"Muon: parameter {name!r} is a DTensor (FSDP2); use DTensorMuon from "
+                                 "components.optim.dtensor (build_muon picks it for DTensor parameters)")
 
     def _init_state(self) -> None:
         """Eager, rank-symmetric state (same keys for every parameter from the start) so DCP can save it."""
@@ -103,9 +113,8 @@ class Muon(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        sharded = self._dtensor_comm()
-        if sharded is not None:
-            sharded.new_step()
+        if self.comm is not None:
+            self.comm.new_step()
         codes = self._grad_codes()
         if self._handle_nonfinite(codes):
             return loss
@@ -113,49 +122,18 @@ class Muon(torch.optim.Optimizer):
         for group in self.param_groups:
             stats.ensure(group_key(group), local(group["params"][0]).device if group["params"] else "cpu")
             if group["algorithm"] == "muon":
-                if any(isinstance(p, DTensor) for p in group["params"]):
-                    from components.optim.dtensor import muon_group_step_dtensor
-                    muon_group_step_dtensor(self, group, codes, stats)
-                else:
-                    self._muon_group_step(group, codes, stats)
+                self._muon_group_step(group, codes, stats)
             else:
                 self._adamw_group_step(group, codes, stats)
-        if sharded is None:
-            self._finish_stats(stats)
-        else:
-            self._finish_stats(stats, sharded.group, distributed=True)
-            if stats.reduced_bytes:
-                sharded.count("all_reduce_telemetry", sent_bytes("all_reduce", stats.reduced_bytes,
-                                                                 sharded.world_size))
+        self._finish_stats(stats)
         return loss
 
-    def _dtensor_comm(self):
-        """A counting communicator over the FSDP2 mesh when parameters are DTensors (else None)."""
-        if not hasattr(self, "_sharded_comm"):
-            from components.optim.dtensor import dtensor_comm
-            self._sharded_comm = dtensor_comm(self)
-        self.comm = self._sharded_comm
-        return self._sharded_comm
-
     def _muon_group_step(self, group: dict, codes: dict, stats: StepStats) -> None:
-        key = group_key(group)
         for p in group["params"]:
-            if p.grad is None:
-                continue
             active = codes[p] == FINITE
-            if not bool(active.any()):
+            if p.grad is None or not bool(active.any()):
                 continue
-            keep = None if bool(active.all()) else (~active).to(p.device).view(*p.shape[:-2], 1, 1)
-            x = momentum_step(self.state[p]["momentum_buffer"], p.grad, group["momentum"], group["nesterov"], keep)
-            o = orthogonalize(x, group, stats)
-            scale = update_scale(group["scale_mode"], x.shape, o, group["scale_hidden_size"])
-            apply_orthogonal(p, o, scale, group["lr"], group["weight_decay"], keep)
-            if self.telemetry:
-                if keep is None:
-                    stats.add(key, o, p, scale)
-                else:
-                    rows = active.to(p.device).view(p.shape[:-2])
-                    stats.add(key, o[rows], p, scale[rows] if isinstance(scale, torch.Tensor) else scale)
+            muon_matrix_step(p, p.grad, self.state[p]["momentum_buffer"], active, group, stats, self.telemetry)
 
     def _adamw_group_step(self, group: dict, codes: dict, stats: StepStats) -> None:
         params, grads, exp_avgs, exp_avg_sqs, steps = [], [], [], [], []
@@ -195,29 +173,37 @@ class Muon(torch.optim.Optimizer):
         return out
 
     def _local_codes(self, p: torch.Tensor, algorithm: str, n: int) -> torch.Tensor:
-        if isinstance(p, DTensor):
-            from components.optim.dtensor import dtensor_local_codes
-            return dtensor_local_codes(p, algorithm, n)
-        g = p.grad
-        if g is None:
-            return torch.full((n,), NO_GRAD, device=p.device)
-        g = local(g)
+        """This rank's n codes of p. A rank holding only some of p's matrices (`_matrix_range`) leaves the others
+        NO_GRAD; the distributed paths MAX-reduce, so a matrix is NONFINITE if any rank saw it so."""
+        device = local(p).device
+        if p.grad is None:
+            return torch.full((n,), NO_GRAD, device=device)
+        g = local(p.grad)
+        first, last = self._matrix_range(p, algorithm, n)
         inf = float("inf")
         if algorithm == "muon":
-            amax = torch.linalg.vector_norm(g, ord=inf, dim=(-2, -1)).reshape(-1) if g.numel() else g.new_zeros(n)
+            amax = (torch.linalg.vector_norm(g, ord=inf, dim=(-2, -1)).reshape(-1) if g.numel()
+                    else g.new_zeros(last - first))
             code = torch.where(amax > 0, FINITE, NO_GRAD)
         else:
             amax = torch.linalg.vector_norm(g, ord=inf).reshape(1) if g.numel() else g.new_zeros(1)
             code = torch.full_like(amax, FINITE)
-        return torch.where(torch.isfinite(amax), code, NONFINITE).float()
+        mine = torch.where(torch.isfinite(amax), code, NONFINITE).float()
+        if (first, last) == (0, n):
+            return mine
+        codes = torch.full((n,), NO_GRAD, device=device)
+        codes[first:last] = mine
+        return codes
+
+    def _matrix_range(self, p: torch.Tensor, algorithm: str, n: int) -> tuple[int, int]:
+        """[first, last) of p's n codes this rank computes: all of them on one device."""
+        return 0, n
 
     def _reduce_codes(self, codes: torch.Tensor) -> torch.Tensor:
-        comm = self._dtensor_comm()
-        if comm is None:
+        if self.comm is None:
             return codes
-        device = local(self.param_groups[0]["params"][0]).device
-        codes = codes.to(device)
-        comm.all_reduce("all_reduce_grad_codes", codes, op=torch.distributed.ReduceOp.MAX)
+        codes = codes.to(local(self.param_groups[0]["params"][0]).device)
+        self.comm.all_reduce("all_reduce_grad_codes", codes, op=torch.distributed.ReduceOp.MAX)
         return codes.cpu()
 
     def _handle_nonfinite(self, codes: dict) -> bool:
@@ -242,12 +228,49 @@ class Muon(torch.optim.Optimizer):
                 out[p] = name
         return out
 
-    def _finish_stats(self, stats: StepStats, process_group=None, distributed: bool = False) -> None:
+    def _finish_stats(self, stats: StepStats) -> None:
+        """`last_stats` of a step that ran; summed over ranks (one small all-reduce, counted) when distributed."""
         extra = {"skipped_steps": float(self.param_groups[0]["skipped_steps"]), "nonfinite": 0.0}
         if not self.telemetry:
             self.last_stats = {"ns_seconds": stats.ns_seconds, **extra}
             return
-        self.last_stats = stats.finish(process_group, distributed, extra)
+        if self.comm is None:
+            self.last_stats = stats.finish(extra=extra)
+            return
+        self.last_stats = stats.finish(self.comm.group, True, extra)
+        if stats.reduced_bytes:
+            self.comm.count("all_reduce_telemetry", sent_bytes("all_reduce", stats.reduced_bytes,
+                                                               self.comm.world_size))
+
+
+# --------------------------------------------------------------------------------------------- the matrix step
+def muon_matrix_step(weight: torch.Tensor, grad: torch.Tensor, momentum_buffer: torch.Tensor, active: torch.Tensor,
+                     group: dict, stats: StepStats, telemetry: bool = True) -> None:
+    """One Muon step (Eqs. 1–4) of a matrix [A, B] or a stack [..., A, B] held whole by this rank (local tensors).
+
+    `active` (bool, one per matrix) marks the matrices that got a gradient; the others (experts without tokens)
+    keep their momentum and weights. Telemetry counts the active matrices' updates and the whole weight.
+    """
+    keep = None if bool(active.all()) else (~active).to(weight.device).view(*weight.shape[:-2], 1, 1)
+    x = momentum_step(momentum_buffer, grad, group["momentum"], group["nesterov"], keep)
+    if not x.numel():  # a rank that holds no matrix of this stack
+        return
+    o, scale = orthogonal_update(x, group, stats)
+    apply_orthogonal(weight, o, scale, group["lr"], group["weight_decay"], keep)
+    if not telemetry:
+        return
+    if keep is None:
+        stats.add(group_key(group), o, weight, scale)
+    else:
+        rows = active.to(weight.device).view(weight.shape[:-2])
+        stats.add(group_key(group), o[rows], weight, scale[rows] if isinstance(scale, torch.Tensor) else scale)
+
+
+def orthogonal_update(x: torch.Tensor, group: dict, stats: StepStats | None = None
+                      ) -> tuple[torch.Tensor, float | torch.Tensor]:
+    """(O, s): O = NS(x) of whole matrices and the update scale s (a tensor, one per matrix, for update_norm)."""
+    o = orthogonalize(x, group, stats)
+    return o, update_scale(group["scale_mode"], x.shape, o, group["scale_hidden_size"])
 
 
 def orthogonalize(x: torch.Tensor, group: dict, stats: StepStats | None = None) -> torch.Tensor:
@@ -263,6 +286,11 @@ def orthogonalize(x: torch.Tensor, group: dict, stats: StepStats | None = None) 
 
 def group_key(group: dict) -> str:
     return group.get("name") or group["algorithm"]
+
+
+def param_names(group: dict) -> list[str]:
+    """The group's parameter names, or 'param #i of the group' when it carries none."""
+    return group.get("param_names") or [f"param #{i} of the group" for i in range(len(group["params"]))]
 
 
 def validate_group(group: dict) -> None:
@@ -289,8 +317,7 @@ def validate_group(group: dict) -> None:
     group["ns_dtype"] = str(resolve_dtype(group["ns_dtype"])).removeprefix("torch.")
     group["adamw_betas"] = tuple(betas)
     if group["algorithm"] == "muon":
-        names = group.get("param_names") or [f"param #{i} of the group" for i in range(len(group["params"]))]
-        for p, name in zip(group["params"], names):
+        for p, name in zip(group["params"], param_names(group)):
             if p.ndim < 2:
                 raise ValueError(f"Muon: parameter {name!r} has shape {tuple(p.shape)} (< 2 dims) and cannot use "
                                  "algorithm='muon'; route it to 'adamw'")

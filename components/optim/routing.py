@@ -8,6 +8,10 @@ from __future__ import annotations
 import fnmatch
 
 from torch import nn
+from torch.distributed.tensor import DTensor
+
+from components.optim.dtensor import DTensorMuon
+from components.optim.muon import Muon
 
 ROUTES = ("muon", "adamw")
 
@@ -119,13 +123,14 @@ def format_routing_table(model_or_named_params, routes: dict[str, str] | None = 
 def build_muon(model: nn.Module, lr: float, weight_decay: float = 0.1, norm_weight_decay: float | None = None,
                overrides: dict[str, str] | None = None, optimizer_cls=None, print_routing: bool = False,
                **kwargs):
-    """Route `model`'s parameters and build one optimizer (default `Muon`; e.g. `ZeroOneMuon` for ZeRO-1).
+    """Route `model`'s parameters and build one optimizer: `optimizer_cls` (e.g. `ZeroOneMuon` for ZeRO-1), by
+    default `DTensorMuon` when the parameters are DTensors (FSDP2), else `Muon`.
 
     scale_mode='baseline' takes H from `model.config.hidden_size` unless `scale_hidden_size` is given.
     """
-    from components.optim.muon import Muon
-
-    optimizer_cls = optimizer_cls or Muon
+    if optimizer_cls is None:
+        sharded = any(isinstance(p, DTensor) for p in model.parameters())
+        optimizer_cls = DTensorMuon if sharded else Muon
     if kwargs.get("scale_mode") == "baseline" and kwargs.get("scale_hidden_size") is None:
         kwargs["scale_hidden_size"] = getattr(getattr(model, "config", None), "hidden_size", None)
     groups = build_param_groups(model, lr, weight_decay, norm_weight_decay, overrides)

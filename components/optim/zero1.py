@@ -21,11 +21,11 @@ import torch
 import torch.distributed as dist
 
 from components.optim.comm import CountingComm
-from components.optim.muon import FINITE, NO_GRAD, Muon, group_key, orthogonalize
+from components.optim.muon import FINITE, NO_GRAD, Muon, group_key, orthogonal_update
 from components.optim.newton_schulz import resolve_dtype
 from components.optim.telemetry import StepStats
-from components.optim.update import adamw_step, apply_orthogonal, momentum_step, scaled_update, update_scale
-from components.optim.zero1_layout import ParamInfo, code_count, plan_layout, sent_bytes
+from components.optim.update import adamw_step, apply_orthogonal, momentum_step, scaled_update
+from components.optim.zero1_layout import ParamInfo, code_count, plan_layout
 
 
 class ZeroOneMuon(Muon):
@@ -78,11 +78,6 @@ class ZeroOneMuon(Muon):
         return self.layout.step_bytes(self.rank, item, item, ns_item, code_count(self.layout.params), keys)
 
     # ----------------------------------------------------------------------------------------- the step
-    def _reduce_codes(self, codes: torch.Tensor) -> torch.Tensor:
-        codes = codes.to(self._first.device)
-        self.comm.all_reduce("all_reduce_grad_codes", codes, op=dist.ReduceOp.MAX)
-        return codes.cpu()
-
     @torch.no_grad()
     def step(self, closure=None):
         loss = None
@@ -119,9 +114,7 @@ class ZeroOneMuon(Muon):
         self.comm.all_gather("all_gather_params", full, weights)
         for pc in self.layout.pieces:
             self._params[pc.param].data.view(-1)[pc.start:pc.start + pc.length] = full[pc.offset:pc.offset + pc.length]
-        self._finish_stats(stats, self.process_group, distributed=True)
-        if self.telemetry:
-            self.comm.count("all_reduce_telemetry", _telemetry_bytes(stats, self.world_size))
+        self._finish_stats(stats)
         return loss
 
     def _adamw_shard(self, codes, grad, weights, stats) -> None:
@@ -173,8 +166,7 @@ class ZeroOneMuon(Muon):
             start = pc.offset + k0 * mn - ext_lo
             inp = ext[start:start + (k1 - k0) * mn]
             inp = inp.view(shape) if len(shape) == 2 else inp.view(k1 - k0, *shape[-2:])
-            o = orthogonalize(inp, group, stats)
-            scale = update_scale(group["scale_mode"], inp.shape, o, group["scale_hidden_size"])
+            o, scale = orthogonal_update(inp, group, stats)
             cut = slice(a - pc.offset - k0 * mn, b - pc.offset - k0 * mn)
             if isinstance(scale, torch.Tensor):  # one scale per matrix (update_norm): materialize s·O first
                 o, scale = scaled_update(o, scale, weights.dtype), 1.0
@@ -266,7 +258,3 @@ class ZeroOneMuon(Muon):
                 self._first[a - lo:b - lo] = first.reshape(-1)[src].to(self._first)
             if "exp_avg_sq" in entry:
                 self._second[a - lo:b - lo] = entry["exp_avg_sq"].reshape(-1)[src].to(self._second)
-
-
-def _telemetry_bytes(stats: StepStats, world_size: int) -> int:
-    return sent_bytes("all_reduce", stats.reduced_bytes, world_size) if stats.reduced_bytes else 0

@@ -6,7 +6,7 @@ Every rank owns one contiguous shard [r·S, (r+1)·S) of a flat buffer holding a
   straddles a shard boundary is completed from its neighbours' pieces before Newton–Schulz (the DP gather of
   Algorithm 1, needed only for those few matrices).
 - 'owner': every Muon parameter sits wholly in one shard, assigned longest-processing-time first by NS cost
-  (n·max(A,B)·min(A,B)²) under a per-rank size cap; AdamW parameters fill the remaining space and may be cut
+  (`owners.assign_owners`) under a per-rank size cap; AdamW parameters fill the remaining space and may be cut
   anywhere (AdamW is elementwise). No gather is needed; the cost is a little padding at most.
 
 Pure planning: the optimizer and the communication benchmark both read the byte counts from here.
@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+
+from components.optim.owners import assign_owners, ns_cost
 
 PARTITIONS = ("flat", "owner")
 
@@ -36,8 +38,7 @@ class ParamInfo:
 
     @property
     def ns_cost(self) -> int:
-        a, b = self.shape[-2], self.shape[-1]
-        return (self.numel // (a * b)) * max(a, b) * min(a, b) ** 2
+        return ns_cost(self.shape)
 
 
 @dataclass(frozen=True)
@@ -156,15 +157,12 @@ def plan_layout(params: list[ParamInfo], world_size: int, partition: str = "flat
             offset += info.numel
         return Zero1Layout(params, world_size, cap, pieces, partition)
 
-    muon = sorted((p for p in params if p.algorithm == "muon"), key=lambda p: (-p.ns_cost, p.index))
-    cost, load = [0] * world_size, [0] * world_size
-    owner: dict[int, int] = {}
-    for info in muon:
-        fits = [r for r in range(world_size) if load[r] + info.numel <= cap]
-        rank = min(fits, key=lambda r: (cost[r], r)) if fits else min(range(world_size), key=lambda r: (load[r], r))
-        owner[info.index] = rank
-        cost[rank] += info.ns_cost
-        load[rank] += info.numel
+    owner = assign_owners([(p.index, p.ns_cost, p.numel) for p in params if p.algorithm == "muon"], world_size,
+                          capacity=cap)
+    load = [0] * world_size
+    for info in params:
+        if info.index in owner:
+            load[owner[info.index]] += info.numel
     shard = max([cap, *load])
     pieces, fill = [], []
     for rank in range(world_size):
