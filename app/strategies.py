@@ -12,6 +12,7 @@ The math stays in `components/optim`; these classes only wire it.
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -19,6 +20,8 @@ from lightning.pytorch.core.optimizer import LightningOptimizer
 from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy, StrategyRegistry
 from lightning.pytorch.strategies.ddp import _sync_module_states
 from torch import nn
+
+from app.checkpoint_io import save_sharded
 
 
 class MuonDDPStrategy(DDPStrategy):
@@ -71,6 +74,14 @@ class MuonFSDPStrategy(ModelParallelStrategy):
             fully_shard(layer, mesh=mesh, mp_policy=mp)
         fully_shard(model, mesh=mesh, mp_policy=mp)
         return model
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath, storage_options: Any | None = None) -> None:
+        """A sharded checkpoint is a folder: written under a temporary name beside its place, then renamed (see
+        app/checkpoint_io.py); whole-file checkpoints go through the CheckpointIO."""
+        if not self._save_distributed_checkpoint:
+            return super().save_checkpoint(checkpoint, filepath, storage_options)
+        save_sharded(lambda tmp: super(MuonFSDPStrategy, self).save_checkpoint(checkpoint, tmp, storage_options),
+                     Path(self.broadcast(str(filepath))), is_writer=self.global_rank == 0, barrier=self.barrier)
 
     @classmethod
     def register_strategies(cls, strategy_registry) -> None:

@@ -3,7 +3,13 @@
 The training thread only appends records to an in-memory deque (``put``); this thread moves them into the
 journal (disk), creates or resumes the run, and sends the journal in order with ``MlflowClient.log_batch``
 within MLflow's batch limits. Any failure is retried with exponential backoff; only a record the server
-rejects as invalid (HTTP 400 kind of errors) is dropped, and counted.
+rejects as invalid (HTTP 400 kind of errors) is dropped, and counted. A local disk that refuses the journal
+(full) is reported as such; its records are delivered from memory meanwhile (journal.py).
+
+Resume (``resume_step`` N, the step of the checkpoint the new process starts from): the dead process may have
+logged steps after N, which the new process logs again. Its journaled but undelivered metrics of steps > N are
+dropped; the ones it already delivered are looked up when the run is continued, and the new process' values for
+those (key, step) pairs are not sent again. Every (key, step) appears once in MLflow.
 
 Records (JSON lists, compact on disk):
 ``["m", key, value, timestamp_ms, step]`` metric, ``["t", key, value]`` tag, ``["p", {key: value}]`` params
@@ -55,6 +61,7 @@ class RunDelivery(threading.Thread):
         poll_interval_s: float,
         max_backoff_s: float,
         max_queue: int,
+        resume_step: int | None = None,
     ):
         super().__init__(name=f"crescent-mlflow-{run_key[:8]}", daemon=True)
         self.tracking_uri = tracking_uri
@@ -67,7 +74,10 @@ class RunDelivery(threading.Thread):
         self.poll_interval_s = poll_interval_s
         self.max_backoff_s = max_backoff_s
         self.max_queue = max_queue
+        self.resume_step = resume_step
+        self._superseded: set[tuple[str, int]] = set()  # (key, step) delivered before the resume (see docstring)
         self.journal = Journal(journal_path)
+        self._drop_after_resume(self.journal)
 
         self.queue: collections.deque = collections.deque()
         self._put_lock = threading.Lock()
@@ -91,11 +101,14 @@ class RunDelivery(threading.Thread):
         self.overflowed = 0  # records lost because the in-memory queue was full
         self.rejected = 0  # records the server refused as invalid (dropped)
         self.failures = 0  # failed attempts (each followed by a backoff)
+        self.superseded = 0  # records of steps after the resume point that an earlier process already logged
+        self._disk_warned = False
         self.last_error: str | None = None
         self.status_set: str | None = None
 
     EMPTY_STATS = {"enqueued": 0, "delivered": 0, "pending": 0, "overflowed": 0, "rejected": 0,
-                   "failures": 0, "last_error": None, "run_id": None, "status_set": None}
+                   "failures": 0, "last_error": None, "run_id": None, "status_set": None, "superseded": 0,
+                   "in_memory": 0}
 
     def stats(self) -> dict[str, Any]:
         """enqueued/delivered/pending record counts, overflowed and rejected (lost) records, failed attempts,
@@ -104,6 +117,7 @@ class RunDelivery(threading.Thread):
             "enqueued": self.enqueued, "delivered": self.delivered, "pending": self.enqueued - self.delivered,
             "overflowed": self.overflowed, "rejected": self.rejected, "failures": self.failures,
             "last_error": self.last_error, "run_id": self.run_id, "status_set": self.status_set,
+            "superseded": self.superseded, "in_memory": self.journal.in_memory,
         }
 
     # ---- called from the training thread -------------------------------------------------------------
@@ -115,6 +129,14 @@ class RunDelivery(threading.Thread):
                 return
             self.queue.extend(records)
             self.enqueued += len(records)
+
+    def pending_records(self) -> list[Any]:
+        """Records accepted but not yet delivered, in order: the journal's backlog, then the in-memory queue."""
+        with self._journal_lock:
+            journaled = [] if self._closed else self.journal.pending()
+            with self._put_lock:
+                queued = list(self.queue)
+        return journaled + queued
 
     def wait_delivered(self, timeout: float) -> bool:
         """Wait until every record queued before this call has been delivered; False on timeout."""
@@ -129,7 +151,7 @@ class RunDelivery(threading.Thread):
                 self._progress.wait(min(remaining, 0.2))
         return self.delivered >= target
 
-    def retarget(self, run_id: str | None, run_key: str) -> None:
+    def retarget(self, run_id: str | None, run_key: str, resume_step: int | None = None) -> None:
         """Continue another run (a checkpoint's) instead: allowed until the run is being resolved.
 
         Records journaled so far move behind the backlog of ``run_key``'s journal (a previous process').
@@ -144,10 +166,26 @@ class RunDelivery(threading.Thread):
             records = [r for r in peeked if r is not None]  # torn lines are not carried over
             self.journal.discard()
             self.journal = Journal(os.path.join(os.path.dirname(self.journal.path), f"{run_key}.jsonl"))
+            self.resume_step = resume_step
+            self._drop_after_resume(self.journal)
             self.journal.append(records)
             with self._put_lock:
                 self.enqueued += self.journal.pending_at_open - (len(peeked) - len(records))
             self.run_id, self.run_key, self._search_run_key = run_id, run_key, True
+
+    def _drop_after_resume(self, journal: Journal) -> None:
+        """Drop a previous process' undelivered metrics of steps after the resume point (logged again now)."""
+        step = self.resume_step
+        if step is None or not journal.has_pending:
+            return
+        try:
+            dropped = journal.drop_pending(lambda r: isinstance(r, list) and r[:1] == ["m"] and r[4] > step)
+        except OSError as error:  # full disk: keep them (they may then appear twice)
+            log.warning("could not rewrite the MLflow journal %s: %s", journal.path, error)
+            return
+        if dropped:
+            log.info("MLflow journal: %d metrics of steps after the resume point %d dropped (logged again)",
+                     dropped, step)
 
     def stop(self, status: str | None, timeout: float) -> None:
         """Deliver for at most ``timeout`` seconds, set ``status`` on the run (best effort), end the thread."""
@@ -217,11 +255,23 @@ class RunDelivery(threading.Thread):
             except BaseException:
                 self.queue.extendleft(reversed(records))
                 raise
+            if self.journal.write_error and not self._disk_warned:
+                self._disk_warned = True  # a local disk problem, not the tracking server's
+                log.warning("cannot write the MLflow journal %s (%s); records are kept in memory and delivered "
+                            "from there (lost only if this process ends before %s takes them)", self.journal.path,
+                            self.journal.write_error, self.tracking_uri)
+            elif not self.journal.write_error:
+                self._disk_warned = False
 
-    def journal_queued(self) -> bool:
-        """Write what is queued to the journal now (safe from any thread); False if that failed."""
+    def journal_queued(self, sync: bool = False) -> bool:
+        """Write what is queued to the journal now (safe from any thread), with ``sync`` also to the device;
+        False if that failed."""
         try:
             self._drain_queue()
+            if sync:
+                with self._journal_lock:
+                    if not self._closed:
+                        self.journal.sync()
             return True
         except Exception as error:
             log.warning("could not journal %d queued MLflow records: %s", len(self.queue), error)
@@ -251,8 +301,19 @@ class RunDelivery(threading.Thread):
         finally:
             # A create whose reply was lost may have made the run: later attempts look it up by key first.
             self._search_run_key = True
+        if not created and self.resume_step is not None:
+            self._superseded = self._logged_after(run_id, self.resume_step)
         self.run_id, self._run_ready = run_id, True
         log.info("MLflow run %s (%s)", run_id, "created" if created else "continued")
+
+    def _logged_after(self, run_id: str, step: int) -> set[tuple[str, int]]:
+        """(key, step) of the run's metrics after `step`: what a process killed after its checkpoint delivered.
+        One history read per metric key, once per resume."""
+        client = self._mlflow()
+        found = set()
+        for key in client.get_run(run_id).data.metrics:
+            found.update((key, m.step) for m in client.get_metric_history(run_id, key) if m.step > step)
+        return found
 
     # ---- delivery ------------------------------------------------------------------------------------
     def _deliver_next(self) -> None:
@@ -302,7 +363,10 @@ class RunDelivery(threading.Thread):
                 if len(metrics) == MAX_METRICS_PER_BATCH:
                     break
                 _, key, value, timestamp, step = record
-                metrics.append(Metric(key, float(value), int(timestamp), int(step)))
+                if (key, step) in self._superseded:  # an earlier process delivered this step (see docstring)
+                    self.superseded += 1
+                else:
+                    metrics.append(Metric(key, float(value), int(timestamp), int(step)))
             else:
                 if len(tags) == MAX_PARAMS_TAGS_PER_BATCH and record[1] not in tags:
                     break
@@ -311,7 +375,8 @@ class RunDelivery(threading.Thread):
             if len(metrics) + len(tags) >= MAX_METRICS_PER_BATCH:
                 break
         run_tags = [RunTag(k, v) for k, v in tags.items()]
-        self._mlflow().log_batch(self.run_id, metrics=metrics, tags=run_tags, synchronous=True)
+        if metrics or run_tags:
+            self._mlflow().log_batch(self.run_id, metrics=metrics, tags=run_tags, synchronous=True)
         return n
 
     def _send_params(self, flat: dict[str, str]) -> None:
