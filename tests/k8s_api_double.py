@@ -148,8 +148,8 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.write(line.encode() + b"\n")
             self.wfile.flush()
 
-    def _route(self) -> tuple[dict, str, dict | None, list[str]]:
-        """(request record, groupVersion, resource row or None, the path after the groupVersion)."""
+    def _route(self) -> tuple[dict, str, list[str]]:
+        """(request record, groupVersion, the path after the groupVersion)."""
         length = int(self.headers.get("Content-Length") or 0)
         raw = self.rfile.read(length) if length else b""
         url = urlsplit(self.path)
@@ -163,8 +163,8 @@ class _Handler(BaseHTTPRequestHandler):
         elif parts[0] == "apis" and len(parts) >= 3:
             group_version, rest = f"{parts[1]}/{parts[2]}", parts[3:]
         else:
-            return entry, "", None, parts
-        return entry, group_version, None, rest
+            return entry, "", parts
+        return entry, group_version, rest
 
     def _target(self, group_version: str, rest: list[str]):
         """(row, namespace, name, subresource) for an object or collection path, or None."""
@@ -182,7 +182,7 @@ class _Handler(BaseHTTPRequestHandler):
         return (group, row[0], namespace, name)
 
     def do_GET(self):
-        entry, group_version, _, rest = self._route()
+        entry, group_version, rest = self._route()
         path = entry["path"]
         if path == "/version":
             return self._reply(200, {"major": "1", "minor": "34", "gitVersion": "v1.34.0"})
@@ -247,12 +247,21 @@ class _Handler(BaseHTTPRequestHandler):
             return self._stream(lines, "text/plain")
         self._reply(200, "".join(line + "\n" for line in lines))
 
-    def do_PATCH(self):
-        entry, group_version, _, rest = self._route()
-        target = self._target(group_version, rest)
-        if target is None or target[2] is None:
-            return self._reply(404, _status(404, "NotFound", f"the server could not find {entry['path']}"))
+    def _write_target(self, collection: bool):
+        """(request, groupVersion, row, namespace, name) of a write to an object (or to a collection, for
+        POST); None after answering 404."""
+        entry, group_version, rest = self._route()
+        target = self._target(group_version, rest) if group_version else None
+        if target is None or (target[2] is None) != collection:
+            self._reply(404, _status(404, "NotFound", f"the server could not find {entry['path']}"))
+            return None
         row, namespace, name, _ = target
+        return entry, group_version, row, namespace, name
+
+    def do_PATCH(self):
+        if (target := self._write_target(collection=False)) is None:
+            return
+        entry, group_version, row, namespace, name = target
         if entry["content_type"] != "application/apply-patch+yaml":
             return self._reply(415, _status(415, "UnsupportedMediaType", f"{entry['content_type']} is not "
                                             "served here: only server-side apply"))
@@ -273,11 +282,9 @@ class _Handler(BaseHTTPRequestHandler):
         self._reply(200, self.server.store(live))
 
     def do_POST(self):
-        entry, group_version, _, rest = self._route()
-        target = self._target(group_version, rest)
-        if target is None or target[2] is not None:
-            return self._reply(404, _status(404, "NotFound", f"the server could not find {entry['path']}"))
-        row, namespace, _, _ = target
+        if (target := self._write_target(collection=True)) is None:
+            return
+        entry, group_version, row, namespace, _ = target
         name = entry["body"]["metadata"]["name"]
         key = self._key(group_version, row, namespace, name)
         if key in self.server.objects:
@@ -285,11 +292,9 @@ class _Handler(BaseHTTPRequestHandler):
         self._reply(201, self.server.store(dict(entry["body"])))
 
     def do_DELETE(self):
-        entry, group_version, _, rest = self._route()
-        target = self._target(group_version, rest)
-        if target is None or target[2] is None:
-            return self._reply(404, _status(404, "NotFound", f"the server could not find {entry['path']}"))
-        row, namespace, name, _ = target
+        if (target := self._write_target(collection=False)) is None:
+            return
+        entry, group_version, row, namespace, name = target
         if self.server.objects.pop(self._key(group_version, row, namespace, name), None) is None:
             return self._reply(404, _status(404, "NotFound", f'{row[0]} "{name}" not found'))
         self._reply(200, {"kind": "Status", "apiVersion": "v1", "status": "Success"})

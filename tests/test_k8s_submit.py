@@ -5,6 +5,7 @@ by name before anything is applied); status, watch, logs and delete work for an 
 TrainJob; no cluster or an unreachable one gives one clear line, never a traceback."""
 from __future__ import annotations
 
+import copy
 import json
 import os
 import socket
@@ -213,6 +214,25 @@ def test_status_watch_follows_until_the_workload_ends(kind, ending, code, kubeco
     [watch] = [r for r in api_server.requests if r["query"].get("watch")]
     assert watch["query"]["fieldSelector"] == ["metadata.name=crescent-train"]
     assert watch["query"]["resourceVersion"] == [workload["metadata"]["resourceVersion"]]
+
+
+def test_submit_wait_follows_the_queued_workload_until_it_completes(kubeconfig, config_file, api_server, capsys):
+    """--queue: the JobSet is created suspended (Kueue has not admitted it); --wait watches it through admission
+    to completion."""
+    admitted = {"apiVersion": "jobset.x-k8s.io/v1alpha2", "kind": "JobSet",
+                "metadata": _meta("crescent-train", uid="jobset-uid"), "spec": {"suspend": False},
+                "status": {"restarts": 0}}
+    api_server.store(copy.deepcopy(admitted))  # its uid, kept by the apply, is the one the events carry
+    completed = dict(admitted, status={"restarts": 0, "terminalState": "Completed",
+                                       "conditions": [{"type": "Completed", "status": "True"}]})
+    api_server.queue_events("jobsets", "crescent-train", ("MODIFIED", admitted), ("MODIFIED", completed))
+    assert main(["submit", "--kubeconfig", kubeconfig, "--overlay", "jobset", "--config", config_file,
+                 "--queue", "team-a", "--wait"]) == 0
+    heads = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("JobSet ")]
+    assert heads == ["JobSet crescent-train: Suspended; restarts 0", "JobSet crescent-train: Running; restarts 0",
+                     "JobSet crescent-train: Complete; restarts 0"]
+    applied = api_server.stored("JobSet", "crescent-train")
+    assert applied["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "team-a" and applied["spec"]["suspend"]
 
 
 @pytest.mark.parametrize("kind", ["Job", "JobSet", "TrainJob"])
