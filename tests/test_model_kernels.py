@@ -9,7 +9,7 @@ from test_model import SMALL
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from components.model.config import ModelConfig
-from components.model.layers import linear_cross_entropy
+from components.model.fused_loss import linear_cross_entropy
 from components.model.moe import Experts
 from components.model.transformer import build_model
 

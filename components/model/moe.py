@@ -13,10 +13,10 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.autograd.function import once_differentiable
 
 from components.model.config import ModelConfig
-from components.model.layers import SwiGLU, autocast_inputs
+from components.model.kernels import autocast_inputs, dispatch_to_slots, expert_swiglu, permute_rows
+from components.model.layers import SwiGLU
 
 
 class Router(nn.Module):
@@ -49,45 +49,6 @@ class Router(nn.Module):
         return indices, weights * c.routed_scaling_factor
 
 
-def grouped_mm_supported(x: torch.Tensor) -> bool:
-    """torch._grouped_mm needs CUDA (sm90+) and bf16; elsewhere the segment loop runs."""
-    if not (x.is_cuda and hasattr(torch, "_grouped_mm") and x.dtype == torch.bfloat16):
-        return False
-    return torch.cuda.get_device_capability(x.device)[0] >= 9
-
-
-class _Dispatch(torch.autograd.Function):
-    """xs[j] = x[order[j] // k]: each token copied to its k slots in expert order. Backward: gather the slot
-    gradients back into (token, choice) order with the inverse permutation and sum over the k choices."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, order: torch.Tensor, inverse: torch.Tensor, k: int) -> torch.Tensor:
-        ctx.save_for_backward(inverse)
-        ctx.k = k
-        return x.index_select(0, order // k)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        (inverse,) = ctx.saved_tensors
-        slots, k = grad.shape[0], ctx.k
-        return grad.index_select(0, inverse).view(slots // k, k, grad.shape[-1]).sum(1), None, None, None
-
-
-class _Permute(torch.autograd.Function):
-    """y = x[perm] for a permutation; backward gathers with the inverse (index_select's own backward would
-    zero-fill and index_add)."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, perm: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(inverse)
-        return x.index_select(0, perm)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        (inverse,) = ctx.saved_tensors
-        return grad.index_select(0, inverse), None, None
-
-
 class Experts(nn.Module):
     """n_routed_experts SwiGLU FFNs stored as stacked 3-D parameters [experts, out, in].
 
@@ -114,85 +75,12 @@ class Experts(nn.Module):
         order = indices.reshape(-1).argsort(stable=True)  # sorted slot -> slot (slot = token * k + choice)
         inverse = torch.empty_like(order)
         inverse[order] = torch.arange(order.numel(), device=order.device)
-        xs = _Dispatch.apply(x, order, inverse, k)
-        # Under autocast, compute in its dtype (the hand-written matmuls below are out of autocast's reach).
+        xs = dispatch_to_slots(x, order, inverse, k)
+        # Under autocast, compute in its dtype (the hand-written matmuls are out of autocast's reach).
         xs, gate, up, down = autocast_inputs(xs, self.gate_proj, self.up_proj, self.down_proj)
-        if grouped_mm_supported(xs):
-            ys = self._grouped(xs, counts, gate, up, down)
-        else:
-            ys = self._segments(xs, counts, gate, up, down)
-        ys = _Permute.apply(ys, inverse, order).view(t, k, ys.shape[-1])  # back to (token, choice) order
+        ys = expert_swiglu(xs, counts, gate, up, down)
+        ys = permute_rows(ys, inverse, order).view(t, k, ys.shape[-1])  # back to (token, choice) order
         return (ys * weights.to(ys.dtype)[:, :, None]).sum(1).to(x.dtype)
-
-    @staticmethod
-    def _grouped(xs, counts, gate, up, down) -> torch.Tensor:
-        offs = counts.cumsum(0).to(torch.int32)
-        a = torch._grouped_mm(xs, gate.transpose(-2, -1), offs=offs)
-        u = torch._grouped_mm(xs, up.transpose(-2, -1), offs=offs)
-        return torch._grouped_mm(F.silu(a) * u, down.transpose(-2, -1), offs=offs)
-
-    @staticmethod
-    def _segments(xs, counts, gate, up, down) -> torch.Tensor:
-        sizes = counts.tolist()  # one host sync per layer; the loops run over experts, never over tokens
-        return _SegmentFFN.apply(xs, gate, up, down, sizes)
-
-
-class _SegmentFFN(torch.autograd.Function):
-    """The experts' SwiGLU over expert-sorted rows, one matmul per expert segment, written into whole-batch
-    buffers (no per-expert outputs to concatenate, no per-expert weight gradients to stack); the elementwise
-    work runs once over all rows. Backward is written out by hand: one autograd node instead of about ten per
-    expert."""
-
-    @staticmethod
-    def forward(ctx, xs, gate, up, down, sizes):
-        rows = xs.shape[0]
-        a = xs.new_empty(rows, gate.shape[1])
-        u = xs.new_empty(rows, up.shape[1])
-        spans = []
-        start = 0
-        for e, n in enumerate(sizes):
-            if n:
-                spans.append((e, start, start + n))
-                torch.mm(xs[start:start + n], gate[e].t(), out=a[start:start + n])
-                torch.mm(xs[start:start + n], up[e].t(), out=u[start:start + n])
-            start += n
-        h = F.silu(a).mul_(u)
-        y = xs.new_empty(rows, down.shape[1])
-        for e, lo, hi in spans:
-            torch.mm(h[lo:hi], down[e].t(), out=y[lo:hi])
-        ctx.save_for_backward(xs, gate, up, down, a, u)
-        ctx.spans = spans
-        return y
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, gy):
-        xs, gate, up, down, a, u = ctx.saved_tensors
-        gy = gy.contiguous()
-        # Few whole-batch temporaries: on CPU each fresh [rows, I] buffer costs page faults, not just arithmetic.
-        sig = torch.sigmoid(a)
-        silu = a * sig
-        h = silu * u
-        gh = torch.empty_like(a)
-        g_down = torch.empty_like(down)
-        for e, lo, hi in ctx.spans:
-            torch.mm(gy[lo:hi], down[e], out=gh[lo:hi])
-            torch.mm(gy[lo:hi].t(), h[lo:hi], out=g_down[e])
-        g_u = h.copy_(gh).mul_(silu)  # h is no longer needed
-        dsilu = torch.sub(1, sig).mul_(silu).add_(sig)  # d silu(a) / da = σ + silu (1 - σ)
-        g_a = gh.mul_(u).mul_(dsilu)
-        g_gate, g_up = torch.empty_like(gate), torch.empty_like(up)
-        gx = torch.empty_like(xs)
-        for e, lo, hi in ctx.spans:
-            torch.mm(g_a[lo:hi].t(), xs[lo:hi], out=g_gate[e])
-            torch.mm(g_u[lo:hi].t(), xs[lo:hi], out=g_up[e])
-            torch.mm(g_a[lo:hi], gate[e], out=gx[lo:hi])
-            gx[lo:hi].addmm_(g_u[lo:hi], up[e])
-        used = {e for e, _, _ in ctx.spans}
-        for e in range(gate.shape[0]):  # experts that received no token get zero gradients
-            if e not in used:
-                g_gate[e].zero_(), g_up[e].zero_(), g_down[e].zero_()
-        return gx, g_gate, g_up, g_down, None
 
 
 class MoE(nn.Module):

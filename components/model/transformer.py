@@ -15,7 +15,8 @@ from torch import nn
 
 from components.model.attention import KVCache, MultiHeadLatentAttention
 from components.model.config import ModelConfig
-from components.model.layers import RMSNorm, RotaryEmbedding, SwiGLU, linear_cross_entropy
+from components.model.fused_loss import linear_cross_entropy
+from components.model.layers import RMSNorm, RotaryEmbedding, SwiGLU
 from components.model.moe import MoE
 
 
