@@ -99,7 +99,7 @@ class CrescentModule(pl.LightningModule):
         self.stop_reason: str | None = None
         self.val_loss = float("nan")
         self.val_loss_start = float("nan")
-        self.last_report: StepReport | None = None
+        self._final_val_step = -1
         self._val = torch.zeros(2)
         # The optimizer step being accumulated (reset at every step).
         self._micro = 0
@@ -263,7 +263,6 @@ class CrescentModule(pl.LightningModule):
             skipped=skip_reason is not None, skip_reason=skip_reason, skipped_steps=self.skipped_steps,
             lost_samples=int(lost), bad_shards=int(bad), expert_counts=counts, optimizer_stats=stats,
             max_logit=max_logit)
-        self.last_report = report
         self._micro, self._window, self._window_counts = 0, None, None
         self._track_max_logit, self._max_logit = False, None
         metrics = {
@@ -284,6 +283,7 @@ class CrescentModule(pl.LightningModule):
                 f"{self.tokens_seen} tokens. Lower the lr or check the data.")
         if self.tokens_seen >= self.schedule.total_tokens:
             self.stop("schedule_complete")
+            self._final_held_out_loss(monitor=True)  # before the callbacks see the last step (plots, exports)
         return report
 
     def _all_reduce(self, tensor: torch.Tensor, op: str) -> torch.Tensor:
@@ -328,9 +328,13 @@ class CrescentModule(pl.LightningModule):
             self.log_step_metrics({"val/loss": self.val_loss}, monitor=False)
 
     def on_train_end(self) -> None:
-        if self.stop_reason != "preempted":
-            self.val_loss = self.held_out_loss()
-            self.log_step_metrics({"val/loss": self.val_loss}, monitor=False)
+        if self.stop_reason != "preempted" and self._final_val_step != self.trainer.global_step:
+            self._final_held_out_loss(monitor=False)  # stopped by max_steps, EarlyStopping, ...
+
+    def _final_held_out_loss(self, monitor: bool) -> None:
+        self.val_loss = self.held_out_loss()
+        self._final_val_step = self.trainer.global_step
+        self.log_step_metrics({"val/loss": self.val_loss}, monitor=monitor)
 
     def on_validation_epoch_start(self) -> None:
         self._val = torch.zeros(2)
