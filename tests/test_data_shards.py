@@ -106,7 +106,9 @@ def test_bad_sources_are_named(tmp_path):
         source_files(str(tmp_path / "*.nothing"))
     (tmp_path / "x.jsonl").write_text('{"body": "hi"}\n')
     train_bpe(["hello world"], 260, tmp_path / "tok")
-    with pytest.raises(ValueError, match="no field 'text'"):
+    with pytest.raises(ValueError, match="x.jsonl:1: no field 'text'"):
+        build_shards([str(tmp_path / "x.jsonl")], tmp_path / "o", tmp_path / "tok", on_bad_record="fail")
+    with pytest.raises(ValueError, match="sources hold 0 tokens.*skipped: 1 bad records"):  # skipped by default
         build_shards([str(tmp_path / "x.jsonl")], tmp_path / "o", tmp_path / "tok")
     with pytest.raises(ValueError, match="seq_len=0 must be an integer >= 1"):
         build_shards([str(tmp_path / "x.jsonl")], tmp_path / "o", tmp_path / "tok", seq_len=0)

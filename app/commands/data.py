@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 from pathlib import Path
 
 from components.data.demo import DEFAULT_DIR, build_demo
 from components.data.shards import build_shards, inspect_shard_set
-from components.data.sources import iter_documents
+from components.data.sources import BAD_RECORD_POLICIES, DEFAULT_ENCODINGS, SourceReport, iter_documents
 from components.data.tokenizer import load_tokenizer, train_bpe
 
 
@@ -28,23 +29,54 @@ def _tokenizer(args) -> int:
         print("crescent data tokenizer: --source and --out are required to train (or use --show DIR)",
               file=sys.stderr)
         return 2
-    tok = train_bpe(iter_documents(args.source, args.text_field), vocab_size=args.vocab_size, out_dir=args.out)
+    tok = train_bpe(_documents(args), vocab_size=args.vocab_size, out_dir=args.out)
     print(f"tokenizer: {args.out}  vocab {tok.vocab_size}  eos {tok.eos_id}  fingerprint {tok.fingerprint[:16]}")
     return 0
 
 
 def _build(args) -> int:
     tokenizer = args.tokenizer
-    if tokenizer is None:
-        tokenizer = str(Path(args.out) / "tokenizer")
-        train_bpe(iter_documents(args.source, args.text_field), vocab_size=args.vocab_size, out_dir=tokenizer)
-        print(f"trained a byte-level BPE (vocab {args.vocab_size}) into {tokenizer}")
-    manifest = build_shards(args.source, args.out, tokenizer, seq_len=args.seq_len, shard_samples=args.shard_samples,
-                            seed=args.seed, workers=args.workers, text_field=args.text_field, name=args.name,
-                            progress=not args.quiet, num_slices=args.num_slices, slice_index=args.slice_index)
+    out = Path(args.out)
+    created = not out.exists()
+    report = SourceReport()
+    try:
+        if tokenizer is None:
+            tokenizer = str(out / "tokenizer")
+            train_bpe(_documents(args), vocab_size=args.vocab_size, out_dir=tokenizer)
+            print(f"trained a byte-level BPE (vocab {args.vocab_size}) into {tokenizer}")
+        manifest = build_shards(args.source, args.out, tokenizer, seq_len=args.seq_len,
+                                shard_samples=args.shard_samples, seed=args.seed, workers=args.workers,
+                                text_field=args.text_field, name=args.name, progress=not args.quiet,
+                                num_slices=args.num_slices, slice_index=args.slice_index,
+                                encodings=_encodings(args), on_bad_record=args.on_bad_record, report=report)
+    except BaseException:
+        if created and out.exists():
+            shutil.rmtree(out, ignore_errors=True)  # a failed build leaves no (empty or partial) --out behind
+        raise
+    finally:
+        for line in report.summary():
+            print(f"crescent data build: {line}", file=sys.stderr)
     print(f"{args.out}: {manifest['documents']} documents -> {manifest['samples']} samples of {args.seq_len}+1 "
           f"tokens ({manifest['tokens']} tokens, {manifest['dtype']}) in {len(manifest['shards'])} shards")
     return 0
+
+
+def _encodings(args) -> tuple[str, ...]:
+    return tuple(e.strip() for e in args.encoding.split(",") if e.strip())
+
+
+def _documents(args):
+    """The sources' documents under the --encoding / --on-bad-record rules (for training a tokenizer)."""
+    return iter_documents(args.source, args.text_field, encodings=_encodings(args), on_bad_record=args.on_bad_record)
+
+
+def _add_input_rules(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--encoding", default=",".join(DEFAULT_ENCODINGS),
+                   help="encodings to decode text with, tried in order (default: %(default)s); files that needed a "
+                        "fallback are counted, files none decodes are skipped")
+    p.add_argument("--on-bad-record", choices=BAD_RECORD_POLICIES, default="skip",
+                   help="a malformed JSONL line or a record without the text field: skip and count it (default), "
+                        "or fail naming file and line")
 
 
 def _merge(args) -> int:
@@ -119,6 +151,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--vocab-size", type=int, default=4096)
     p.add_argument("--text-field", default="text")
     p.add_argument("--show", metavar="PATH", help="print a tokenizer's vocab size, eos/bos ids and fingerprint")
+    _add_input_rules(p)
     p.set_defaults(func=_tokenizer)
 
     p = sub.add_parser("build", help="tokenize sources into webdataset shards + manifest.json")
@@ -136,6 +169,7 @@ def main(argv: list[str]) -> int:
                    help="split the source documents into this many disjoint slices (one per build job)")
     p.add_argument("--slice-index", type=int, default=0, help="which slice this build tokenizes (0-based)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_input_rules(p)
     p.set_defaults(func=_build)
 
     p = sub.add_parser("merge-manifests", help="merge ROOT/part-*/manifest.json into one shard set at ROOT")

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from . import remote
-from .sources import iter_documents
+from .sources import DEFAULT_ENCODINGS, SourceReport, iter_documents
 from .tarshard import SAMPLE_EXT, decode_shard, tar_bytes
 from .tokenizer import Tokenizer, load_tokenizer
 
@@ -62,15 +62,18 @@ def _chunks(docs, size: int):
 
 
 def tokenize_sources(sources: list[str], tokenizer_dir: str, workers: int = 1, text_field: str = "text",
-                     progress: bool = False, num_slices: int = 1, slice_index: int = 0) -> tuple[np.ndarray, int]:
+                     progress: bool = False, num_slices: int = 1, slice_index: int = 0, *,
+                     encodings: tuple[str, ...] = DEFAULT_ENCODINGS, on_bad_record: str = "skip",
+                     report: SourceReport | None = None) -> tuple[np.ndarray, int]:
     """(token stream, document count): every document tokenized in order and terminated by EOS.
 
     With num_slices > 1 only documents k with k % num_slices == slice_index are kept: the slices of one source list
-    are disjoint and together cover it (each index of a Kubernetes Indexed Job builds one).
+    are disjoint and together cover it (each index of a Kubernetes Indexed Job builds one). What the sources skip
+    goes to `report` (components.data.sources).
     """
     from tqdm import tqdm
 
-    docs = iter_documents(sources, text_field)
+    docs = iter_documents(sources, text_field, encodings=encodings, on_bad_record=on_bad_record, report=report)
     if num_slices > 1:
         docs = (doc for k, doc in enumerate(docs) if k % num_slices == slice_index)
     bar = tqdm(desc="tokenize", unit="doc", disable=not progress)
@@ -120,12 +123,16 @@ def shard_name(index: int) -> str:
 def build_shards(sources: list[str], out_dir: str | os.PathLike, tokenizer_dir: str | os.PathLike,
                  seq_len: int = 256, shard_samples: int = 1024, seed: int = 0, workers: int = 1,
                  text_field: str = "text", name: str | None = None, progress: bool = False,
-                 num_slices: int = 1, slice_index: int = 0) -> dict:
+                 num_slices: int = 1, slice_index: int = 0, encodings: tuple[str, ...] = DEFAULT_ENCODINGS,
+                 on_bad_record: str = "skip", report: SourceReport | None = None) -> dict:
     """Tokenize `sources`, pack into samples of seq_len+1 tokens, shuffle with `seed`, write shards + manifest.
 
     Returns the manifest. The tail of the token stream that does not fill a whole sample is dropped (and counted
-    in `dropped_tokens`). The build holds its token stream in memory: build a very large corpus as several shard
-    sets (one per part, e.g. one per Kubernetes Indexed Job index) rather than one.
+    in `dropped_tokens`). Input the sources skip (binary, undecodable, malformed records, empty files; see
+    components.data.sources) is counted with its reasons in the manifest's `input` entry (and in `report`). Nothing
+    is written, `out_dir` not even created, before the samples are ready. The build holds its token stream in
+    memory: build a very large corpus as several shard sets (one per part, e.g. one per Kubernetes Indexed Job
+    index) rather than one.
     """
     for field, value, low in (("seq_len", seq_len, 1), ("shard_samples", shard_samples, 1), ("workers", workers, 0)):
         if not isinstance(value, int) or value < low:
@@ -139,18 +146,20 @@ def build_shards(sources: list[str], out_dir: str | os.PathLike, tokenizer_dir: 
     tokenizer_dir = str(tokenizer_dir)
     tok = load_tokenizer(tokenizer_dir)
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-
+    report = report if report is not None else SourceReport()
     stream, n_docs = tokenize_sources(list(sources), tokenizer_dir, workers, text_field, progress,
-                                      num_slices=num_slices, slice_index=slice_index)
+                                      num_slices=num_slices, slice_index=slice_index, encodings=encodings,
+                                      on_bad_record=on_bad_record, report=report)
     sample_len = seq_len + 1
     n_samples = len(stream) // sample_len
     if n_samples == 0:
-        raise ValueError(f"sources hold {len(stream)} tokens, fewer than one sample of seq_len+1={sample_len}")
+        skipped = ", ".join(f"{v['count']} {k.replace('_', ' ')}" for k, v in report.to_dict()["skipped"].items())
+        raise ValueError(f"sources hold {len(stream)} tokens, fewer than one sample of seq_len+1={sample_len} "
+                         f"({report.files} files, {n_docs} documents{'; skipped: ' + skipped if skipped else ''})")
     samples = stream[: n_samples * sample_len].astype(token_dtype(tok.vocab_size)).reshape(n_samples, sample_len)
     info = {"sources": [str(s) for s in sources], "text_field": text_field, "tokenizer": tok.describe(),
             "documents": n_docs, "dropped_tokens": int(len(stream) - n_samples * sample_len),
-            "slice": {"index": slice_index, "count": num_slices}}
+            "slice": {"index": slice_index, "count": num_slices}, "input": report.to_dict()}
     return write_shards(samples, out, seed=seed, shard_samples=shard_samples, name=name or out.resolve().name,
                         info=info)
 
@@ -193,6 +202,8 @@ def write_shards(samples: np.ndarray, out_dir: str | os.PathLike, *, seed: int, 
         "shard_samples": shard_samples,
         "shards": shards,
     }
+    if "input" in info:
+        manifest["input"] = info["input"]  # files read, documents, what was skipped and why
     _write_atomic(out / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode())
     return manifest
 
