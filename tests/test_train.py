@@ -100,7 +100,29 @@ def test_sigterm_checkpoint_then_resume_matches_uninterrupted_run_bitwise(corpus
     assert all(torch.equal(ours[k], reference[k]) for k in ours)
     # The same MLflow run continued: one run, every step's loss exactly once.
     steps = [s for s, _ in th.metric_history(uri, "test", "train/loss")]
-    assert sorted(set(steps)) == list(range(1, STEPS + 1))
+    assert sorted(steps) == list(range(1, STEPS + 1))
+    _assert_plots_cover_the_whole_run(uri, tmp_path)
+
+
+def _assert_plots_cover_the_whole_run(uri: str, tmp_path: Path) -> None:
+    """The logged loss/lr plot is the one the run's complete metric history gives (both segments, validation
+    included), byte for byte."""
+    from mlflow import MlflowClient
+
+    from app import plots
+    from app.callbacks.plots import PLOTTED
+    from app.tracking.store import read_metric_history
+    from components.schedule import StageSchedule
+
+    client = MlflowClient(uri)
+    run = client.search_runs([client.get_experiment_by_name("test").experiment_id])[0]
+    history = read_metric_history(uri, run.info.run_id, PLOTTED)
+    assert len(history["val/loss"]) >= 3 and sorted(history["train/loss"]) == list(range(1, STEPS + 1))
+    expected = tmp_path / "expected.png"
+    figures = plots.training_figures(history, StageSchedule.from_dict(th.schedule(TOKENS)).boundaries())
+    plots.save_png(figures["loss_lr.png"], str(expected))
+    logged = client.download_artifacts(run.info.run_id, "plots/loss_lr.png", str(tmp_path))
+    assert Path(logged).read_bytes() == expected.read_bytes()
 
 
 @pytest.mark.distributed
