@@ -1,33 +1,34 @@
 """A training run on disk: its directory, its callbacks and logger, automatic resume, and the exit status.
 
-Layout of `run.dir`: checkpoints/ (resumable, keep-last-k, `preempt-step=N.ckpt` after a SIGTERM), exports/ (HF
-layout for evaluation), mlflow-spool/ (metrics waiting for an unreachable tracking server), config.yaml.
+Layout of `run.dir`: checkpoints/ (resumable, keep-last-k, `preempt-step=N.ckpt` after a SIGTERM, `last.ckpt` a link
+to the newest; see app/checkpoint_io.py), exports/ (HF layout for evaluation), mlflow-spool/ (metrics waiting for an
+unreachable tracking server), config.yaml, run.lock (held by the one process training here; app/runlock.py).
 """
 from __future__ import annotations
 
-import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
 from app.callbacks import (
+    ExpertLoadMonitor,
     ExportCheckpoint,
     MoEThroughputMonitor,
     OptimizerTelemetry,
     PreemptionCheckpoint,
-    RoutingBiasBalancer,
-    RunHistory,
     SVDEntropyMonitor,
     TokenProgressBar,
+    TrainingPlots,
     resumable_checkpoint,
 )
 from app.callbacks.preemption import PREEMPTED_EXIT_CODE
+from app.checkpoint_io import AtomicCheckpointIO, list_checkpoints, load_meta, verify_checkpoint
 from app.module import ConfigError, NonFiniteLossError, check_layout
-from app.tracking import CrescentMLflowLogger, flatten_params
-
-_STEP = re.compile(r"(?:preempt-)?step[=-](\d+)(?:\.ckpt)?$")
+from app.runlock import RunDirInUse, RunLock
+from app.tracking import CrescentMLflowLogger, flatten_params, mlflow_logger
+from components.durable import InsufficientSpaceError, is_no_space, remove_temporary
 
 
 @dataclass
@@ -41,8 +42,9 @@ class RunOptions:
         export_every_n_steps: export checkpoint cadence (and one at the end).
         experiment / tracking_uri: MLflow experiment; URI default MLFLOW_TRACKING_URI or sqlite:///mlruns.db.
         log_every_n_steps: expert-load metrics cadence; svd_entropy_every_n_steps; max_logit_every_n_steps.
+        plot_every_n_steps: plots rebuilt from the run's metric history this often (and at the end).
         peak_flops_per_device: for MFU where Lightning knows no peak (CPUs).
-        progress_bar: show the token progress bar.
+        progress_bar: show the token progress bar (also off when `trainer.enable_progress_bar` is false).
     """
 
     dir: str = "runs/default"
@@ -56,6 +58,7 @@ class RunOptions:
     log_every_n_steps: int = 10
     svd_entropy_every_n_steps: int = 50
     max_logit_every_n_steps: int = 10
+    plot_every_n_steps: int = 100
     peak_flops_per_device: float | None = None
     progress_bar: bool = True
 
@@ -63,7 +66,7 @@ class RunOptions:
         if self.resume not in ("auto", "never") and not Path(self.resume).exists():
             raise ValueError(f"run.resume={self.resume!r} must be 'auto', 'never' or an existing checkpoint path")
         for name in ("checkpoint_every_n_steps", "keep_last", "export_every_n_steps", "log_every_n_steps",
-                     "svd_entropy_every_n_steps"):
+                     "svd_entropy_every_n_steps", "plot_every_n_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"run.{name}={getattr(self, name)!r} must be >= 1")
 
@@ -71,13 +74,14 @@ class RunOptions:
     def path(self) -> Path:
         return Path(self.dir)
 
-    def build(self, module, datamodule) -> tuple[list, CrescentMLflowLogger]:
+    def build(self, progress_bar: bool = True) -> tuple[list, CrescentMLflowLogger]:
+        """The run's callbacks and its outage-safe MLflow logger (beside any logger the YAML configures)."""
         root = self.path
         logger = CrescentMLflowLogger(experiment_name=self.experiment, tracking_uri=self.tracking_uri,
                                       run_name=self.run_name or root.name, spool_dir=str(root / "mlflow-spool"))
         callbacks = [
-            RunHistory(),
-            RoutingBiasBalancer(self.log_every_n_steps),
+            TrainingPlots(self.plot_every_n_steps),
+            ExpertLoadMonitor(self.log_every_n_steps),
             OptimizerTelemetry(self.max_logit_every_n_steps),
             SVDEntropyMonitor(self.svd_entropy_every_n_steps),
             MoEThroughputMonitor(self.peak_flops_per_device),
@@ -85,46 +89,101 @@ class RunOptions:
             ExportCheckpoint(root / "exports", self.export_every_n_steps),
             PreemptionCheckpoint(root / "checkpoints"),
         ]
-        if self.progress_bar:
+        if self.progress_bar and progress_bar:
             callbacks.append(TokenProgressBar())
         return callbacks, logger
 
 
-def latest_checkpoint(directory: Path) -> Path | None:
-    """The checkpoint with the highest step in `directory` (file or DCP folder); a preemption one wins a tie."""
-    if not directory.is_dir():
-        return None
-    best, best_key = None, None
-    for path in directory.iterdir():
-        m = _STEP.search(path.name)
-        if not m:
-            continue
-        key = (int(m.group(1)), path.name.startswith("preempt"))
-        if best_key is None or key > best_key:
-            best, best_key = path, key
-    return best
+def latest_checkpoint(directory: Path, skipped: list[tuple[Path, str]] | None = None) -> Path | None:
+    """The newest intact checkpoint in `directory` (file or DCP folder; a preemption one wins a tie); the damaged
+    newer ones it passed over are appended to `skipped` as (path, why)."""
+    for path in list_checkpoints(directory):
+        reason = verify_checkpoint(path)
+        if reason is None:
+            return path
+        if skipped is not None:
+            skipped.append((path, reason))
+    return None
 
 
 def read_checkpoint_meta(path: Path) -> dict:
-    """The `crescent` entry of a checkpoint (a file, or the metadata file of a sharded folder)."""
-    file = path / "meta.pt" if path.is_dir() else path
-    state = torch.load(file, map_location="cpu", weights_only=False)  # our own file, written by this program
-    return state.get("crescent", {})
+    """The `crescent` entry of a checkpoint (a file, or the metadata file of a sharded folder), with Lightning's
+    `global_step`; read without its tensors (mmap)."""
+    state = load_meta(path)
+    return {**state.get("crescent", {}), "global_step": state.get("global_step")}
+
+
+class ResumeError(ValueError):
+    """`run.resume` names a checkpoint that cannot be read."""
+
+
+def resume_checkpoint(run: RunOptions, announce: bool) -> Path | None:
+    """The checkpoint this run starts from (None: from scratch). With `announce`, says which damaged newer
+    checkpoints `auto` skipped and why."""
+    if run.resume == "never":
+        return None
+    if run.resume != "auto":
+        reason = verify_checkpoint(Path(run.resume))
+        if reason is not None:
+            raise ResumeError(f"run.resume={run.resume!r} cannot be resumed from: {reason}")
+        return Path(run.resume)
+    skipped: list[tuple[Path, str]] = []
+    ckpt = latest_checkpoint(run.path / "checkpoints", skipped)
+    if announce:
+        for path, reason in skipped:
+            print(f"crescent train: skipping checkpoint {path}: {reason}", file=sys.stderr)
+    return ckpt
 
 
 def train_from_cli(cli, cwd: Path) -> int:
+    """`crescent train` after the CLI parsed the config: hold the run directory (global rank 0), train, and turn
+    the failures a user can act on into one line each (exit 2: bad input; 1: a full disk, a busy run directory)."""
     run = RunOptions(**cli.config["run"])
+    trainer = cli.trainer
+    if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # Lightning's default; ours writes atomically
+        trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+    created = not run.path.exists()
+    lock = None
+    try:
+        if trainer.is_global_zero:
+            lock = _hold_run_dir(run)
+        return _train(cli, run)
+    except (RunDirInUse, ResumeError) as err:
+        print(f"crescent train: error: {err}", file=sys.stderr)
+        return 2 if isinstance(err, ResumeError) else 1
+    except Exception as err:
+        if not is_no_space(err):
+            raise
+        what = err if isinstance(err, InsufficientSpaceError) else f"no space left on device ({err})"
+        print(f"crescent train: error: {what}; the earlier checkpoints are intact: free space and run the same "
+              "command again to resume", file=sys.stderr)
+        return 1
+    finally:
+        if lock is not None:
+            lock.release()
+        if created and run.path.is_dir() and not any(run.path.iterdir()):
+            run.path.rmdir()  # nothing was written: no empty run directory left behind
+
+
+def _hold_run_dir(run: RunOptions) -> RunLock:
+    """Take the run directory's lock; nobody else writes there then, so what interrupted saves left is removed."""
+    lock = RunLock(run.path).acquire()
+    if lock.took_over:
+        print(f"crescent train: took over the stale lock of {lock.describe(lock.took_over)}", file=sys.stderr)
+    for sub in ("checkpoints", "exports"):
+        for path in remove_temporary(run.path / sub):
+            print(f"crescent train: removed {path} (left by an interrupted save)", file=sys.stderr)
+    return lock
+
+
+def _train(cli, run: RunOptions) -> int:
     trainer, module, datamodule = cli.trainer, cli.model, cli.datamodule
-    logger = trainer.logger
-    ckpt = None
-    if run.resume == "auto":
-        ckpt = latest_checkpoint(run.path / "checkpoints")
-    elif run.resume != "never":
-        ckpt = Path(run.resume)
+    logger = mlflow_logger(trainer.loggers)
+    ckpt = resume_checkpoint(run, announce=trainer.is_global_zero)
     if ckpt is not None:
         meta = read_checkpoint_meta(ckpt)
         if meta.get("mlflow"):
-            logger.load_state_dict(meta["mlflow"])
+            logger.load_state_dict(meta["mlflow"], resume_step=meta["global_step"])
         if trainer.is_global_zero:
             print(f"crescent train: resuming from {ckpt} ({meta.get('tokens_seen', 0):,} tokens seen)", file=sys.stderr)
     try:
@@ -137,7 +196,9 @@ def train_from_cli(cli, cwd: Path) -> int:
         run.path.mkdir(parents=True, exist_ok=True)
         config_yaml = cli.parser.dump(cli.config, skip_none=False)
         (run.path / "config.yaml").write_text(config_yaml)
-        logger.log_hyperparams(flatten_params(cli.config.as_dict()))
+        params = flatten_params(cli.config.as_dict())  # the run's parameters, once, as `section.key`
+        for each in trainer.loggers:
+            each.log_hyperparams(params)
         logger.log_artifact(str(run.path / "config.yaml"))
     status = "success"
     try:
@@ -154,7 +215,7 @@ def train_from_cli(cli, cwd: Path) -> int:
         status = "failed"
         raise
     finally:
-        preempted = getattr(module, "preempted", False)
+        preempted = module.stop_reason == "preempted"
         logger.finalize("killed" if preempted else status)
     if trainer.is_global_zero:
         _print_summary(run, logger, module, preempted)

@@ -6,11 +6,29 @@ from pathlib import Path
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import ModelCheckpoint
 
+from app.step import step_report
+from app.tracking import mlflow_logger
 from components.checkpoint import save_export
 
 
+class ResumableCheckpoint(ModelCheckpoint):
+    """Lightning's ModelCheckpoint keyed on the step: the newest `keep_last` are kept; `last.ckpt` links the newest.
+
+    One naming scheme: a save under an existing name (e.g. after a resume skipped a damaged newer checkpoint)
+    replaces it atomically instead of adding a `-v1` file that resume would not recognise; `last` is kept by
+    `AtomicCheckpointIO` (app/checkpoint_io.py), so it also follows preemption checkpoints.
+    """
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        # Runs for every save, before the file is written: the metrics logged so far (this step's included) go to
+        # the loggers' on-disk journal first, so a kill right after the checkpoint loses none of them.
+        for logger in trainer.loggers:
+            logger.save()
+        super().on_save_checkpoint(trainer, pl_module, checkpoint)
+
+
 def resumable_checkpoint(dirpath: str | Path, every_n_steps: int, keep_last: int = 3) -> ModelCheckpoint:
-    """Lightning's ModelCheckpoint keyed on the step: the newest `keep_last` are kept, plus `last`.
+    """The resumable checkpoint callback (see ResumableCheckpoint).
 
     The checkpoint holds weights, optimizer state (consolidated under muon_ddp, sharded DCP under muon_fsdp), the
     loops, and the module's `crescent` entry: consumed samples, tokens, stage, MLflow run.
@@ -19,9 +37,10 @@ def resumable_checkpoint(dirpath: str | Path, every_n_steps: int, keep_last: int
         raise ValueError(f"checkpoint every_n_steps={every_n_steps!r} must be >= 1")
     if keep_last < 1:
         raise ValueError(f"checkpoint keep_last={keep_last!r} must be >= 1")
-    return ModelCheckpoint(dirpath=str(dirpath), filename="step-{step:08d}", every_n_train_steps=every_n_steps,
-                           save_top_k=keep_last, monitor="step", mode="max", save_last=True,
-                           auto_insert_metric_name=False, save_on_train_epoch_end=False)
+    return ResumableCheckpoint(dirpath=str(dirpath), filename="step-{step:08d}", every_n_train_steps=every_n_steps,
+                               save_top_k=keep_last, monitor="step", mode="max", save_last=False,
+                               auto_insert_metric_name=False, save_on_train_epoch_end=False,
+                               enable_version_counter=False)
 
 
 class ExportCheckpoint(pl.Callback):
@@ -43,7 +62,7 @@ class ExportCheckpoint(pl.Callback):
         step = trainer.global_step
         if step == self._last_step:
             return
-        logger = trainer.logger
+        logger = mlflow_logger(trainer.loggers)
         tokenizer_dir = self.tokenizer_dir or getattr(trainer.datamodule, "tokenizer_dir", None)
         self.last_export = save_export(
             pl_module.model, self.dirpath, step=step, tokenizer_dir=tokenizer_dir,
@@ -53,14 +72,15 @@ class ExportCheckpoint(pl.Callback):
         self._last_step = step
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if pl_module.stepped and trainer.global_step % self.every_n_steps == 0:
+        report = step_report(outputs)
+        if report is not None and report.step % self.every_n_steps == 0:
             self._export(trainer, pl_module)
 
     def on_train_end(self, trainer, pl_module) -> None:
-        if getattr(pl_module, "preempted", False):
+        if pl_module.stop_reason == "preempted":
             return  # a preempted run is not finished; its exports continue after the resume
         self._export(trainer, pl_module)
-        logger = trainer.logger
+        logger = mlflow_logger(trainer.loggers)
         if trainer.is_global_zero and self.last_export is not None and hasattr(logger, "set_tags"):
             # The final export goes to MLflow as artifacts when small; a large model's export is named by path.
             logger.set_tags({"crescent.export": str(self.last_export.resolve())})

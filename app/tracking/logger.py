@@ -40,7 +40,13 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from app.tracking.delivery import RunDelivery
 from app.tracking.params import MAX_TAG_VALUE_LENGTH, flatten_params, sanitize_key, truncate
-from app.tracking.store import default_artifact_location, http_timeout_s, resolve_tracking_uri, run_status
+from app.tracking.store import (
+    default_artifact_location,
+    http_timeout_s,
+    read_metric_history,
+    resolve_tracking_uri,
+    run_status,
+)
 
 log = logging.getLogger(__name__)
 
@@ -136,6 +142,7 @@ class CrescentMLflowLogger(Logger):
         self.max_backoff_s = max_backoff_s
         self.max_queue = max_queue
         self._delivery: RunDelivery | None = None
+        self._resume_step: int | None = None
         self._finished: list[RunDelivery] = []
         self._start_lock = threading.Lock()
 
@@ -173,17 +180,20 @@ class CrescentMLflowLogger(Logger):
         """What a checkpoint must hold to continue this run: ``{"run_id": ..., "run_key": ...}``."""
         return {"run_id": self.run_id, "run_key": self._run_key}
 
-    def load_state_dict(self, state: dict[str, str | None]) -> None:
+    def load_state_dict(self, state: dict[str, str | None], resume_step: int | None = None) -> None:
         """Continue the run of ``state_dict()`` (from a checkpoint).
 
         Allowed until the run is created, i.e. before the first metric, artifact, ``flush`` or ``start``:
         params logged before (Lightning logs them before restoring a checkpoint under FSDP) go to the
         continued run and are checked against its params then. Later it raises RuntimeError.
+        ``resume_step``: the checkpoint's step; metrics a killed process logged after it are not doubled by
+        the new process logging those steps again (see delivery.py).
         """
         run_id, run_key = state.get("run_id"), state.get("run_key") or self._run_key
         if self._delivery is not None:
-            self._delivery.retarget(run_id, run_key)
+            self._delivery.retarget(run_id, run_key, resume_step)
         self._given_run_id, self._run_key, self._run_key_given = run_id, run_key, True
+        self._resume_step = resume_step
 
     # ---- lifecycle -----------------------------------------------------------------------------------
     @rank_zero_only
@@ -218,6 +228,7 @@ class CrescentMLflowLogger(Logger):
             poll_interval_s=self.poll_interval_s,
             max_backoff_s=self.max_backoff_s,
             max_queue=self.max_queue,
+            resume_step=self._resume_step,
         )
         delivery.start()
         return delivery
@@ -240,6 +251,13 @@ class CrescentMLflowLogger(Logger):
         while self._delivery.run_id is None and time.monotonic() < deadline and self._delivery.is_alive():
             time.sleep(0.05)
         return self._delivery.run_id
+
+    @rank_zero_only
+    def save(self) -> None:
+        """Write every record logged so far to the on-disk journal and fsync it (Lightning's "save log data"):
+        called before a checkpoint is published, so a process killed after it has lost none of its metrics."""
+        if self._delivery is not None:
+            self._delivery.journal_queued(sync=True)
 
     @rank_zero_only
     def flush(self, timeout: float = 30.0) -> bool:
@@ -277,6 +295,27 @@ class CrescentMLflowLogger(Logger):
             os.rmdir(os.path.join(self.spool_dir, f"{self._run_key}.files"))
         except OSError:
             pass
+
+    def metric_history(self, prefixes: tuple[str, ...] = ("",)) -> dict[str, dict[int, float]] | None:
+        """{key: {step: value}} of this run's metrics under ``prefixes``: what reached the tracking store plus
+        what still waits in the spool and the queue (logged before this call), so it covers the whole run across
+        resumes and outages. None when the store cannot be read now (the server is down): no partial history."""
+        delivery = self._delivery
+        pending = delivery.pending_records() if delivery is not None else []  # first: it may move to the store
+        run_id = self.wait_for_run_id(timeout=0.0) if delivery is not None else self._given_run_id
+        history: dict[str, dict[int, float]] = {}
+        if run_id is not None:
+            try:
+                history = read_metric_history(self.tracking_uri, run_id, prefixes)
+            except Exception as error:  # unreachable or failing store: this history would be incomplete
+                log.warning("metric history of run %s unavailable: %s: %s", run_id, type(error).__name__, error)
+                return None
+        elif delivery is None or delivery.delivered:
+            return None
+        for record in pending:
+            if record and record[0] == "m" and record[1].startswith(prefixes):
+                history.setdefault(record[1], {})[int(record[4])] = float(record[2])
+        return history
 
     def stats(self) -> dict[str, Any]:
         """Counters of the current (or last) delivery thread; see ``RunDelivery.stats``."""
@@ -393,3 +432,8 @@ class CrescentMLflowLogger(Logger):
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
         self._start_lock = threading.Lock()
+
+
+def mlflow_logger(loggers) -> CrescentMLflowLogger | None:
+    """The run's `CrescentMLflowLogger` among a trainer's loggers (others the user configured sit beside it)."""
+    return next((lg for lg in loggers if isinstance(lg, CrescentMLflowLogger)), None)
