@@ -34,7 +34,7 @@ lint: setup
 	$(BIN)/ruff check app components eval tests bench
 
 bench: setup
-	@set -e; for b in bench/[!_]*.py; do echo "== $$b"; $(BIN)/python $$b; done
+	@set -e; for b in bench/[!_]*.py; do name=$$(basename $$b .py); echo "== bench.$$name"; $(BIN)/python -m bench.$$name; done
 
 images: setup
 	$(BIN)/python -m app.images build

@@ -5,13 +5,12 @@ Measures, in one run on the same export (random `tiny` preset by default, or --c
   - greedy generation tokens/s at 128 new tokens, with and without our KV cache (and transformers' generate).
 Last line: `eval_speedup_vs_hf: X` (our loglikelihood requests/s over hf's).
 
-    .venv/bin/python bench/eval_speed.py [--checkpoint DIR] [--requests 256] [--threads 1]
+    .venv/bin/python -m bench.eval_speed [--checkpoint DIR] [--requests 256] [--threads 1]
 """
 from __future__ import annotations
 
 import argparse
 import random
-import sys
 import sysconfig
 import tempfile
 import time
@@ -19,11 +18,9 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from components.checkpoint import save_export  # noqa: E402
-from components.model.config import get_preset  # noqa: E402
-from components.model.transformer import build_model  # noqa: E402
+from components.checkpoint import save_export
+from components.model.config import get_preset
+from components.model.transformer import build_model
 
 
 def corpus(max_chars: int = 600_000) -> str:

@@ -6,17 +6,13 @@ configurations. Last line: `moe_speedup_vs_transformers: X`.
 from __future__ import annotations
 
 import math
-import sys
 import tempfile
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from components.model.config import get_preset  # noqa: E402
-from components.model.hf import config_to_hf, load_hf  # noqa: E402
+from components.model.config import get_preset
+from components.model.hf import config_to_hf, load_hf
 
 CONFIGS = {
     "tiny (8 experts, top-2)": (get_preset("tiny"), 8, 256),

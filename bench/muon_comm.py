@@ -7,27 +7,23 @@ Then the analytic counts are checked against the counters of real gloo runs (`Ze
 processes on the `tiny` preset (--measure-preset small works too, with ~5 GB per process).
 The paper's bound for gathering every matrix in bf16 is (4 + 2 + 4) / (4 + 4) = 1.25 (§2.3).
 Last line: `comm_ratio_vs_zero1_adamw: X`, the largest ratio (max over ranks) of the default 'flat' partition.
-Usage: python bench/muon_comm.py [--preset small] [--measure-preset tiny]
+Usage: python -m bench.muon_comm [--preset small] [--measure-preset tiny]
 """
 from __future__ import annotations
 
 import argparse
 import os
 import socket
-import sys
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from components.model.config import get_preset  # noqa: E402
-from components.model.transformer import build_model  # noqa: E402
-from components.optim.routing import build_muon, route_parameters  # noqa: E402
-from components.optim.zero1 import ZeroOneMuon  # noqa: E402
-from components.optim.zero1_layout import ParamInfo, code_count, plan_layout, zero1_adamw_bytes  # noqa: E402
+from components.model.config import get_preset
+from components.model.transformer import build_model
+from components.optim.routing import build_muon, route_parameters
+from components.optim.zero1 import ZeroOneMuon
+from components.optim.zero1_layout import ParamInfo, code_count, plan_layout, zero1_adamw_bytes
 
 WORLD_SIZES = (2, 4, 8)
 

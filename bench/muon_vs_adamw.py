@@ -5,12 +5,7 @@ about 0.52 of the compute at scale). Last line: `muon_tokens_to_match_adamw: X`.
 """
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bench._train_runs import history, train  # noqa: E402
+from bench._train_runs import history, train
 
 LR_SCALES = (0.3, 1.0, 3.0)
 STEPS = 60  # ~0.3M tokens of the tiny schedule

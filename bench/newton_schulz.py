@@ -4,23 +4,18 @@ Shapes (512,512), (1024,1024), (1024,4096), (2048,2048), and a stack of 16×(256
 vs torch looping over it (torch's NS is 2-D only). Both return the bf16 orthogonalized matrix. The two run
 alternately, ROUNDS times, and the best time of each counts (this machine is shared and noisy).
 Last line: `ns_speedup_vs_torch: X`, the geometric mean of torch_time / our_time over the five cases.
-Usage: python bench/newton_schulz.py [--device cuda] [--rounds N] [--method standard|gram|auto]
+Usage: python -m bench.newton_schulz [--device cuda] [--rounds N] [--method standard|gram|auto]
 """
 from __future__ import annotations
 
 import argparse
 import math
-import sys
 import time
-from pathlib import Path
 
 import torch
+from torch.optim._muon import _zeropower_via_newtonschulz as torch_ns
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from torch.optim._muon import _zeropower_via_newtonschulz as torch_ns  # noqa: E402
-
-from components.optim.newton_schulz import QUINTIC, newton_schulz  # noqa: E402
+from components.optim.newton_schulz import QUINTIC, newton_schulz
 
 CASES = [("512x512", (512, 512)), ("1024x1024", (1024, 1024)), ("1024x4096", (1024, 4096)),
          ("2048x2048", (2048, 2048)), ("16x(256x512) stack", (16, 256, 512))]

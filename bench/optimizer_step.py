@@ -6,23 +6,19 @@ time of each counts (the machine is shared and noisy). torch.optim.Muon takes 2-
 of a stacked [E, out, in] tensor is handed to it as its own 2-D parameter (a view), as a user of torch's Muon
 would have to. All Muon variants: bf16 Newton–Schulz, 5 steps, lr 1e-3, weight decay 0.1.
 Last line: `muon_step_over_adamw: X` = our step time / AdamW's.
-Usage: python bench/optimizer_step.py [--preset small] [--device cpu|cuda] [--rounds N] [--ns-method standard]
+Usage: python -m bench.optimizer_step [--preset small] [--device cpu|cuda] [--rounds N] [--ns-method standard]
 """
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
 
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from components.model.config import get_preset  # noqa: E402
-from components.model.transformer import build_model  # noqa: E402
-from components.optim.routing import build_muon, route_parameters  # noqa: E402
+from components.model.config import get_preset
+from components.model.transformer import build_model
+from components.optim.routing import build_muon, route_parameters
 
 LR, WD = 1e-3, 0.1
 

@@ -11,7 +11,7 @@ Last line: `stream_efficiency: <stream tokens/s / disk-read tokens/s>` (goal >= 
 The default 65536 samples (134M tokens, 270 MB of shards) make the one-off worker start-up a small part of the
 pass, as it is in training.
 
-    python bench/stream.py [--samples 65536] [--workers 2]
+    python -m bench.stream [--samples 65536] [--workers 2]
 """
 from __future__ import annotations
 
@@ -23,14 +23,12 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import numpy as np
 
-import numpy as np  # noqa: E402
-
-from components.data.loader import StreamLoader  # noqa: E402
-from components.data.shards import build_shards, write_shards  # noqa: E402
-from components.data.stream import MixtureStream  # noqa: E402
-from components.data.tokenizer import train_bpe  # noqa: E402
+from components.data.loader import StreamLoader
+from components.data.shards import build_shards, write_shards
+from components.data.stream import MixtureStream
+from components.data.tokenizer import train_bpe
 
 
 def bench_build(root: Path, workers: int) -> tuple[int, float]:

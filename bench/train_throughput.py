@@ -6,18 +6,14 @@ Last line: `train_tokens_per_s: X`.
 """
 from __future__ import annotations
 
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bench._train_runs import history, train  # noqa: E402
-from components.schedule import get_schedule  # noqa: E402
-from components.model.config import get_preset  # noqa: E402
-from components.model.counting import flops_per_token  # noqa: E402
+from bench._train_runs import history, train
+from components.model.config import get_preset
+from components.model.counting import flops_per_token
+from components.schedule import get_schedule
 
 STEPS = 40
 

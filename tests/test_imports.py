@@ -108,3 +108,12 @@ def test_components_never_import_the_application_layers(module):
     path = module_files()[module]
     bad = sorted({base for base, _ in imports(module, path) if base.split(".")[0] in FORBIDDEN_IN_COMPONENTS})
     assert not bad, f"{path.relative_to(ROOT)} imports {bad}; components may not import {FORBIDDEN_IN_COMPONENTS}"
+
+
+@pytest.mark.parametrize("script", sorted(p.name for p in (ROOT / "bench").glob("*.py")))
+def test_bench_scripts_run_as_modules_without_editing_sys_path(script):
+    """`python -m bench.NAME` from the repository root finds components/app by itself."""
+    tree = ast.parse((ROOT / "bench" / script).read_text())
+    edits = [node.lineno for node in ast.walk(tree) if isinstance(node, ast.Attribute) and node.attr == "path"
+             and isinstance(node.value, ast.Name) and node.value.id == "sys"]
+    assert not edits, f"bench/{script} touches sys.path on line(s) {edits}; run it as python -m bench.{script[:-3]}"
