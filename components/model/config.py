@@ -113,7 +113,7 @@ def _require(ok: bool, name: str, value, rule: str) -> None:
 
 
 PRESETS: dict[str, ModelConfig] = {
-    # Moonlight-16B-A3B, config.json of the HF release (shared/reference/moonlight.md §2.2).
+    # Moonlight-16B-A3B: the config.json of the HF release (moonshotai/Moonlight-16B-A3B).
     "moonlight-16b-a3b": ModelConfig(),
     # ~250M total / ~75M activated: fits one GPU for real experiments.
     "small": ModelConfig(

@@ -12,7 +12,7 @@ from components.model.config import ModelConfig
 class ParameterCounts:
     total: int
     activated: int
-    embedding: int  # input embedding + LM head (the paper's "embedding" includes both; moonlight.md §2.3)
+    embedding: int  # input embedding + LM head: the paper's 15.29B / 2.24B exclude both, its "16B / 3B" include them
 
     @property
     def total_without_embeddings(self) -> int:
