@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 from components.data.demo import DEFAULT_DIR, build_demo
+from components.data.remote import is_url
 from components.data.shards import build_shards, inspect_shard_set
 from components.data.sources import BAD_RECORD_POLICIES, DEFAULT_ENCODINGS, SourceReport, iter_documents
 from components.data.tokenizer import load_tokenizer, train_bpe
@@ -36,8 +37,12 @@ def _tokenizer(args) -> int:
 
 def _build(args) -> int:
     tokenizer = args.tokenizer
+    if tokenizer is None and is_url(args.out):
+        print(f"crescent data build: --out {args.out} is a URL: pass --tokenizer DIR (a local tokenizer; it is "
+              "trained into --out only for a local directory)", file=sys.stderr)
+        return 2
     out = Path(args.out)
-    created = not out.exists()
+    created = not is_url(args.out) and not out.exists()
     report = SourceReport()
     try:
         if tokenizer is None:

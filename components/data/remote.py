@@ -1,8 +1,15 @@
-"""Where shard sets live: local paths (or a shared volume), or URLs (https://, s3://, gs://, ...).
+"""Where shard sets live: local paths (or a shared volume), or URLs (s3://, gs://, https://, ...).
 
-URLs go through fsspec when the protocol's implementation is installed (http/https via aiohttp here; s3fs,
-gcsfs where installed), and otherwise through webdataset's URL openers (`curl`, `gsutil`, `aws s3 cp` via `pipe:`).
-Only the local and http:// paths are tested here (s3fs, gcsfs and cloud CLIs are not installed).
+URLs go through fsspec. `s3://` needs s3fs (the `crescent[s3]` extra, installed in the training image); the
+endpoint and credentials come from the standard places: `AWS_ENDPOINT_URL` (an S3-compatible store: MinIO, Ceph,
+...), `AWS_ACCESS_KEY_ID` / `AWS_SECRET_ACCESS_KEY` / `AWS_PROFILE`, or fsspec's own settings
+(`FSSPEC_S3_ENDPOINT_URL`, `FSSPEC_S3_KEY`, ...). `gs://` works the same way through gcsfs (`pip install gcsfs`;
+supported through this path, untested here). http(s) reads use fsspec's aiohttp filesystem. A protocol fsspec does
+not know (e.g. webdataset's `pipe:CMD`) goes to webdataset's URL opener.
+
+Tested: local paths, and s3:// against a real S3-protocol server (moto) on loopback (tests/test_s3.py).
+Errors are plain: a missing object is FileNotFoundError, refused credentials a PermissionError saying where the
+credentials come from, a protocol whose package is not installed a ModuleNotFoundError naming the extra.
 """
 from __future__ import annotations
 
@@ -28,14 +35,33 @@ def join(location: str, name: str) -> str:
     return os.path.join(local_path(location), name)
 
 
+# Protocol -> (fsspec's package, the extra or pip package that installs it).
+_PACKAGES = {"s3": ("s3fs", "crescent[s3]"), "s3a": ("s3fs", "crescent[s3]"), "gs": ("gcsfs", "gcsfs"),
+             "gcs": ("gcsfs", "gcsfs")}
+_CREDENTIALS = {"s3": "AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE, and AWS_ENDPOINT_URL for an "
+                      "S3-compatible store", "gs": "GOOGLE_APPLICATION_CREDENTIALS"}
+
+
 def _fsspec_filesystem(url: str):
-    """(filesystem, path) through fsspec, or None when the protocol's package is not installed."""
+    """(filesystem, path) through fsspec, or None for a protocol fsspec does not know."""
     import fsspec
 
+    scheme = urlparse(url).scheme
     try:
         return fsspec.core.url_to_fs(url)
-    except (ImportError, ValueError):
+    except ImportError:
+        package, install = _PACKAGES.get(scheme, (f"the {scheme}:// filesystem", None))
+        hint = f"pip install '{install}'" if install else "install fsspec's implementation for it"
+        raise ModuleNotFoundError(f"{url}: reading {scheme}:// needs {package}, which is not installed: {hint}",
+                                  name=package) from None
+    except ValueError:
         return None
+
+
+def _denied(location: str, err: PermissionError) -> PermissionError:
+    scheme = urlparse(location).scheme
+    where = _CREDENTIALS.get(scheme.rstrip("a"), "the store's credentials")
+    return PermissionError(f"{location}: access denied ({err}); check the credentials ({where})")
 
 
 def read_bytes(location: str) -> bytes:
@@ -46,17 +72,66 @@ def read_bytes(location: str) -> bytes:
     found = _fsspec_filesystem(location)
     if found is not None:
         fs, path = found
-        with fs.open(path, "rb") as f:
-            return f.read()
+        try:
+            with fs.open(path, "rb") as f:
+                return f.read()
+        except PermissionError as err:
+            raise _denied(location, err) from None
     from webdataset.gopen import gopen
 
-    if urlparse(location).scheme == "s3":  # no s3fs: the AWS CLI, as webdataset's own `pipe:` recipe does
-        location = f"pipe:aws s3 cp {location} -"
     with gopen(location, "rb") as f:
         data = f.read()
     if not data:
         raise FileNotFoundError(f"{location}: empty or unreachable")
     return data
+
+
+def write_bytes(location: str, data: bytes) -> None:
+    """Write a whole file or object so that a reader sees either nothing or all of it: locally a temporary
+    name beside it, then a rename; in an object store one PUT (objects appear whole)."""
+    if not is_url(location):
+        path = local_path(location)
+        tmp = f"{path}.tmp"
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+        return
+    found = _fsspec_filesystem(location)
+    if found is None:
+        raise ValueError(f"{location}: cannot write to this URL (no fsspec filesystem for it)")
+    fs, path = found
+    try:
+        fs.pipe_file(path, data)
+    except PermissionError as err:
+        raise _denied(location, err) from None
+
+
+def make_dirs(location: str) -> None:
+    """A local directory (and its parents); nothing for an object store, whose prefixes need no creating."""
+    if not is_url(location):
+        os.makedirs(local_path(location), exist_ok=True)
+
+
+def list_names(location: str, pattern: str) -> list[str]:
+    """Names of the files directly under `location` that match the glob `pattern`."""
+    if not is_url(location):
+        import glob
+
+        return sorted(os.path.basename(p) for p in glob.glob(os.path.join(glob.escape(local_path(location)),
+                                                                          pattern)))
+    found = _fsspec_filesystem(location)
+    if found is None:
+        return []
+    fs, path = found
+    return sorted(p.rsplit("/", 1)[-1] for p in fs.glob(path.rstrip("/") + "/" + pattern))
+
+
+def remove(location: str) -> None:
+    if not is_url(location):
+        os.unlink(local_path(location))
+        return
+    fs, path = _fsspec_filesystem(location)
+    fs.rm_file(path)
 
 
 # Live memory maps of this process. In Python < 3.13 each one holds a duplicate file descriptor, so their number is
@@ -89,6 +164,7 @@ def map_or_read(location: str):
 
 
 def exists(location: str) -> bool:
+    """Whether the file or object is there; refused credentials are an error, not a "no"."""
     if not is_url(location):
         return os.path.exists(local_path(location))
     found = _fsspec_filesystem(location)
@@ -96,6 +172,8 @@ def exists(location: str) -> bool:
         fs, path = found
         try:
             return bool(fs.exists(path))
+        except PermissionError as err:
+            raise _denied(location, err) from None
         except OSError:
             return False
     try:

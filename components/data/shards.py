@@ -110,12 +110,6 @@ def tokenize_sources(sources: list[str], tokenizer_dir: str, workers: int = 1, t
 
 
 # ---------------------------------------------------------------------------------------------- writing
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 def shard_name(index: int) -> str:
     return f"shard-{index:06d}.tar"
 
@@ -145,7 +139,7 @@ def build_shards(sources: list[str], out_dir: str | os.PathLike, tokenizer_dir: 
         raise ValueError(f"slice_index={slice_index!r} must be in [0, num_slices={num_slices})")
     tokenizer_dir = str(tokenizer_dir)
     tok = load_tokenizer(tokenizer_dir)
-    out = Path(out_dir)
+    out = str(out_dir)  # a local directory or a URL prefix (s3://bucket/set)
     report = report if report is not None else SourceReport()
     stream, n_docs = tokenize_sources(list(sources), tokenizer_dir, workers, text_field, progress,
                                       num_slices=num_slices, slice_index=slice_index, encodings=encodings,
@@ -160,15 +154,16 @@ def build_shards(sources: list[str], out_dir: str | os.PathLike, tokenizer_dir: 
     info = {"sources": [str(s) for s in sources], "text_field": text_field, "tokenizer": tok.describe(),
             "documents": n_docs, "dropped_tokens": int(len(stream) - n_samples * sample_len),
             "slice": {"index": slice_index, "count": num_slices}, "input": report.to_dict()}
-    return write_shards(samples, out, seed=seed, shard_samples=shard_samples, name=name or out.resolve().name,
+    return write_shards(samples, out, seed=seed, shard_samples=shard_samples, name=name or _set_name(out),
                         info=info)
 
 
 def write_shards(samples: np.ndarray, out_dir: str | os.PathLike, *, seed: int, shard_samples: int, name: str,
                  info: dict) -> dict:
-    """Shuffle packed samples [n, seq_len+1] with `seed`, write the tar shards and `manifest.json`."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    """Shuffle packed samples [n, seq_len+1] with `seed`, write the tar shards and `manifest.json` (into a local
+    directory or under a URL prefix; each file appears whole, see `remote.write_bytes`)."""
+    out = str(out_dir)
+    remote.make_dirs(out)
     n_samples, sample_len = samples.shape
     dtype = str(samples.dtype)
     order = np.random.default_rng(seed).permutation(n_samples)
@@ -178,13 +173,13 @@ def write_shards(samples: np.ndarray, out_dir: str | os.PathLike, *, seed: int, 
         ids = order[start:start + shard_samples]
         members = [(f"{int(i):010d}.{SAMPLE_EXT}", samples[i].astype(little).tobytes()) for i in ids]
         data = tar_bytes(members)
-        _write_atomic(out / shard_name(index), data)
+        remote.write_bytes(remote.join(out, shard_name(index)), data)
         shards.append({"file": shard_name(index), "samples": len(ids), "tokens": len(ids) * sample_len,
                        "sha256": hashlib.sha256(data).hexdigest()})
     keep = {s["file"] for s in shards}
-    for stale in out.glob("shard-*.tar"):
-        if stale.name not in keep:
-            stale.unlink()
+    for stale in remote.list_names(out, "shard-*.tar"):
+        if stale not in keep:
+            remote.remove(remote.join(out, stale))
     manifest = {
         "format": FORMAT,
         "name": name,
@@ -204,8 +199,13 @@ def write_shards(samples: np.ndarray, out_dir: str | os.PathLike, *, seed: int, 
     }
     if "input" in info:
         manifest["input"] = info["input"]  # files read, documents, what was skipped and why
-    _write_atomic(out / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode())
+    remote.write_bytes(remote.join(out, MANIFEST), (json.dumps(manifest, indent=2) + "\n").encode())
     return manifest
+
+
+def _set_name(location: str) -> str:
+    """The default name of a shard set: its directory's (or URL prefix's) last component."""
+    return location.rstrip("/").rsplit("/", 1)[-1] if remote.is_url(location) else Path(location).resolve().name
 
 
 # ---------------------------------------------------------------------------------------------- reading

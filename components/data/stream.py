@@ -240,8 +240,8 @@ class _WorkerReader:
                 data = remote.map_or_read(url)
                 break
             except OSError as err:  # missing file, network error: counted below, never raised
-                if err.errno in _RESOURCE_ERRORS:  # this process, not the data, is in trouble: do not drop data
-                    raise
+                if err.errno in _RESOURCE_ERRORS or isinstance(err, PermissionError):
+                    raise  # this process (or its credentials), not the data, is in trouble: do not drop data
                 error = f"{type(err).__name__}: {err}"
         shard = decode_shard(data, int(entry["samples"]), int(shard_set.manifest["sample_tokens"]),
                              shard_set.manifest["dtype"], error)
