@@ -6,6 +6,9 @@
    (plain `read()`), tokens/s from the payload; then again from the page cache, for reference.
 4. Stream: evict again, then `StreamLoader(MixtureStream(...))`, 2 workers, micro-batch 8 x 2048, one pass over
    the same samples, tokens/s counting the `input_ids` delivered to the main process (worker start-up included).
+5. Reference: a plain webdataset pipeline over the same shards (`WebDataset | decode | batched`, `WebLoader`
+   with the same workers and batch), from a cold cache too: what the custom reader buys over the library's own
+   (webdataset knows no mixture, no exact resume; it only reads).
 Last line: `stream_efficiency: <stream tokens/s / disk-read tokens/s>` (goal >= 0.5).
 
 The default 65536 samples (134M tokens, 270 MB of shards) make the one-off worker start-up a small part of the
@@ -24,6 +27,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
+import webdataset as wds
 
 from components.data.loader import StreamLoader
 from components.data.shards import build_shards, write_shards
@@ -59,6 +64,21 @@ def read_sequentially(files: list[Path]) -> tuple[float, int]:
         with open(f, "rb") as handle:
             total += len(handle.read())
     return time.perf_counter() - start, total
+
+
+def read_with_webdataset(files: list[Path], workers: int, batch: int, dtype: str) -> tuple[int, float]:
+    """(tokens delivered, seconds) through a plain webdataset pipeline: shards split over the workers by
+    webdataset's own splitter, each sample's bytes decoded to a tensor, batched in the workers."""
+    little = np.dtype(dtype).newbyteorder("<")
+
+    def decode(sample):
+        return torch.from_numpy(np.frombuffer(sample["tokens"], dtype=little).astype(np.int64))
+
+    dataset = wds.WebDataset([str(f) for f in files], shardshuffle=False, empty_check=False).map(decode)
+    loader = wds.WebLoader(dataset.batched(batch, collation_fn=torch.stack), batch_size=None, num_workers=workers)
+    start = time.perf_counter()
+    delivered = sum(int(b[:, :-1].numel()) for b in loader)  # the input_ids part, as counted for the stream
+    return delivered, time.perf_counter() - start
 
 
 def main() -> int:
@@ -105,6 +125,8 @@ def main() -> int:
             delivered += batch["input_ids"].numel()
             first_s = time.perf_counter() - start if first_s is None else first_s
         stream_s = time.perf_counter() - start
+        drop_page_cache(files)
+        wds_tokens, wds_s = read_with_webdataset(files, args.workers, args.batch, manifest["dtype"])
 
     rows = [
         ("build (tokenize + pack + write)", build_tokens, build_s),
@@ -112,6 +134,7 @@ def main() -> int:
         ("raw sequential read again (page cache)", raw_tokens, warm_s),
         (f"stream in the main process (0 workers), batch {args.batch}", inline_tokens, inline_s),
         (f"stream ({args.workers} workers, batch {args.batch}x{args.seq_len})", delivered, stream_s),
+        (f"plain webdataset ({args.workers} workers, batch {args.batch})", wds_tokens, wds_s),
     ]
     print(f"{'what':45s} {'tokens':>12s} {'seconds':>9s} {'tokens/s':>14s}")
     for name, tokens, seconds in rows:
@@ -121,6 +144,7 @@ def main() -> int:
     print(f"first batch after {first_s:.3f} s (worker start-up, included above)")
     print(f"build_tokens_per_s: {build_tokens / build_s:.0f}")
     print(f"stream / page-cache read: {(delivered / stream_s) / (raw_tokens / warm_s):.3f}")
+    print(f"stream / plain webdataset: {(delivered / stream_s) / (wds_tokens / wds_s):.3f}")
     efficiency = (delivered / stream_s) / (raw_tokens / raw_s)
     print(f"stream_efficiency: {efficiency:.3f}")
     return 0
