@@ -1,0 +1,99 @@
+"""Resumable checkpoint files: written whole or not at all, verified before a resume, one naming scheme, a full
+disk said in one line. Real files, a real DCP save and a real (small) tmpfs; training end to end is in
+test_robust_train.py."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed.checkpoint as dcp
+from robust_helpers import tmpfs
+
+from app.checkpoint_io import LAST, list_checkpoints, save_sharded, verify_checkpoint, write_checkpoint
+from app.run import latest_checkpoint, read_checkpoint_meta
+from components.durable import InsufficientSpaceError, write_file
+
+
+def _state(step: int, numel: int = 1000) -> dict:
+    return {"state_dict": {"w": torch.arange(numel, dtype=torch.float32) + step}, "global_step": step,
+            "crescent": {"tokens_seen": step * 64}}
+
+
+def _truncate(path: Path, keep: float = 0.5) -> None:
+    with open(path, "r+b") as f:
+        f.truncate(int(path.stat().st_size * keep))
+
+
+def test_a_truncated_newest_checkpoint_is_skipped_for_the_newest_intact_one(tmp_path):
+    for step in (2, 4, 6):
+        write_checkpoint(_state(step), tmp_path / f"step-{step:08d}.ckpt")
+    _truncate(tmp_path / "step-00000006.ckpt")
+    (tmp_path / "preempt-step=00000007.ckpt").write_bytes(b"")  # a 0-byte file, as a full disk leaves one
+    skipped = []
+    assert latest_checkpoint(tmp_path, skipped) == tmp_path / "step-00000004.ckpt"
+    assert [(p.name, reason.split(" (")[0]) for p, reason in skipped] == [
+        ("preempt-step=00000007.ckpt", "empty file"), ("step-00000006.ckpt", "unreadable")]
+    assert "truncated or not a checkpoint" in skipped[1][1]
+    assert read_checkpoint_meta(tmp_path / "step-00000004.ckpt") == {"tokens_seen": 256, "global_step": 4}
+
+
+def test_checkpoints_are_listed_newest_first_and_temporary_or_last_names_are_not_candidates(tmp_path):
+    for name in ("step-00000002.ckpt", "preempt-step=00000004.ckpt", "step-00000004.ckpt", "step-00000010.ckpt"):
+        torch.save(_state(1), tmp_path / name)
+    (tmp_path / LAST).symlink_to("step-00000010.ckpt")
+    (tmp_path / ".tmp-step-00000012.ckpt-1a2b3c4d").write_bytes(b"partial")
+    (tmp_path / "step-00000011-v1.ckpt").write_bytes(b"")  # Lightning's version suffix: not ours
+    assert [p.name for p in list_checkpoints(tmp_path)] == [
+        "step-00000010.ckpt", "preempt-step=00000004.ckpt", "step-00000004.ckpt", "step-00000002.ckpt"]
+
+
+def test_last_links_the_newest_and_a_newer_checkpoint_supersedes_preemption_ones(tmp_path):
+    write_checkpoint(_state(2), tmp_path / "step-00000002.ckpt")
+    write_checkpoint(_state(3), tmp_path / "preempt-step=00000003.ckpt")
+    assert os.readlink(tmp_path / LAST) == "preempt-step=00000003.ckpt"
+    write_checkpoint(_state(4), tmp_path / "step-00000004.ckpt")
+    assert os.readlink(tmp_path / LAST) == "step-00000004.ckpt"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [LAST, "step-00000002.ckpt", "step-00000004.ckpt"]
+    # Saving again under an existing name replaces it (no -v1 file); `last` stays complete throughout.
+    write_checkpoint(_state(44), tmp_path / "step-00000004.ckpt")
+    assert torch.load(tmp_path / LAST, weights_only=False)["global_step"] == 44
+    assert sorted(p.name for p in tmp_path.iterdir()) == [LAST, "step-00000002.ckpt", "step-00000004.ckpt"]
+
+
+def test_a_checkpoint_that_cannot_fit_is_refused_before_writing_and_earlier_ones_stay(tmp_path):
+    with tmpfs(tmp_path / "disk", "3m") as disk:
+        write_checkpoint(_state(2, numel=250_000), disk / "step-00000002.ckpt")  # 1 MB
+        before = (disk / "step-00000002.ckpt").read_bytes()
+        with pytest.raises(InsufficientSpaceError) as err:
+            write_checkpoint(_state(4, numel=750_000), disk / "step-00000004.ckpt")  # 3 MB
+        message = str(err.value)
+        assert message.startswith(f"not enough space in {disk} to write step-00000004.ckpt: needs 3.9 MB, ")
+        assert message.endswith(" MB free") and "\n" not in message
+        assert sorted(p.name for p in disk.iterdir()) == [LAST, "step-00000002.ckpt"]
+        assert (disk / "step-00000002.ckpt").read_bytes() == before and verify_checkpoint(disk / LAST) is None
+
+
+def test_a_disk_that_fills_up_during_the_write_leaves_no_partial_file(tmp_path):
+    with tmpfs(tmp_path / "disk", "1m") as disk:
+        with pytest.raises(InsufficientSpaceError, match=f"not enough space in {disk} to write big.bin"):
+            write_file(disk / "big.bin", lambda f: f.write(b"x" * (2 << 20)))  # no estimate: fails mid-write
+        assert list(disk.iterdir()) == []
+
+
+def test_a_sharded_checkpoint_folder_is_published_whole_and_a_truncated_shard_is_named(tmp_path):
+    final = tmp_path / "step-00000008.ckpt"
+
+    def save(folder: Path) -> None:  # what Lightning's ModelParallelStrategy writes: DCP shards + meta.pt
+        dcp.save({"state_dict": {"w": torch.arange(4096.0)}}, checkpoint_id=folder)
+        torch.save({"global_step": 8, "crescent": {"tokens_seen": 512}}, folder / "meta.pt")
+
+    save_sharded(save, final, is_writer=True, barrier=lambda: None)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [LAST, final.name]
+    assert verify_checkpoint(final) is None and read_checkpoint_meta(final)["global_step"] == 8
+    shard = next(final.glob("*.distcp"))
+    _truncate(shard, 0.25)
+    assert verify_checkpoint(final).startswith(f"shard {shard.name} is truncated (")
+    (final / "meta.pt").unlink()
+    assert verify_checkpoint(final) == "meta.pt is missing"

@@ -1,0 +1,101 @@
+"""The MLflow logger under faults: a full spool disk, a checkpoint published while metrics are still queued, a
+resume after a kill that had logged steps beyond its checkpoint. A real sqlite MLflow store and a real tmpfs."""
+from __future__ import annotations
+
+import json
+import logging
+import socket
+
+import pytest
+from mlflow import MlflowClient
+from robust_helpers import fill, tmpfs
+
+from app.tracking import CrescentMLflowLogger
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    uri = f"sqlite:///{tmp_path_factory.mktemp('mlflow')}/mlruns.db"
+    MlflowClient(uri).search_experiments()  # create the schema once
+    return uri
+
+
+def _dead_uri() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{s.getsockname()[1]}"
+
+
+def _history(uri, run_id, key):
+    return sorted((m.step, m.value) for m in MlflowClient(uri).get_metric_history(run_id, key))
+
+
+def test_a_full_spool_disk_loses_no_record_and_does_not_blame_the_tracking_server(store, tmp_path, caplog):
+    with tmpfs(tmp_path / "spool", "64k") as spool:
+        ballast = fill(spool, 0)
+        logger = CrescentMLflowLogger(experiment_name="full-disk", tracking_uri=store, spool_dir=str(spool),
+                                      poll_interval_s=0.05)
+        with caplog.at_level(logging.WARNING, logger="app.tracking"):
+            for step in range(1, 301):
+                logger.log_metrics({"train/loss": 1.0 / step}, step=step)
+            assert logger.flush(timeout=60)
+            logger.finalize("success")
+        ballast.unlink()
+    assert _history(store, logger.run_id, "train/loss") == [(s, 1.0 / s) for s in range(1, 301)]
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert any(w.startswith(f"cannot write the MLflow journal {spool}/") and "No space left on device" in w
+               for w in warnings), warnings
+    assert not any("unavailable" in w for w in warnings), warnings
+
+
+def test_save_puts_every_queued_record_in_the_journal_at_once(tmp_path):
+    # A server that never answers and a delivery thread that sleeps: only save() can write the journal now.
+    logger = CrescentMLflowLogger(tracking_uri=_dead_uri(), spool_dir=str(tmp_path), poll_interval_s=3600,
+                                  run_key="save-test")
+    logger.log_metrics({"train/loss": 2.5}, step=7)
+    journal = tmp_path / "save-test.jsonl"
+    assert not journal.exists() or journal.read_text() == ""
+    logger.save()
+    [record] = [json.loads(line) for line in journal.read_text().splitlines()]
+    assert record[:3] == ["m", "train/loss", 2.5] and record[4] == 7
+    logger.finalize("killed", timeout=0)
+
+
+def test_a_resume_does_not_log_again_the_steps_a_killed_process_delivered_after_its_checkpoint(store, tmp_path):
+    first = CrescentMLflowLogger(experiment_name="resume-delivered", tracking_uri=store, spool_dir=str(tmp_path),
+                                 poll_interval_s=0.05)
+    for step in range(1, 9):  # checkpoint at 6, then steps 7 and 8 reach MLflow before the kill
+        first.log_metrics({"train/loss": float(step)}, step=step)
+    assert first.flush(timeout=60)
+    state = first.state_dict()
+    first.finalize("killed")
+
+    second = CrescentMLflowLogger(experiment_name="resume-delivered", tracking_uri=store, spool_dir=str(tmp_path),
+                                  poll_interval_s=0.05)
+    second.load_state_dict(state, resume_step=6)
+    for step in range(7, 11):  # the resumed process trains steps 7.. again
+        second.log_metrics({"train/loss": step + 0.5}, step=step)
+    second.finalize("success")
+    assert second.run_id == first.run_id
+    assert _history(store, first.run_id, "train/loss") == [
+        (s, float(s)) for s in range(1, 9)] + [(9, 9.5), (10, 10.5)]
+    assert second.stats()["superseded"] == 2
+
+
+def test_a_resume_drops_the_journaled_steps_after_its_checkpoint_that_a_killed_process_never_sent(store, tmp_path):
+    offline = CrescentMLflowLogger(experiment_name="resume-journaled", tracking_uri=_dead_uri(),
+                                   spool_dir=str(tmp_path), poll_interval_s=0.05)
+    for step in range(1, 9):
+        offline.log_metrics({"train/loss": float(step)}, step=step)
+    offline.save()
+    state = offline.state_dict()
+    offline.finalize("killed", timeout=0)  # nothing reached a server: all 8 steps wait in the journal
+
+    resumed = CrescentMLflowLogger(experiment_name="resume-journaled", tracking_uri=store, spool_dir=str(tmp_path),
+                                   poll_interval_s=0.05)
+    resumed.load_state_dict(state, resume_step=6)
+    for step in range(7, 11):
+        resumed.log_metrics({"train/loss": step + 0.5}, step=step)
+    resumed.finalize("success")
+    assert _history(store, resumed.run_id, "train/loss") == [
+        (s, float(s)) for s in range(1, 7)] + [(s, s + 0.5) for s in range(7, 11)]
