@@ -5,9 +5,11 @@
     python -m app.images wheelhouse DIR        # wheels of torch==2.13.0 and every dependency, for offline builds
     python -m app.images base --tag TAG        # a local Debian base with python3 + venv (debootstrap; root, podman)
 
-Tags follow k8s/base/kustomization.yaml (crescent/train:VERSION, crescent/eval:VERSION, crescent/mlflow:3.17.2).
-With --wheelhouse the build context is a temporary copy of the sources plus those wheels, and the build runs
-with no network (pip uses only the wheelhouse).
+The training and evaluation images are two targets of one Dockerfile (`containers/Dockerfile`, built with
+`--target train` / `--target eval`, as a plain `docker build` would be); the MLflow server has its own
+(`containers/mlflow.Dockerfile`). Tags follow k8s/base/kustomization.yaml (crescent/train:VERSION,
+crescent/eval:VERSION, crescent/mlflow:3.17.2). With --wheelhouse the build context is a temporary copy of the
+sources plus those wheels, and the build runs with no network (pip uses only the wheelhouse).
 """
 from __future__ import annotations
 
@@ -28,6 +30,7 @@ MLFLOW_VERSION = "3.17.2"
 # Wheels the images need beyond the project's own dependencies (the MLflow image's Postgres driver; keep in step
 # with containers/mlflow.Dockerfile).
 WHEELHOUSE_EXTRAS = ("psycopg2-binary==2.9.13",)
+IMAGE_EXTRAS = ("eval", "s3")  # the project extras the images install (containers/Dockerfile)
 DEBIAN_MIRROR = "http://deb.debian.org/debian"
 
 
@@ -37,6 +40,8 @@ class Image:
     dockerfile: str
     repository: str
     tag: str
+    target: str | None = None  # the Dockerfile stage to build (None: its last stage)
+    stages: tuple[str, ...] = ()  # its intermediate stages, in build order (tagged by the offline test build)
 
     @property
     def ref(self) -> str:
@@ -51,9 +56,12 @@ def images(registry: str | None = None) -> dict[str, Image]:
     prefix = f"{registry.rstrip('/')}/" if registry else ""
     version = project_version()
     return {
-        "train": Image("train", "containers/train.Dockerfile", f"{prefix}crescent/train", version),
-        "eval": Image("eval", "containers/eval.Dockerfile", f"{prefix}crescent/eval", version),
-        "mlflow": Image("mlflow", "containers/mlflow.Dockerfile", f"{prefix}crescent/mlflow", MLFLOW_VERSION),
+        "train": Image("train", "containers/Dockerfile", f"{prefix}crescent/train", version, "train",
+                       ("deps", "train-deps", "app")),
+        "eval": Image("eval", "containers/Dockerfile", f"{prefix}crescent/eval", version, "eval",
+                      ("deps", "eval-deps", "app", "eval-data")),
+        "mlflow": Image("mlflow", "containers/mlflow.Dockerfile", f"{prefix}crescent/mlflow", MLFLOW_VERSION,
+                        stages=("build",)),
     }
 
 
@@ -77,8 +85,10 @@ def _git(*args: str) -> str:
 
 def build_command(engine: str, image: Image, context: Path, base_image: str | None = None,
                   offline: bool = False) -> list[str]:
-    cmd = [engine, "build", "--file", str(context / image.dockerfile), "--tag", image.ref,
-           "--build-arg", f"VERSION={image.tag}", "--build-arg", f"SOURCE={_git('remote', 'get-url', 'origin')}",
+    cmd = [engine, "build", "--file", str(context / image.dockerfile), "--tag", image.ref]
+    if image.target:
+        cmd += ["--target", image.target]
+    cmd += ["--build-arg", f"VERSION={image.tag}", "--build-arg", f"SOURCE={_git('remote', 'get-url', 'origin')}",
            "--build-arg", f"REVISION={_git('rev-parse', 'HEAD')}"]
     if base_image:
         cmd += ["--build-arg", f"BASE_IMAGE={base_image}"]
@@ -109,12 +119,12 @@ def prepare_context(dest: Path, wheelhouse: Path | None = None) -> Path:
 
 
 def build_wheelhouse(directory: Path, python: str = sys.executable) -> None:
-    """Wheels for torch==2.13.0 (first: the CPU wheel on this host), the build backend, every dependency and
-    WHEELHOUSE_EXTRAS."""
+    """Wheels for torch==2.13.0 (first: the CPU wheel on this host), the build backend, every dependency of the
+    images' roles (`crescent[eval,s3]`) and WHEELHOUSE_EXTRAS."""
     directory.mkdir(parents=True, exist_ok=True)
     subprocess.run([python, "-m", "pip", "wheel", "--quiet", "--wheel-dir", str(directory),
                     "--constraint", str(REPO_ROOT / "constraints.txt"), "torch==2.13.0", "setuptools>=68",
-                    "wheel", *WHEELHOUSE_EXTRAS, str(REPO_ROOT)], check=True)
+                    "wheel", *WHEELHOUSE_EXTRAS, f"{REPO_ROOT}[{','.join(IMAGE_EXTRAS)}]"], check=True)
 
 
 def build_base(tag: str, engine: str = "podman", mirror: str | None = None, suite: str = "bookworm") -> None:

@@ -3,7 +3,7 @@
 #   docker build -f containers/mlflow.Dockerfile -t crescent/mlflow:3.17.2 .
 #
 # Started by k8s/base/mlflow.yaml as `mlflow server ...` with MLFLOW_BACKEND_STORE_URI from a Secret.
-ARG BASE_IMAGE=python:3.11.11-slim-bookworm
+ARG BASE_IMAGE=python:3.11.14-slim-bookworm
 
 FROM ${BASE_IMAGE} AS build
 ARG PIP_NO_INDEX=

