@@ -157,8 +157,9 @@ def _verify_sharded(path: Path) -> str | None:
 
 
 def _first_line(err: BaseException) -> str:
+    """The error's first sentence: torch's zip errors go on with advice that does not apply here."""
     text = str(err).strip().splitlines()
-    return f"{type(err).__name__}: {text[0][:200]}" if text else type(err).__name__
+    return f"{type(err).__name__}: {text[0].split('. ')[0][:200]}" if text else type(err).__name__
 
 
 def load_meta(path: str | Path) -> dict:
