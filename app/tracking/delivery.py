@@ -4,12 +4,8 @@ The training thread only appends records to an in-memory deque (``put``); this t
 journal (disk), creates or resumes the run, and sends the journal in order with ``MlflowClient.log_batch``
 within MLflow's batch limits. Any failure is retried with exponential backoff; only a record the server
 rejects as invalid (HTTP 400 kind of errors) is dropped, and counted. A local disk that refuses the journal
-(full) is reported as such; its records are delivered from memory meanwhile (journal.py).
-
-Resume (``resume_step`` N, the step of the checkpoint the new process starts from): the dead process may have
-logged steps after N, which the new process logs again. Its journaled but undelivered metrics of steps > N are
-dropped; the ones it already delivered are looked up when the run is continued, and the new process' values for
-those (key, step) pairs are not sent again. Every (key, step) appears once in MLflow.
+(full) is reported as such; its records are delivered from memory meanwhile (journal.py). With ``resume_step``
+(the checkpoint's step) steps a killed predecessor logged after it are not logged twice (resume.py).
 
 Records (JSON lists, compact on disk):
 ``["m", key, value, timestamp_ms, step]`` metric, ``["t", key, value]`` tag, ``["p", {key: value}]`` params
@@ -29,6 +25,7 @@ from typing import Any
 
 from app.tracking.journal import Journal
 from app.tracking.params import split_params
+from app.tracking.resume import delivered_after, drop_after
 from app.tracking.store import MAX_PARAMS_TAGS_PER_BATCH, resolve_run
 
 log = logging.getLogger(__name__)
@@ -75,9 +72,9 @@ class RunDelivery(threading.Thread):
         self.max_backoff_s = max_backoff_s
         self.max_queue = max_queue
         self.resume_step = resume_step
-        self._superseded: set[tuple[str, int]] = set()  # (key, step) delivered before the resume (see docstring)
+        self._superseded: set[tuple[str, int]] = set()  # (key, step) delivered before the resume (resume.py)
         self.journal = Journal(journal_path)
-        self._drop_after_resume(self.journal)
+        drop_after(self.journal, resume_step)
 
         self.queue: collections.deque = collections.deque()
         self._put_lock = threading.Lock()
@@ -167,25 +164,11 @@ class RunDelivery(threading.Thread):
             self.journal.discard()
             self.journal = Journal(os.path.join(os.path.dirname(self.journal.path), f"{run_key}.jsonl"))
             self.resume_step = resume_step
-            self._drop_after_resume(self.journal)
+            drop_after(self.journal, resume_step)
             self.journal.append(records)
             with self._put_lock:
                 self.enqueued += self.journal.pending_at_open - (len(peeked) - len(records))
             self.run_id, self.run_key, self._search_run_key = run_id, run_key, True
-
-    def _drop_after_resume(self, journal: Journal) -> None:
-        """Drop a previous process' undelivered metrics of steps after the resume point (logged again now)."""
-        step = self.resume_step
-        if step is None or not journal.has_pending:
-            return
-        try:
-            dropped = journal.drop_pending(lambda r: isinstance(r, list) and r[:1] == ["m"] and r[4] > step)
-        except OSError as error:  # full disk: keep them (they may then appear twice)
-            log.warning("could not rewrite the MLflow journal %s: %s", journal.path, error)
-            return
-        if dropped:
-            log.info("MLflow journal: %d metrics of steps after the resume point %d dropped (logged again)",
-                     dropped, step)
 
     def stop(self, status: str | None, timeout: float) -> None:
         """Deliver for at most ``timeout`` seconds, set ``status`` on the run (best effort), end the thread."""
@@ -302,18 +285,9 @@ class RunDelivery(threading.Thread):
             # A create whose reply was lost may have made the run: later attempts look it up by key first.
             self._search_run_key = True
         if not created and self.resume_step is not None:
-            self._superseded = self._logged_after(run_id, self.resume_step)
+            self._superseded = delivered_after(self._mlflow(), run_id, self.resume_step)
         self.run_id, self._run_ready = run_id, True
         log.info("MLflow run %s (%s)", run_id, "created" if created else "continued")
-
-    def _logged_after(self, run_id: str, step: int) -> set[tuple[str, int]]:
-        """(key, step) of the run's metrics after `step`: what a process killed after its checkpoint delivered.
-        One history read per metric key, once per resume."""
-        client = self._mlflow()
-        found = set()
-        for key in client.get_run(run_id).data.metrics:
-            found.update((key, m.step) for m in client.get_metric_history(run_id, key) if m.step > step)
-        return found
 
     # ---- delivery ------------------------------------------------------------------------------------
     def _deliver_next(self) -> None:
@@ -363,7 +337,7 @@ class RunDelivery(threading.Thread):
                 if len(metrics) == MAX_METRICS_PER_BATCH:
                     break
                 _, key, value, timestamp, step = record
-                if (key, step) in self._superseded:  # an earlier process delivered this step (see docstring)
+                if (key, step) in self._superseded:  # an earlier process delivered this step (resume.py)
                     self.superseded += 1
                 else:
                     metrics.append(Metric(key, float(value), int(timestamp), int(step)))
