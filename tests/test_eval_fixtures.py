@@ -37,9 +37,11 @@ def tiny_config(**overrides):
 
 
 def write_export(root: Path, tokenizer_dir: Path, *, step: int = 100, seed: int = 0, run_id=None,
-                 tracking_uri=None, spread: float | None = None, **config_overrides) -> Path:
+                 tracking_uri=None, spread: float | None = None, always_eos: bool = False,
+                 **config_overrides) -> Path:
     """A random tiny export; `spread` widens the weights (and routing bias) so that predictions are far from
-    uniform and score differences between implementations would show."""
+    uniform and score differences between implementations would show. `always_eos` zeroes the LM head: every
+    logit is 0, so greedy decoding picks token 0 (EOS) at once (generation tasks finish in one step)."""
     import torch
 
     from components.checkpoint import save_export
@@ -56,6 +58,9 @@ def write_export(root: Path, tokenizer_dir: Path, *, step: int = 100, seed: int 
                 if hasattr(module, "e_score_correction_bias"):
                     module.e_score_correction_bias.copy_(torch.randn(module.e_score_correction_bias.shape,
                                                                      generator=gen) * 0.3)
+    if always_eos:
+        with torch.no_grad():
+            model.lm_head.weight.zero_()
     return save_export(model, root, step=step, tokenizer_dir=tokenizer_dir, run_id=run_id,
                        tracking_uri=tracking_uri, extra={"tokens_seen": step * 1024})
 

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 from mlflow.tracking import MlflowClient
 from test_eval_fixtures import write_export, write_gsm8k, write_tokenizer
 
@@ -277,3 +278,58 @@ def test_task_names_resolve_to_local_or_lm_eval_tasks(workspace, tmp_path, monke
     assert offline[0].skip.endswith("and the Hub is off (HF_DATASETS_OFFLINE=1)") and offline[1].skip is None
     with pytest.raises(ValueError, match="'mmlu=five' must look like TASK=N"):
         parse_fewshot("mmlu=five")
+
+
+def _cronjob(overlay: str) -> tuple[list[str], dict[str, str]]:
+    """The evaluation CronJob's command line and environment, from `crescent k8s render --overlay OVERLAY`."""
+    rendered = subprocess.run([sys.executable, "-m", "app.cli", "k8s", "render", "--overlay", overlay],
+                              capture_output=True, text=True, timeout=300, check=True, cwd=ROOT).stdout
+    (cron,) = [d for d in yaml.safe_load_all(rendered) if d and d["kind"] == "CronJob"]
+    (container,) = cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"]
+    return container["command"] + container["args"], {e["name"]: e["value"] for e in container["env"] if "value" in e}
+
+
+@pytest.fixture(scope="module")
+def image_data(tmp_path_factory):
+    """The evaluation image's data: `crescent eval data --out DIR` with no user files, as containers/Dockerfile runs
+    it."""
+    assert "crescent eval data --out /opt/crescent-eval-data" in (ROOT / "containers" / "Dockerfile").read_text()
+    out = tmp_path_factory.mktemp("image") / "opt-crescent-eval-data"
+    assert main(["data", "--out", str(out)]) == 0
+    return out
+
+
+@pytest.mark.parametrize("overlay", ["dev", "prod"])
+def test_the_cronjobs_tasks_are_those_the_eval_image_has_data_for(overlay, image_data, monkeypatch):
+    from eval.offline_tasks import resolve_tasks
+
+    command, env = _cronjob(overlay)
+    assert env["HF_HUB_OFFLINE"] == "1" and command[command.index("--data-dir") + 1] == "/opt/crescent-eval-data"
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    specs = resolve_tasks(command[command.index("--tasks") + 1].split(","), image_data)
+    assert [(s.name, s.source, s.skip) for s in specs] == [("mmlu_dev", "local", None), ("humaneval", "local", None)]
+
+
+@pytest.mark.slow
+def test_the_cronjobs_exact_command_evaluates_a_checkpoint_directory(workspace, store, image_data, tmp_path):
+    """The rendered CronJob's command line, run as it is, with only its two volumes pointing at local directories and
+    MLflow at the test's store: every task it lists is evaluated in full and logged on the training run."""
+    _, tok = workspace
+    uri, client, run_id = store
+    command, env = _cronjob("dev")
+    exports = tmp_path / "exports"
+    write_export(exports, tok, step=100, run_id=run_id, tracking_uri=uri, always_eos=True)  # no long generations
+    mounts = {"/checkpoints/crescent/exports": str(exports), "/opt/crescent-eval-data": str(image_data)}
+    argv = [mounts.get(arg, arg) for arg in command]
+    assert argv[0] == "crescent" and sum(arg in mounts.values() for arg in argv) == 2
+    env = {**os.environ, **env, "MLFLOW_TRACKING_URI": uri, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "2"}
+    proc = subprocess.run([sys.executable, "-m", "app.cli", *argv[1:]], capture_output=True, text=True, env=env,
+                          cwd=tmp_path, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "watch: evaluated [100], failed [], skipped []" in proc.stdout
+    tasks = argv[argv.index("--tasks") + 1].split(",")
+    tags = client.get_run(run_id).data.tags
+    assert {t: tags[f"crescent.eval.step-00000100.{t}"] for t in tasks} == {t: "done" for t in tasks}
+    assert tags["eval.humaneval.limit"] == "None"  # the whole task, as the CronJob runs it
+    for key in ("eval/mmlu_dev/acc", "eval/humaneval/pass_at_1"):
+        assert [m.step for m in client.get_metric_history(run_id, key)] == [100], key
