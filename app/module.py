@@ -2,10 +2,10 @@
 
 Optimization is manual so that the global batch can change between stages (Moonlight: 2048 → 4096 sequences at
 200B tokens) without touching the Trainer: each optimizer step accumulates `batch_size / (micro_batch × ranks)`
-micro-batches, runs Newton–Schulz once, applies the routing-bias update (App. C) unless the step was skipped, then
-reads lr, batch size and routing-bias rate for the next step from the schedule at the tokens seen so far. The
-step ends in one `StepReport` (app/step.py) that the callbacks observe. Everything the math needs lives in
-`components/`.
+micro-batches, runs Newton–Schulz once, applies the routing-bias update (App. C) and QK-clip (MuonClip) unless the
+step was skipped, then reads lr, batch size and routing-bias rate for the next step from the schedule at the tokens
+seen so far. The step ends in one `StepReport` (app/step.py) that the callbacks observe. Everything the math needs
+lives in `components/`.
 """
 from __future__ import annotations
 
@@ -17,10 +17,13 @@ import torch.distributed as dist
 
 from app.step import StepReport
 from components.data.stream import check_stream_layout
+from components.model.attention_stats import take_max_logits
 from components.model.balancing import update_routing_biases
 from components.model.config import ModelConfig, get_preset
 from components.model.counting import flops_per_token
 from components.model.transformer import build_model
+from components.optim.head_blocks import GRANULARITIES
+from components.optim.qk_clip import QKClip
 from components.schedule import StageSchedule, resolve_schedule
 
 OPTIMIZERS = ("muon", "adamw")
@@ -53,6 +56,10 @@ class CrescentModule(pl.LightningModule):
         schedule: stage preset name or a dict of stages (lr, global batch, mixture, bias rate by tokens seen).
         lr_scale: multiplies the schedule's lr (for sweeps); weight_decay: λ for both algorithms.
         max_nonfinite_in_a_row: skipped steps in a row (non-finite loss or gradient) before training stops.
+        muon_granularity: 'matrix' or 'head' (attention projections orthogonalized per head's block, Kimi K3).
+        qk_clip_threshold: τ of QK-clip (null: off; K2 uses 100): after each step, every head whose max logit over
+            the step (all micro-batches and ranks) exceeded τ has its query/key rows scaled back to τ.
+        qk_clip_alpha: the query's share of the no-position factor (0.5: √γ each side; components/optim/qk_clip.py).
     """
 
     def __init__(
@@ -73,6 +80,9 @@ class CrescentModule(pl.LightningModule):
         adamw_eps: float = 1e-8,
         max_nonfinite_in_a_row: int = 5,
         init_seed: int = 0,
+        muon_granularity: str = "matrix",
+        qk_clip_threshold: float | None = None,
+        qk_clip_alpha: float = 0.5,
     ):
         super().__init__()
         if optimizer not in OPTIMIZERS:
@@ -83,6 +93,9 @@ class CrescentModule(pl.LightningModule):
             raise ValueError(f"model.weight_decay={weight_decay!r} must be >= 0")
         if max_nonfinite_in_a_row < 1:
             raise ValueError(f"model.max_nonfinite_in_a_row={max_nonfinite_in_a_row!r} must be >= 1")
+        if muon_granularity not in GRANULARITIES:
+            raise ValueError(f"model.muon_granularity={muon_granularity!r} is unknown; choose one of {GRANULARITIES}")
+        self.qk_clip = None if qk_clip_threshold is None else QKClip(qk_clip_threshold, qk_clip_alpha)
         # The run's parameters reach the loggers once, from the whole config (app/run.py), not from here too.
         self.save_hyperparameters(logger=False)
         self.model_config: ModelConfig = get_preset(preset, **(model_overrides or {}))
@@ -168,8 +181,9 @@ class CrescentModule(pl.LightningModule):
                 logger.log_metrics(values, step=self.trainer.global_step)
 
     def track_max_logit_next_step(self) -> None:
-        """Record the max pre-softmax attention logit of every layer over the next optimizer step's micro-batches
-        (App. D; it costs an extra QKᵀ per layer); the step's report carries it."""
+        """Record the max pre-softmax attention logit of every layer and head over the next optimizer step's
+        micro-batches (App. D; a chunked extra QKᵀ per layer); the step's report carries it. With QK-clip on, every
+        step records it anyway."""
         self._track_max_logit = True
 
     def stop(self, reason: str) -> None:
@@ -186,7 +200,7 @@ class CrescentModule(pl.LightningModule):
     def training_step(self, batch, batch_idx):
         state = self.schedule.at(self.tokens_seen)
         accum = self.schedule.accumulation(self.tokens_seen, self.micro_batch_size(), self.trainer.world_size)
-        attention = self._attention_layers() if self._track_max_logit else []
+        attention = self._attention_layers() if self._track_max_logit or self.qk_clip is not None else []
         for attn in attention:
             attn.track_max_logit = True
         out = self.model(batch["input_ids"], targets=batch["targets"])
@@ -212,20 +226,15 @@ class CrescentModule(pl.LightningModule):
             counts = expert_counts.detach()
             self._window_counts = counts if self._window_counts is None else self._window_counts + counts
         if attention:
-            values = []
-            for attn in attention:
-                values.append(attn.max_logit.float().reshape(()) if attn.max_logit is not None
-                              else torch.tensor(float("-inf"), device=value.device))
-                attn.track_max_logit, attn.max_logit = False, None
-            top = torch.stack(values)
+            top = take_max_logits(attention).to(value.device)  # [layers, heads]
             self._max_logit = top if self._max_logit is None else torch.maximum(self._max_logit, top)
 
     def _attention_layers(self) -> list:
         return [layer.self_attn for layer in self.model.model.layers]
 
     def _optimizer_step(self, state) -> StepReport:
-        """The step: lr from the schedule, one host sync, the optimizer (NS once), the routing-bias update unless
-        anything was non-finite, the data position, and the report."""
+        """The step: lr from the schedule, one host sync, the optimizer (NS once), the routing-bias update and
+        QK-clip unless anything was non-finite, the data position, and the report."""
         opt = self.optimizers()
         lr = state.lr * self.hparams.lr_scale
         for group in opt.param_groups:
@@ -242,13 +251,15 @@ class CrescentModule(pl.LightningModule):
         counts = self._window_counts
         if counts is not None and self.trainer.world_size > 1:
             counts = self._all_reduce(counts.clone(), "sum")
-        max_logit = self._max_logit
+        max_logit, clipped = self._max_logit, None
         if max_logit is not None and self.trainer.world_size > 1:
             max_logit = self._all_reduce(max_logit.clone(), "max")
         if skip_reason is None:
             self.nonfinite_in_a_row = 0
             if counts is not None:
                 update_routing_biases(self.model.moe_layers(), counts, state.bias_update_rate)  # App. C
+            if self.qk_clip is not None:  # after the update, on the weights; Muon's momentum is not touched
+                clipped = self.qk_clip.apply(self._attention_layers(), max_logit)
         else:
             self.skipped_steps += 1
             self.nonfinite_in_a_row += 1
@@ -262,7 +273,7 @@ class CrescentModule(pl.LightningModule):
             bias_update_rate=state.bias_update_rate if skip_reason is None and counts is not None else 0.0,
             skipped=skip_reason is not None, skip_reason=skip_reason, skipped_steps=self.skipped_steps,
             lost_samples=int(lost), bad_shards=int(bad), expert_counts=counts, optimizer_stats=stats,
-            max_logit=max_logit)
+            max_logit=max_logit, qk_clipped_heads=clipped)
         self._micro, self._window, self._window_counts = 0, None, None
         self._track_max_logit, self._max_logit = False, None
         metrics = {

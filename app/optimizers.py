@@ -1,7 +1,8 @@
 """Builds the one optimizer Lightning gets: Muon (+AdamW groups) or AdamW alone, matched to the strategy.
 
 Which Muon runs is the strategy's choice (`Strategy.muon_variant`): the single-device class, the ZeRO-1 class
-for `muon_ddp`, or the DTensor class for `muon_fsdp`.
+for `muon_ddp`, or the DTensor class for `muon_fsdp`. `model.muon_granularity: head` orthogonalizes the attention
+projections one head's block at a time (AdamW alone has no matrices to split).
 """
 from __future__ import annotations
 
@@ -25,7 +26,8 @@ def make_optimizer(module, strategy) -> torch.optim.Optimizer:
     else:
         overrides = None
         kwargs = dict(momentum=h.momentum, ns_steps=h.ns_steps, ns_coefficients=h.ns_coefficients,
-                      scale_mode=h.scale_mode, ns_dtype=h.ns_dtype)
+                      scale_mode=h.scale_mode, ns_dtype=h.ns_dtype,
+                      muon_granularity=h.muon_granularity)
     variant = getattr(strategy, "muon_variant", "single")
     if variant not in MUON_VARIANTS:
         raise ValueError(f"strategy {type(strategy).__name__}: muon_variant={variant!r} is unknown; choose one of "

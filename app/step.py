@@ -31,7 +31,8 @@ class StepReport:
     bad_shards: int           # shard reads that failed behind this step's batches (all ranks)
     expert_counts: torch.Tensor | None = None  # [MoE layers, routed experts] tokens, summed over the step and ranks
     optimizer_stats: dict[str, float] = field(default_factory=dict)  # update/weight RMS per group, NS time, ...
-    max_logit: torch.Tensor | None = None  # [layers] max pre-softmax attention logit over the step (when tracked)
+    max_logit: torch.Tensor | None = None  # [layers, heads] max pre-softmax attention logit over the step (tracked)
+    qk_clipped_heads: torch.Tensor | None = None  # [layers] heads QK-clip rescaled after this step (clip on)
 
 
 def step_report(outputs) -> StepReport | None:

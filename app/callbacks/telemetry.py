@@ -11,8 +11,9 @@ from components.metrics.svd_entropy import svd_entropy_by_group
 
 class OptimizerTelemetry(pl.Callback):
     """Logs the optimizer's per-group stats after every step (paper §2.2: update RMS; Algorithm 1's return value)
-    and, every `max_logit_every_n_steps` steps, the max pre-softmax attention logit over the step's micro-batches,
-    per layer and over all layers (App. D)."""
+    and, every `max_logit_every_n_steps` steps (every step with QK-clip on), the max pre-softmax attention logit over
+    the step's micro-batches, per layer (max over heads) and over all layers (App. D), and the number of heads
+    QK-clip rescaled."""
 
     def __init__(self, max_logit_every_n_steps: int = 10):
         if max_logit_every_n_steps < 0:
@@ -32,8 +33,11 @@ class OptimizerTelemetry(pl.Callback):
             return
         metrics = {f"optim/{k}": float(v) for k, v in report.optimizer_stats.items()}
         if report.max_logit is not None:
-            metrics["attn/max_logit"] = float(report.max_logit.max())
-            metrics.update({f"attn/layer_{i:02d}/max_logit": float(v) for i, v in enumerate(report.max_logit)})
+            per_layer = report.max_logit.amax(dim=-1).tolist()
+            metrics["attn/max_logit"] = max(per_layer)
+            metrics.update({f"attn/layer_{i:02d}/max_logit": v for i, v in enumerate(per_layer)})
+        if report.qk_clipped_heads is not None:
+            metrics["attn/qk_clipped_heads"] = float(report.qk_clipped_heads.sum())
         if metrics:
             pl_module.log_step_metrics(metrics)
         self._request(pl_module, report.step)

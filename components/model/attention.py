@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from components.model.attention_stats import head_max_logits
 from components.model.config import ModelConfig
 from components.model.layers import RMSNorm, apply_rotary
 
@@ -67,7 +68,8 @@ class MultiHeadLatentAttention(nn.Module):
         self.kv_a_layernorm = RMSNorm(config.kv_lora_rank, config.rms_norm_eps)
         self.kv_b_proj = nn.Linear(config.kv_lora_rank, n * (config.qk_nope_head_dim + config.v_head_dim), bias=False)
         self.o_proj = nn.Linear(n * config.v_head_dim, h, bias=False)
-        # App. D: the max attention logit is a stability signal; computing it costs an extra QKᵀ, so it is opt-in.
+        # App. D / QK-clip: the per-head max attention logit [heads] of the last forward, opt-in (an extra, chunked
+        # QKᵀ; attention_stats.py).
         self.track_max_logit = False
         self.max_logit: torch.Tensor | None = None
 
@@ -103,11 +105,7 @@ class MultiHeadLatentAttention(nn.Module):
             k, v = cache.update(self.layer_idx, k, v)
 
         if self.track_max_logit:
-            with torch.no_grad():
-                logits = (q @ k.transpose(-1, -2)) * c.softmax_scale
-                allowed = mask if mask is not None else torch.ones(s, k.shape[2], dtype=torch.bool,
-                                                                   device=x.device).tril(k.shape[2] - s)
-                self.max_logit = logits.masked_fill(~allowed, float("-inf")).amax().detach()
+            self.max_logit = head_max_logits(q, k, c.softmax_scale, mask)
         if mask is None:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=s > 1 and k.shape[2] == s, scale=c.softmax_scale)
         else:

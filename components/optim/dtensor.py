@@ -10,6 +10,7 @@ momentum and its gradient. Per step:
     run NS on whole matrices (each rank ~1/P of the work), a second all-to-all returns each rank its rows of O
     (row blocks are uneven: all-to-all takes uneven splits on gloo and NCCL alike);
   - the update is applied to the local rows.
+A head-blocked matrix (head_blocks.py) travels the same way; its owner orthogonalizes it block by block.
 Optimizer state is created with `zeros_like(param)`, i.e. DTensors with the parameter's placement, so
 torch.distributed.checkpoint saves and loads it like AdamW's.
 """
@@ -21,9 +22,11 @@ import torch
 from torch.distributed.tensor import DTensor, Shard
 
 from components.optim.comm import CountingComm
+from components.optim.head_blocks import block_shape, block_view, unblock
 from components.optim.muon import (
     FINITE,
     Muon,
+    group_blocks,
     group_key,
     local,
     muon_matrix_step,
@@ -60,7 +63,7 @@ class DTensorMuon(Muon):
         self.owners: dict[DTensor, int] = {}  # the rank that orthogonalizes each 2-D matrix
         for g in self.param_groups:
             if g["algorithm"] == "muon":
-                self.owners.update(plan_owners(g["params"], self.comm.world_size))
+                self.owners.update(plan_owners(g["params"], self.comm.world_size, group_blocks(g)))
         super()._init_state()
 
     def _matrix_range(self, p: torch.Tensor, algorithm: str, n: int) -> tuple[int, int]:
@@ -71,6 +74,7 @@ class DTensorMuon(Muon):
         comm = self.comm
         world, rank = comm.world_size, comm.rank
         params = group["params"]
+        heads = dict(zip(params, group_blocks(group)))
         key = group_key(group)
         device = params[0]._local_tensor.device
         ns_dtype = resolve_dtype(group["ns_dtype"])
@@ -110,8 +114,8 @@ class DTensorMuon(Muon):
                 n = elements(p, src)
                 parts.append(received[src][offsets[src]:offsets[src] + n])
                 offsets[src] += n
-            o, scale = orthogonal_update(torch.cat(parts).view(p.shape), group, stats)
-            payload = scaled_update(o, scale, back_dtype) if by_norm else o
+            o, scale = orthogonal_update(block_view(torch.cat(parts).view(p.shape), heads[p]), group, stats)
+            payload = unblock(scaled_update(o, scale, back_dtype) if by_norm else o, heads[p])
             for dst, (s, e) in enumerate(blocks[p]):
                 returning[dst].append(payload[s:e].reshape(-1))
         send = [torch.cat(t) if t else torch.zeros(0, dtype=back_dtype, device=device) for t in returning]
@@ -124,7 +128,8 @@ class DTensorMuon(Muon):
             n = w.numel()
             piece = returned[src][offsets[src]:offsets[src] + n].view(w.shape)
             offsets[src] += n
-            scale = 1.0 if by_norm else update_scale(group["scale_mode"], p.shape, None, group["scale_hidden_size"])
+            scale = 1.0 if by_norm else update_scale(group["scale_mode"], block_shape(p.shape, heads[p]), None,
+                                                     group["scale_hidden_size"])
             apply_orthogonal(w, piece, scale, group["lr"], group["weight_decay"])
             if self.telemetry:
                 stats.add(key, piece, w, scale)
@@ -144,13 +149,15 @@ def local_matrix_range(p: DTensor) -> tuple[int, int]:
     return start * inner, end * inner
 
 
-def plan_owners(params: list[DTensor], world_size: int) -> dict[DTensor, int]:
-    """Owner rank of each 2-D matrix of a Muon group: LPT by NS cost, starting from each rank's local expert work."""
+def plan_owners(params: list[DTensor], world_size: int, blocks: list | None = None) -> dict[DTensor, int]:
+    """Owner rank of each 2-D matrix of a Muon group: LPT by NS cost (of its head blocks, where it has them),
+    starting from each rank's local expert work."""
     start = [0] * world_size
     for p in params:
         if p.ndim >= 3:
             for r, (s, e) in enumerate(row_blocks(p.shape[0], world_size)):
                 start[r] += ns_cost((e - s, *p.shape[1:]))
-    owners = assign_owners([(i, ns_cost(p.shape), p.numel()) for i, p in enumerate(params) if p.ndim == 2],
-                           world_size, start)
+    blocks = blocks or [None] * len(params)
+    owners = assign_owners([(i, ns_cost(block_shape(p.shape, spec)), p.numel())
+                            for i, (p, spec) in enumerate(zip(params, blocks)) if p.ndim == 2], world_size, start)
     return {params[i]: rank for i, rank in owners.items()}

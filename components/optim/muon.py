@@ -6,6 +6,9 @@ skipped; so is a Muon matrix (one expert of a stack) whose gradient is exactly z
 so neither its momentum nor its weights move. Non-finite gradients either skip the whole step (counted in
 `skipped_steps`) or raise. After each step `last_stats` holds update/weight RMS per group and NS time.
 
+A Muon group may carry `blocks` (one spec or None per parameter, head_blocks.py): such a 2-D parameter steps
+as a stack of per-head blocks (Kimi K3), through the same matrix step.
+
 `muon_matrix_step` is the one Muon matrix step (momentum + Nesterov, NS, update scale, decoupled weight decay,
 per-matrix telemetry). The distributed paths are subclasses that call it or its pieces and differ only in
 communication: `ZeroOneMuon` (zero1.py, ZeRO-1 over DDP) and `DTensorMuon` (dtensor.py, FSDP2 parameters).
@@ -17,6 +20,7 @@ import time
 import torch
 from torch.distributed.tensor import DTensor
 
+from components.optim.head_blocks import block_view, check_block_spec
 from components.optim.newton_schulz import NS_METHODS, newton_schulz, resolve_coefficients, resolve_dtype
 from components.optim.telemetry import StepStats
 from components.optim.update import (
@@ -129,11 +133,13 @@ class Muon(torch.optim.Optimizer):
         return loss
 
     def _muon_group_step(self, group: dict, codes: dict, stats: StepStats) -> None:
-        for p in group["params"]:
+        for p, spec in zip(group["params"], group_blocks(group)):
             active = codes[p] == FINITE
             if p.grad is None or not bool(active.any()):
                 continue
-            muon_matrix_step(p, p.grad, self.state[p]["momentum_buffer"], active, group, stats, self.telemetry)
+            buf = self.state[p]["momentum_buffer"]
+            muon_matrix_step(block_view(p, spec), block_view(p.grad, spec), block_view(buf, spec), active, group,
+                             stats, self.telemetry)
 
     def _adamw_group_step(self, group: dict, codes: dict, stats: StepStats) -> None:
         params, grads, exp_avgs, exp_avg_sqs, steps = [], [], [], [], []
@@ -288,6 +294,11 @@ def group_key(group: dict) -> str:
     return group.get("name") or group["algorithm"]
 
 
+def group_blocks(group: dict) -> list:
+    """The group's per-parameter head-block specs (None: the parameter is one matrix or a stack as it is)."""
+    return group.get("blocks") or [None] * len(group["params"])
+
+
 def param_names(group: dict) -> list[str]:
     """The group's parameter names, or 'param #i of the group' when it carries none."""
     return group.get("param_names") or [f"param #{i} of the group" for i in range(len(group["params"]))]
@@ -321,3 +332,9 @@ def validate_group(group: dict) -> None:
             if p.ndim < 2:
                 raise ValueError(f"Muon: parameter {name!r} has shape {tuple(p.shape)} (< 2 dims) and cannot use "
                                  "algorithm='muon'; route it to 'adamw'")
+    if group.get("blocks") is not None:
+        check(group["algorithm"] == "muon", "algorithm", "must be 'muon' for a group with head blocks")
+        check(len(group["blocks"]) == len(group["params"]), "blocks", "must hold one spec (or None) per parameter")
+        for p, name, spec in zip(group["params"], param_names(group), group["blocks"]):
+            if spec is not None:
+                check_block_spec(name, p.shape, spec)

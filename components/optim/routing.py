@@ -2,6 +2,8 @@
 
 Hidden matrices, the router and stacked 3-D expert weights → Muon; token embeddings, the LM head, norms,
 biases and every other < 2-D tensor → AdamW. Norm weights get weight decay too by default (App. D: crucial).
+With `muon_granularity='head'` the attention projections form a group 'muon_heads' whose matrices Muon
+orthogonalizes one head's block at a time (head_blocks.py).
 """
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 from components.optim.dtensor import DTensorMuon
+from components.optim.head_blocks import GRANULARITIES, attention_head_blocks
 from components.optim.muon import Muon
 
 ROUTES = ("muon", "adamw")
@@ -74,16 +77,20 @@ def route_parameters(model_or_named_params, overrides: dict[str, str] | None = N
 
 
 def build_param_groups(model_or_named_params, lr: float | None = None, weight_decay: float | None = None,
-                       norm_weight_decay: float | None = None, overrides: dict[str, str] | None = None) -> list[dict]:
-    """Param groups for `Muon`: 'muon' (matrices), 'adamw' (embeddings, head, other tensors), and 'adamw_norm'
-    (norms and biases) when `norm_weight_decay` differs from `weight_decay`. Groups carry `param_names`.
+                       norm_weight_decay: float | None = None, overrides: dict[str, str] | None = None,
+                       head_blocks: dict[str, tuple[int, int]] | None = None) -> list[dict]:
+    """Param groups for `Muon`: 'muon' (matrices), 'muon_heads' (the Muon matrices named in `head_blocks`, with
+    their block specs), 'adamw' (embeddings, head, other tensors), and 'adamw_norm' (norms and biases) when
+    `norm_weight_decay` differs from `weight_decay`. Groups carry `param_names`.
     """
     named = _named(model_or_named_params)
     routes = route_parameters(model_or_named_params, overrides)
-    buckets: dict[str, list[tuple[str, nn.Parameter]]] = {"muon": [], "adamw": [], "adamw_norm": []}
+    head_blocks = head_blocks or {}
+    buckets: dict[str, list[tuple[str, nn.Parameter]]] = {"muon": [], "muon_heads": [], "adamw": [],
+                                                          "adamw_norm": []}
     for name, p in named:
         if routes[name] == "muon":
-            buckets["muon"].append((name, p))
+            buckets["muon_heads" if name in head_blocks else "muon"].append((name, p))
         elif norm_weight_decay is not None and is_norm_or_bias(name, p.ndim):
             buckets["adamw_norm"].append((name, p))
         else:
@@ -93,7 +100,9 @@ def build_param_groups(model_or_named_params, lr: float | None = None, weight_de
         if not items:
             continue
         group = {"params": [p for _, p in items], "param_names": [n for n, _ in items], "name": key,
-                 "algorithm": "muon" if key == "muon" else "adamw"}
+                 "algorithm": "muon" if key.startswith("muon") else "adamw"}
+        if key == "muon_heads":
+            group["blocks"] = [tuple(head_blocks[n]) for n, _ in items]
         if lr is not None:
             group["lr"] = lr
         if weight_decay is not None:
@@ -122,9 +131,10 @@ def format_routing_table(model_or_named_params, routes: dict[str, str] | None = 
 
 def build_muon(model: nn.Module, lr: float, weight_decay: float = 0.1, norm_weight_decay: float | None = None,
                overrides: dict[str, str] | None = None, optimizer_cls=None, print_routing: bool = False,
-               **kwargs):
+               muon_granularity: str = "matrix", **kwargs):
     """Route `model`'s parameters and build one optimizer: `optimizer_cls` (e.g. `ZeroOneMuon` for ZeRO-1), by
-    default `DTensorMuon` when the parameters are DTensors (FSDP2), else `Muon`.
+    default `DTensorMuon` when the parameters are DTensors (FSDP2), else `Muon`. `muon_granularity`: 'matrix'
+    (each attention projection one matrix) or 'head' (one matrix per head's block, Kimi K3).
 
     scale_mode='baseline' takes H from `model.config.hidden_size` unless `scale_hidden_size` is given.
     """
@@ -133,7 +143,10 @@ def build_muon(model: nn.Module, lr: float, weight_decay: float = 0.1, norm_weig
         optimizer_cls = DTensorMuon if sharded else Muon
     if kwargs.get("scale_mode") == "baseline" and kwargs.get("scale_hidden_size") is None:
         kwargs["scale_hidden_size"] = getattr(getattr(model, "config", None), "hidden_size", None)
-    groups = build_param_groups(model, lr, weight_decay, norm_weight_decay, overrides)
+    if muon_granularity not in GRANULARITIES:
+        raise ValueError(f"muon_granularity={muon_granularity!r} is unknown; choose one of {GRANULARITIES}")
+    blocks = attention_head_blocks(model) if muon_granularity == "head" else None
+    groups = build_param_groups(model, lr, weight_decay, norm_weight_decay, overrides, blocks)
     if print_routing:
         print(format_routing_table(model))
     return optimizer_cls(groups, lr=lr, weight_decay=weight_decay, **kwargs)

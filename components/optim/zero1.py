@@ -8,6 +8,7 @@ Every rank runs backward on its own micro-batches; `step()` then
   4. runs Newton–Schulz on the matrices overlapping its shard and keeps its slice         (lines 5–6)
   5. applies the update to its slice of the parameters and all-gathers them               (lines 7–8)
 The arithmetic is the single-device step's (`update.py`), so results equal `Muon` on the same global batch.
+A head-blocked matrix (head_blocks.py) sits in the buffer in block order, as a stack of its heads' blocks.
 
 `full_state_dict()` / `load_full_state_dict()` convert to and from exactly the single-device `Muon.state_dict()`
 format (any world size); `state_dict()` / `load_state_dict()` hold this rank's shard (same world size only).
@@ -21,7 +22,8 @@ import torch
 import torch.distributed as dist
 
 from components.optim.comm import CountingComm
-from components.optim.muon import FINITE, NO_GRAD, Muon, group_key, orthogonal_update
+from components.optim.head_blocks import block_shape, block_view, from_block_order, to_block_order
+from components.optim.muon import FINITE, NO_GRAD, Muon, group_blocks, group_key, orthogonal_update
 from components.optim.newton_schulz import resolve_dtype
 from components.optim.telemetry import StepStats
 from components.optim.update import adamw_step, apply_orthogonal, momentum_step, scaled_update
@@ -46,7 +48,8 @@ class ZeroOneMuon(Muon):
         self.world_size, self.rank = self.comm.world_size, self.comm.rank
         self._params = [p for g in self.param_groups for p in g["params"]]
         self._group_of = [gi for gi, g in enumerate(self.param_groups) for _ in g["params"]]
-        infos = [ParamInfo(i, tuple(p.shape), self.param_groups[self._group_of[i]]["algorithm"])
+        self._specs = [spec for g in self.param_groups for spec in group_blocks(g)]
+        infos = [ParamInfo(i, block_shape(p.shape, self._specs[i]), self.param_groups[self._group_of[i]]["algorithm"])
                  for i, p in enumerate(self._params)]
         dtypes = {p.dtype for p in self._params}
         if len(dtypes) > 1:
@@ -94,14 +97,16 @@ class ZeroOneMuon(Muon):
         for pc in self.layout.pieces:
             g = self._params[pc.param].grad
             if g is not None:
-                flat[pc.offset:pc.offset + pc.length] = g.reshape(-1)[pc.start:pc.start + pc.length]
+                flat[pc.offset:pc.offset + pc.length] = to_block_order(g, self._specs[pc.param])[
+                    pc.start:pc.start + pc.length]
         grad = torch.empty_like(ref)
         self.comm.reduce_scatter_avg("reduce_scatter_grads", grad, flat)
         del flat
         weights = torch.zeros_like(ref)
         for pc, a, b in self._mine:
             p = self._params[pc.param]
-            weights[a - lo:b - lo] = p.detach().reshape(-1)[pc.start + a - pc.offset:pc.start + b - pc.offset]
+            weights[a - lo:b - lo] = to_block_order(p.detach(), self._specs[pc.param])[
+                pc.start + a - pc.offset:pc.start + b - pc.offset]
         stats = StepStats()
         for group in self.param_groups:
             stats.ensure(group_key(group), ref.device)
@@ -113,7 +118,11 @@ class ZeroOneMuon(Muon):
         full = torch.empty(self.layout.total, dtype=ref.dtype, device=ref.device)
         self.comm.all_gather("all_gather_params", full, weights)
         for pc in self.layout.pieces:
-            self._params[pc.param].data.view(-1)[pc.start:pc.start + pc.length] = full[pc.offset:pc.offset + pc.length]
+            spec, data = self._specs[pc.param], self._params[pc.param].data
+            if spec is None:
+                data.view(-1)[pc.start:pc.start + pc.length] = full[pc.offset:pc.offset + pc.length]
+            else:  # a Muon matrix: always one whole piece
+                block_view(data, spec).copy_(full[pc.offset:pc.offset + pc.length].view(block_shape(data.shape, spec)))
         self._finish_stats(stats)
         return loss
 
@@ -149,6 +158,8 @@ class ZeroOneMuon(Muon):
             active = codes[p] == FINITE
             if not bool(active.any()):
                 continue
+            if self._specs[pc.param] is not None:  # one code per parameter: every head block steps
+                active = active.expand(self._specs[pc.param][1])
             mn = self.layout.params[pc.param].matrix_numel
             k0, k1 = (a - pc.offset) // mn, math.ceil((b - pc.offset) / mn)
             keep = None
@@ -227,8 +238,8 @@ class ZeroOneMuon(Muon):
         state = {}
         for i, p in enumerate(self._params):
             pieces = sorted(self.layout.pieces_of(i), key=lambda pc: pc.start)
-            first, second = (torch.cat([buf[pc.offset:pc.offset + pc.length] for pc in pieces]).view(p.shape).clone()
-                             for buf in buffers)
+            first, second = (from_block_order(torch.cat([buf[pc.offset:pc.offset + pc.length] for pc in pieces]),
+                                              p.shape, self._specs[i]).clone() for buf in buffers)
             if self.param_groups[self._group_of[i]]["algorithm"] == "muon":
                 state[i] = {"momentum_buffer": first}
             else:
@@ -255,6 +266,6 @@ class ZeroOneMuon(Muon):
             src = slice(pc.start + a - pc.offset, pc.start + b - pc.offset)
             first = entry.get("momentum_buffer", entry.get("exp_avg"))
             if first is not None:
-                self._first[a - lo:b - lo] = first.reshape(-1)[src].to(self._first)
+                self._first[a - lo:b - lo] = to_block_order(first, self._specs[pc.param])[src].to(self._first)
             if "exp_avg_sq" in entry:
                 self._second[a - lo:b - lo] = entry["exp_avg_sq"].reshape(-1)[src].to(self._second)
