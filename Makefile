@@ -7,7 +7,7 @@ STAMP := $(VENV)/.crescent-installed
 CONFIG ?= app/configs/tiny-cpu.yaml
 PYTEST_ARGS ?=
 
-.PHONY: setup train test test-fast lint bench images k8s-render mlflow-ui clean
+.PHONY: setup train sft test test-fast lint bench images k8s-render mlflow-ui clean
 
 setup: $(STAMP)
 
@@ -23,6 +23,18 @@ $(STAMP): pyproject.toml constraints.txt
 
 train: setup
 	$(BIN)/crescent train --config $(CONFIG)
+
+# `make sft` fine-tunes `make train`'s final export on the demo chat set; it runs `make train` first when that
+# export is missing (the path is the one app/configs/sft-tiny-cpu.yaml's model.init_from names).
+PRETRAIN_EXPORT := runs/tiny-cpu/exports/step-00000160
+SFT_CONFIG ?= app/configs/sft-tiny-cpu.yaml
+
+sft: setup $(PRETRAIN_EXPORT)/crescent.json
+	$(BIN)/crescent data demo --quiet
+	$(BIN)/crescent train --config $(SFT_CONFIG)
+
+$(PRETRAIN_EXPORT)/crescent.json: | setup
+	$(MAKE) train CONFIG=app/configs/tiny-cpu.yaml
 
 test: setup
 	$(BIN)/python -m pytest tests $(PYTEST_ARGS)

@@ -14,9 +14,11 @@ import torch
 from torch.utils.data import DataLoader
 
 from app.module import ConfigError
+from components.data.epochs import EpochSchedule, resolve_training_schedule
 from components.data.loader import StreamLoader
+from components.data.shards import read_manifest
 from components.data.stream import MixtureStream
-from components.schedule import StageSchedule, resolve_schedule
+from components.schedule import StageSchedule
 
 
 class CrescentDataModule(pl.LightningDataModule):
@@ -29,7 +31,11 @@ class CrescentDataModule(pl.LightningDataModule):
         micro_batch_size: sequences per rank per forward pass; num_workers: dataloader worker processes.
         seed: data order seed. val_samples: how many held-out sequences each validation pass reads.
         num_streams: virtual streams of the data order (fixed for a job; a multiple of ranks × workers × micro).
-        schedule: linked from `model.schedule` (the mixture of each stage).
+        schedule: linked from `model.schedule` (the mixture of each stage). An epoch schedule (fine-tuning,
+            components/data/epochs.py) names its shard set itself, so `shards` may then be left out.
+
+    Chat shard sets (fine-tuning) stream like any other; their batches also carry positions, segments and masked
+    targets, and `chat_template` names the set's template (the export writes it into tokenizer_config.json).
     """
 
     def __init__(
@@ -51,6 +57,9 @@ class CrescentDataModule(pl.LightningDataModule):
             raise ValueError(f"data.micro_batch_size={micro_batch_size!r} must be >= 1")
         if num_workers < 0:
             raise ValueError(f"data.num_workers={num_workers!r} must be >= 0")
+        self.schedule: StageSchedule = resolve_training_schedule(schedule)
+        if isinstance(self.schedule, EpochSchedule):
+            shards = {self.schedule.name: self.schedule.shard_set, **(shards or {})}
         if not demo and not shards:
             raise ValueError("data.shards must name at least one shard set (or set data.demo: true)")
         self.shards = dict(shards or {})
@@ -62,7 +71,6 @@ class CrescentDataModule(pl.LightningDataModule):
         self.num_workers = num_workers
         self.seed = seed
         self.val_samples = val_samples
-        self.schedule: StageSchedule = resolve_schedule(schedule)
         self.num_streams = num_streams
 
     def prepare_data(self) -> None:
@@ -88,6 +96,19 @@ class CrescentDataModule(pl.LightningDataModule):
         missing = [f"data.shards.{name}" for name in self.schedule.mixture_names() if name not in self.shards]
         if missing:
             raise ValueError(f"the stage schedule uses mixtures that have no shard set: {', '.join(missing)}")
+
+    def data_fingerprints(self) -> dict[str, str | None]:
+        """{set name: tokenizer fingerprint} of the training shard sets the schedule reads (from the manifests)."""
+        return {name: read_manifest(self.shards[name]).get("tokenizer", {}).get("fingerprint")
+                for name in self.schedule.mixture_names()}
+
+    @property
+    def chat_template(self) -> str | None:
+        """The chat template of the training sets (None for pretraining sets)."""
+        names = {read_manifest(self.shards[n]).get("chat", {}).get("template") for n in self.schedule.mixture_names()}
+        if len(names) > 1:
+            raise ValueError(f"the training chat sets use different chat templates: {sorted(map(str, names))}")
+        return names.pop() if names else None
 
     def _fingerprint(self) -> str | None:
         if not self.tokenizer_dir:
@@ -122,12 +143,14 @@ class CrescentDataModule(pl.LightningDataModule):
 
 def build_validation_set(out: Path, tokenizer: Path, seq_len: int, files: int = 24) -> Path:
     """Held-out code for the demo's validation loss: the standard library's own tests, which the demo's code
-    mixture excludes. Deterministic; built once."""
+    mixture excludes. Deterministic; built once per tokenizer (a rebuilt demo tokenizer rebuilds it)."""
     import sysconfig
 
     from components.data.shards import MANIFEST, build_shards
+    from components.data.tokenizer import load_tokenizer
 
-    if (out / MANIFEST).exists():
+    if (out / MANIFEST).exists() and read_manifest(str(out)).get("tokenizer", {}).get("fingerprint") == \
+            load_tokenizer(tokenizer).fingerprint:
         return out
     tests = sorted((Path(sysconfig.get_paths()["stdlib"]) / "test").glob("test_*.py"))[:files]
     if not tests:

@@ -15,7 +15,9 @@ import lightning.pytorch as pl
 import torch
 import torch.distributed as dist
 
+from app.sft import ChatTokens, InitFrom, loss_weight, packed_inputs
 from app.step import StepReport
+from components.data.epochs import EpochSchedule, resolve_training_schedule
 from components.data.stream import check_stream_layout
 from components.model.attention_stats import take_max_logits
 from components.model.balancing import update_routing_biases
@@ -24,7 +26,7 @@ from components.model.counting import flops_per_token
 from components.model.transformer import build_model
 from components.optim.head_blocks import GRANULARITIES
 from components.optim.qk_clip import QKClip
-from components.schedule import StageSchedule, resolve_schedule
+from components.schedule import StageSchedule
 
 OPTIMIZERS = ("muon", "adamw")
 STOP_REASONS = ("schedule_complete", "preempted")
@@ -60,6 +62,9 @@ class CrescentModule(pl.LightningModule):
         qk_clip_threshold: τ of QK-clip (null: off; K2 uses 100): after each step, every head whose max logit over
             the step (all micro-batches and ranks) exceeded τ has its query/key rows scaled back to τ.
         qk_clip_alpha: the query's share of the no-position factor (0.5: √γ each side; components/optim/qk_clip.py).
+        init_from: fine-tuning: an export checkpoint (or a run's exports/ folder: its newest) whose weights replace
+            the initial ones; its tokenizer must be the data's (app/sft.py). The schedule may then be an epoch
+            schedule (components/data/epochs.py).
     """
 
     def __init__(
@@ -83,6 +88,7 @@ class CrescentModule(pl.LightningModule):
         muon_granularity: str = "matrix",
         qk_clip_threshold: float | None = None,
         qk_clip_alpha: float = 0.5,
+        init_from: str | None = None,
     ):
         super().__init__()
         if optimizer not in OPTIMIZERS:
@@ -99,7 +105,9 @@ class CrescentModule(pl.LightningModule):
         # The run's parameters reach the loggers once, from the whole config (app/run.py), not from here too.
         self.save_hyperparameters(logger=False)
         self.model_config: ModelConfig = get_preset(preset, **(model_overrides or {}))
-        self.schedule = resolve_schedule(schedule)
+        self.schedule = resolve_training_schedule(schedule)
+        self.init_from = InitFrom(init_from) if init_from else None
+        self._chat_tokens = ChatTokens()
         self.automatic_optimization = False
         self.model = None  # built in configure_model (after the strategy exists, possibly on the meta device)
         # Training position (saved in checkpoints). The data position is global, one number for all ranks, and
@@ -133,6 +141,11 @@ class CrescentModule(pl.LightningModule):
     def setup(self, stage: str) -> None:
         dm = self.trainer.datamodule
         check_layout(self.schedule, dm.micro_batch_size, self.trainer.world_size, dm.num_workers, dm.num_streams)
+        if self.init_from is not None:
+            try:
+                self.init_from.check_tokenizer(dm.data_fingerprints())
+            except ValueError as err:
+                raise ConfigError(str(err)) from None
 
     def configure_model(self) -> None:
         """Build the model; under `muon_fsdp` build it on the meta device, shard it, then materialize each rank's
@@ -143,11 +156,16 @@ class CrescentModule(pl.LightningModule):
         parallelize = getattr(self.trainer.strategy, "parallelize", None) if self._trainer else None
         if parallelize is None:
             self.model = build_model(self.model_config, device=self.device, seed=seed)
-            return
-        self.model = build_model(self.model_config, device="meta", seed=seed)
-        parallelize(self.model)
-        self.model.to_empty(device=self.trainer.strategy.root_device)
-        self.model.reset_parameters(seed)
+        else:
+            self.model = build_model(self.model_config, device="meta", seed=seed)
+            parallelize(self.model)
+            self.model.to_empty(device=self.trainer.strategy.root_device)
+            self.model.reset_parameters(seed)
+        if self.init_from is not None:
+            try:
+                self.init_from.load_into(self.model)
+            except ValueError as err:
+                raise ConfigError(f"model.init_from: {err}") from None
 
     def configure_optimizers(self):
         from app.optimizers import make_optimizer
@@ -203,17 +221,28 @@ class CrescentModule(pl.LightningModule):
         attention = self._attention_layers() if self._track_max_logit or self.qk_clip is not None else []
         for attn in attention:
             attn.track_max_logit = True
-        out = self.model(batch["input_ids"], targets=batch["targets"])
+        out = self.model(batch["input_ids"], targets=batch["targets"], **packed_inputs(batch))
         loss = out.loss
         # No host sync per micro-batch: a non-finite loss only poisons gradients that the step then throws away.
         # A micro-batch whose samples were all lost to bad data still runs (collectives stay in step under FSDP2):
         # its gradients are zero and its (undefined) loss does not count.
         self.manual_backward(loss / accum)
         self._accumulate(batch, loss.detach().float(), out.expert_counts, attention)
+        self._chat_tokens.add(batch)
         self._micro += 1
         if self._micro == accum:
-            return {"loss": loss.detach(), "step": self._optimizer_step(state)}
+            report = self._optimizer_step(state)
+            self._log_chat_metrics()
+            return {"loss": loss.detach(), "step": report}
         return loss.detach()
+
+    def _log_chat_metrics(self) -> None:
+        """Fine-tuning metrics of the step just taken: target fraction, packing efficiency, epochs done."""
+        metrics = self._chat_tokens.take(self._all_reduce)
+        if metrics and isinstance(self.schedule, EpochSchedule):
+            metrics["sft/epoch"] = self.schedule.epoch(self.consumed_samples)
+        if metrics:
+            self.log_step_metrics(metrics)
 
     def _accumulate(self, batch, value: torch.Tensor, expert_counts, attention) -> None:
         rows = float(batch["input_ids"].shape[0] > 0)
@@ -307,10 +336,10 @@ class CrescentModule(pl.LightningModule):
 
     # -------------------------------------------------------------------------------------------- validation
     def validation_step(self, batch, batch_idx):
-        n = batch["input_ids"].shape[0]
+        n = loss_weight(batch)  # rows; a chat batch's targets
         if n == 0:  # every sample of this micro-batch was lost to bad data
             return None
-        out = self.model(batch["input_ids"], targets=batch["targets"])
+        out = self.model(batch["input_ids"], targets=batch["targets"], **packed_inputs(batch))
         self._val += torch.stack([out.loss.detach().float().cpu() * n, torch.tensor(float(n))])
         return out.loss
 
@@ -324,16 +353,21 @@ class CrescentModule(pl.LightningModule):
         self.model.eval()
         total = torch.zeros(2)
         for batch in loader:
-            n = batch["input_ids"].shape[0]
+            n = loss_weight(batch)
             if n == 0:
                 continue
-            out = self.model(batch["input_ids"].to(self.device), targets=batch["targets"].to(self.device))
+            out = self.model(batch["input_ids"].to(self.device), targets=batch["targets"].to(self.device),
+                             **packed_inputs(batch, self.device))
             total += torch.stack([out.loss.float().cpu() * n, torch.tensor(float(n))])
         self.model.train(was_training)
         total = self._all_reduce(total, "sum")
         return (total[0] / total[1]).item() if total[1] > 0 else float("nan")
 
     def on_train_start(self) -> None:
+        if self.init_from is not None and self.trainer.is_global_zero:
+            for logger in self.trainer.loggers:
+                if hasattr(logger, "set_tags"):
+                    logger.set_tags(self.init_from.tags())
         if self.trainer.global_step == 0:
             self.val_loss = self.val_loss_start = self.held_out_loss()
             self.log_step_metrics({"val/loss": self.val_loss}, monitor=False)

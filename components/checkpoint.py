@@ -5,6 +5,10 @@ Layout of one export, `ROOT/step-00000100/`:
     tokenizer.json, tokenizer_config.json, ...            copied from the run's tokenizer directory, if given
     crescent.json                                         {format_version, step, run_id, tracking_uri, created, ...}
 
+A fine-tuned model's export also names its chat template (`chat_template` in crescent.json) and writes it as Jinja
+into tokenizer_config.json, so transformers' `apply_chat_template` gives the ids training used. `resolve_export`
+and `load_export_weights` are how a fine-tuning run starts from an export (`model.init_from`).
+
 An export appears atomically: it is written into a hidden temporary directory beside its final place and renamed,
 so a watcher never sees half of one. Under torch.distributed every rank calls `save_export` (the DTensor gathers are
 collectives) and rank 0 writes. Weights are safetensors only (no pickle is ever loaded).
@@ -28,7 +32,7 @@ from components.durable import (
     publish_directory,
     temporary_path,
 )
-from components.model.hf import hf_state_items, load_hf, save_hf
+from components.model.hf import config_from_hf, fill_from_hf, hf_state_items, load_hf, save_hf
 from components.model.transformer import CrescentForCausalLM
 
 FORMAT_VERSION = 1
@@ -50,10 +54,12 @@ def save_export(
     run_id: str | None = None,
     tracking_uri: str | None = None,
     extra: dict | None = None,
+    chat_template: str | None = None,
 ) -> Path:
     """Write `out_dir/step-{step:08d}/` atomically and return its path (an existing export of that step is replaced).
 
     `extra` entries (e.g. tokens_seen, consumed_samples) are stored at the top level of crescent.json.
+    `chat_template`: the name of the chat template the model was fine-tuned with (components/data/chat.py).
     """
     if not isinstance(step, int) or isinstance(step, bool) or step < 0:
         raise ValueError(f"save_export: step={step!r} must be a non-negative integer")
@@ -74,7 +80,11 @@ def save_export(
         if tokenizer_dir is not None:
             _copy_tokenizer(Path(tokenizer_dir), tmp)
             _write_hf_tokenizer_config(tmp, model.config.max_position_embeddings)
+        if chat_template is not None:
+            _write_chat_template(tmp, chat_template)
         metadata = dict(extra or {})
+        if chat_template is not None:
+            metadata["chat_template"] = chat_template
         clash = sorted(set(metadata) & {"format_version", "step", "run_id", "tracking_uri", "created"})
         if clash:
             raise ValueError(f"save_export: extra keys {clash} collide with reserved metadata fields")
@@ -145,6 +155,22 @@ def _write_hf_tokenizer_config(export: Path, max_length: int) -> None:
     }, indent=2) + "\n")
 
 
+def _write_chat_template(export: Path, name: str) -> None:
+    """The template as Jinja in tokenizer_config.json (created for an HF tokenizer, updated when present)."""
+    from components.data.chat import get_template
+
+    jinja = get_template(name).jinja()
+    config_file = export / "tokenizer_config.json"
+    if config_file.exists():
+        config = json.loads(config_file.read_text())
+    elif (export / "tokenizer.json").exists():
+        config = {"tokenizer_class": "PreTrainedTokenizerFast", "add_bos_token": False, "add_eos_token": False}
+    else:
+        return
+    config["chat_template"] = jinja
+    config_file.write_text(json.dumps(config, indent=2) + "\n")
+
+
 def read_metadata(path: str | Path) -> dict:
     """crescent.json of an export; a clear error when it is missing, unreadable or of an unknown version."""
     if not Path(path).exists():
@@ -175,6 +201,33 @@ def load_export(path: str | Path, device: str | torch.device = "cpu",
         raise ValueError(f"export {str(path)!r}: weights file {(bad or ['?'])[0]!r} cannot be read ({err}); "
                          "it is truncated or corrupt: export it again") from None
     return model, metadata
+
+
+def resolve_export(path: str | Path) -> Path:
+    """An export directory, or the newest complete export in a folder of them (a run's `exports/`)."""
+    p = Path(path)
+    if (p / METADATA_FILE).is_file():
+        return p
+    found = list_exports(p)
+    if found:
+        return found[-1]
+    raise FileNotFoundError(f"{str(p)!r} is neither an export checkpoint (no {METADATA_FILE}) nor a folder of them "
+                            "(no complete step-* export inside)")
+
+
+def load_export_weights(model: CrescentForCausalLM, path: str | Path) -> dict:
+    """Overwrite `model`'s weights (plain or sharded) with an export's, weights only; the export's architecture
+    must be the model's. Returns the export's metadata."""
+    metadata = read_metadata(path)
+    theirs = config_from_hf(json.loads((Path(path) / "config.json").read_text())).to_dict()
+    ours = model.config.to_dict()
+    differ = sorted(k for k in set(ours) | set(theirs) if ours.get(k) != theirs.get(k))
+    if differ:
+        shown = ", ".join(f"{k}: model {ours.get(k)!r} vs export {theirs.get(k)!r}" for k in differ[:6])
+        raise ValueError(f"export {str(path)!r} has another architecture than the model ({shown}); set the model "
+                         "preset and model_overrides to the export's")
+    fill_from_hf(model, path)
+    return metadata
 
 
 def _readable_safetensors(file: Path) -> bool:

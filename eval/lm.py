@@ -5,6 +5,11 @@
 (lm-eval's own `lm_eval` command finds models only in its registry, which this module fills when imported;
 `crescent eval lm-eval` imports it and then runs lm-eval's CLI with the same arguments.)
 
+Chat: an export fine-tuned with a chat template (its crescent.json names it; `chat_template=NAME` sets one for
+another export) implements lm-eval's chat-template interface (`apply_chat_template`, `chat_template`,
+`tokenizer_name`), so `--apply_chat_template` renders prompts as the model was trained; the template's special
+tokens in a prompt encode to their ids and its end-of-turn token also stops generation.
+
 Requests follow lm-eval's conventions exactly (tokenization of context/continuation pairs through `TemplateLM`,
 left truncation to the model's context, rolling windows for perplexity, stop sequences including EOS), so scores
 are comparable with lm-eval's own `hf` model on the HF export of the same checkpoint. Identical model inputs
@@ -25,6 +30,7 @@ from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, po
 from tqdm import tqdm
 
 from components.checkpoint import load_export
+from components.data.chat import ChatEncoder
 from eval.generation import SamplingConfig, generate
 
 log = logging.getLogger(__name__)
@@ -37,7 +43,7 @@ class CrescentLM(TemplateLM):
     def __init__(self, pretrained: str | None = None, checkpoint: str | None = None, device: str = "cpu",
                  dtype: str = "float32", batch_size: int | str = 16, max_length: int | None = None,
                  max_gen_toks: int = 256, use_cache: bool = True, seed: int = 1234,
-                 max_logits_bytes: int = 4 << 30, **unused) -> None:
+                 max_logits_bytes: int = 4 << 30, chat_template: str | None = None, **unused) -> None:
         super().__init__()
         path = checkpoint or pretrained
         if path is None:
@@ -55,6 +61,8 @@ class CrescentLM(TemplateLM):
         self._device = torch.device(device)
         self.model, self.metadata = load_export(path, device=self._device, dtype=_DTYPES[str(dtype)])
         self.tokenizer = load_tokenizer(path)
+        template = chat_template or self.metadata.get("chat_template")
+        self.chat = ChatEncoder(self.tokenizer, template) if template else None
         if self.tokenizer.vocab_size > self.model.config.vocab_size:
             raise ValueError(f"crescent LM: tokenizer vocab_size={self.tokenizer.vocab_size} exceeds the model's "
                              f"vocab_size={self.model.config.vocab_size}")
@@ -93,10 +101,27 @@ class CrescentLM(TemplateLM):
 
     @property
     def tokenizer_name(self) -> str:
-        return f"crescent-{self.tokenizer.fingerprint[:16]}"
+        chat = f"-{self.chat.template.name}" if self.chat is not None else ""
+        return f"crescent-{self.tokenizer.fingerprint[:16]}{chat}"
+
+    def chat_template(self, chat_template: bool | str = False) -> str | None:
+        """The Jinja form of the export's chat template (what lm-eval records), or None without one."""
+        return self.chat.template.jinja() if self.chat is not None and chat_template is not False else None
+
+    def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+        """The prompt text of `chat_history` under the export's chat template; without a generation prompt a final
+        assistant message is left open (lm-eval's prefill), as transformers' continue_final_message does."""
+        if self.chat is None:
+            raise ValueError(f"crescent LM: export {self.path!r} names no chat template (crescent.json "
+                             "chat_template); pass chat_template=NAME in --model_args to use one")
+        template = self.chat.template
+        text = template.render(chat_history, add_generation_prompt=add_generation_prompt)
+        if not add_generation_prompt and chat_history and chat_history[-1]["role"] == "assistant":
+            text = text[:-len(template.end)]
+        return text
 
     def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs) -> list[int]:
-        ids = self.tokenizer.encode(string)
+        ids = self.chat.encode_text(string) if self.chat is not None else self.tokenizer.encode(string)
         if add_special_tokens and self.tokenizer.bos_id is not None:
             ids = [self.tokenizer.bos_id] + ids
         return ids
@@ -198,7 +223,7 @@ class CrescentLM(TemplateLM):
             for start in range(0, len(ordered), self.batch_size):
                 chunk = ordered[start:start + self.batch_size]
                 outputs = generate(self.model, [encoded[i] for i in chunk], max_new,
-                                   stop_ids={self.eot_token_id}, should_stop=self._stop_check(until),
+                                   stop_ids=self._stop_ids(), should_stop=self._stop_check(until),
                                    sampling=sampling, use_cache=self.use_cache, pad_id=self.eot_token_id,
                                    generator=self.generator)
                 for i, tokens in zip(chunk, outputs):
@@ -208,6 +233,13 @@ class CrescentLM(TemplateLM):
                     bar.update(1)
         bar.close()
         return results
+
+    def _stop_ids(self) -> set[int]:
+        """EOS, and a chat template's end of turn."""
+        ids = {self.eot_token_id}
+        if self.chat is not None:
+            ids.add(self.chat.special_ids[self.chat.template.end])
+        return ids
 
     def _stop_check(self, until: list[str]):
         stops = [s for s in until if s]

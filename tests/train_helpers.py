@@ -102,6 +102,25 @@ def crescent(*args: str, cwd: Path, timeout: float = 600, check: bool = True) ->
     return result
 
 
+def preempt_after(config: Path, checkpoint: Path, cwd: Path, extra_env: dict | None = None,
+                  timeout: float = 300) -> tuple[int, str]:
+    """Start `crescent train --config CONFIG`, send it SIGTERM (what Kubernetes sends) once `checkpoint` exists, and
+    return (exit status, output) when it has stopped."""
+    import signal
+    import time
+
+    cmd = [sys.executable, "-m", "app.cli", "train", "--config", str(config)]
+    proc = subprocess.Popen(cmd, cwd=cwd, env={**env(), "PYTHONPATH": str(ROOT), **(extra_env or {})},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + timeout
+    while not checkpoint.exists():
+        assert proc.poll() is None and time.time() < deadline, proc.stdout.read()
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=timeout)
+    return proc.returncode, out
+
+
 def metric_history(tracking_uri: str, experiment: str, key: str) -> list[tuple[int, float]]:
     from mlflow.tracking import MlflowClient
 

@@ -68,7 +68,8 @@ class ExportCheckpoint(pl.Callback):
             pl_module.model, self.dirpath, step=step, tokenizer_dir=tokenizer_dir,
             run_id=getattr(logger, "run_id", None), tracking_uri=getattr(logger, "tracking_uri", None),
             extra={"tokens_seen": pl_module.tokens_seen, "consumed_samples": pl_module.consumed_samples,
-                   "stage": pl_module.schedule.at(pl_module.tokens_seen).stage_name})
+                   "stage": pl_module.schedule.at(pl_module.tokens_seen).stage_name},
+            chat_template=getattr(trainer.datamodule, "chat_template", None))
         self._last_step = step
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:

@@ -1,14 +1,15 @@
 """`crescent data ...`: tokenizers and webdataset shards.
 
   tokenizer  train a byte-level BPE on text sources (or show a tokenizer with --show)
-  build      tokenize sources and write shards + manifest.json
-  demo       build the offline demo corpus (tokenizer + `english` and `code` shard sets)
+  build      tokenize sources and write shards + manifest.json (--format chat: fine-tuning conversations)
+  demo       build the offline demo corpus (tokenizer, `english` and `code` shard sets, the demo chat set)
   inspect    summarize a shard set (or a tokenizer directory); --verify checks every shard's sha256
   schedule   print a stage schedule preset or YAML file, optionally plot it
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import shutil
 import sys
@@ -36,34 +37,70 @@ def _tokenizer(args) -> int:
 
 
 def _build(args) -> int:
+    if args.format == "chat":
+        return _build_chat(args)
     tokenizer = args.tokenizer
     if tokenizer is None and is_url(args.out):
         print(f"crescent data build: --out {args.out} is a URL: pass --tokenizer DIR (a local tokenizer; it is "
               "trained into --out only for a local directory)", file=sys.stderr)
         return 2
     out = Path(args.out)
-    created = not is_url(args.out) and not out.exists()
     report = SourceReport()
     try:
-        if tokenizer is None:
-            tokenizer = str(out / "tokenizer")
-            train_bpe(_documents(args), vocab_size=args.vocab_size, out_dir=tokenizer)
-            print(f"trained a byte-level BPE (vocab {args.vocab_size}) into {tokenizer}")
-        manifest = build_shards(args.source, args.out, tokenizer, seq_len=args.seq_len,
-                                shard_samples=args.shard_samples, seed=args.seed, workers=args.workers,
-                                text_field=args.text_field, name=args.name, progress=not args.quiet,
-                                num_slices=args.num_slices, slice_index=args.slice_index,
-                                encodings=_encodings(args), on_bad_record=args.on_bad_record, report=report)
-    except BaseException:
-        if created and out.exists():
-            shutil.rmtree(out, ignore_errors=True)  # a failed build leaves no (empty or partial) --out behind
-        raise
+        with _removed_if_failed(args.out):
+            if tokenizer is None:
+                tokenizer = str(out / "tokenizer")
+                train_bpe(_documents(args), vocab_size=args.vocab_size, out_dir=tokenizer)
+                print(f"trained a byte-level BPE (vocab {args.vocab_size}) into {tokenizer}")
+            manifest = build_shards(args.source, args.out, tokenizer, seq_len=args.seq_len,
+                                    shard_samples=args.shard_samples, seed=args.seed, workers=args.workers,
+                                    text_field=args.text_field, name=args.name, progress=not args.quiet,
+                                    num_slices=args.num_slices, slice_index=args.slice_index,
+                                    encodings=_encodings(args), on_bad_record=args.on_bad_record, report=report)
     finally:
         for line in report.summary():
             print(f"crescent data build: {line}", file=sys.stderr)
     print(f"{args.out}: {manifest['documents']} documents -> {manifest['samples']} samples of {args.seq_len}+1 "
           f"tokens ({manifest['tokens']} tokens, {manifest['dtype']}) in {len(manifest['shards'])} shards")
     return 0
+
+
+def _build_chat(args) -> int:
+    """Chat records (tulu-3 `messages`) -> packed chat shards with segments and the loss mask."""
+    from components.data.chat_build import ChatReport, build_chat_shards
+
+    if args.tokenizer is None:
+        print("crescent data build --format chat: pass --tokenizer DIR, a tokenizer with the chat template's special "
+              "tokens (the demo tokenizer, or a tiktoken one; the model's own tokenizer)", file=sys.stderr)
+        return 2
+    report = ChatReport()
+    try:
+        with _removed_if_failed(args.out):
+            manifest = build_chat_shards(args.source, args.out, args.tokenizer, template=args.chat_template,
+                                         seq_len=args.seq_len, shard_samples=args.shard_samples, seed=args.seed,
+                                         packing=args.packing, too_long=args.too_long,
+                                         on_bad_record=args.on_bad_record, name=args.name, report=report)
+    finally:
+        for line in report.summary():
+            print(f"crescent data build: {line}", file=sys.stderr)
+    chat = manifest["chat"]
+    print(f"{args.out}: {report.records} records -> {chat['conversations']} conversations -> {manifest['samples']} "
+          f"samples of {args.seq_len}+1 tokens ({chat['packing']}: {chat['packing_efficiency']:.1%} of the slots "
+          f"hold tokens, {chat['target_tokens']} targets) in {len(manifest['shards'])} shards")
+    return 0
+
+
+@contextlib.contextmanager
+def _removed_if_failed(location: str):
+    """A failed build leaves no (empty or partial) --out behind, when it was the one to create it."""
+    out = Path(location)
+    created = not is_url(location) and not out.exists()
+    try:
+        yield
+    except BaseException:
+        if created and out.exists():
+            shutil.rmtree(out, ignore_errors=True)
+        raise
 
 
 def _encodings(args) -> tuple[str, ...]:
@@ -98,6 +135,8 @@ def _merge(args) -> int:
 
 
 def _demo(args) -> int:
+    from components.data.shards import read_manifest
+
     paths = build_demo(args.out, vocab_size=args.vocab_size, seq_len=args.seq_len, workers=args.workers,
                        english_chars=args.english_chars, code_chars=args.code_chars, force=args.force,
                        progress=not args.quiet)
@@ -105,6 +144,12 @@ def _demo(args) -> int:
     for name, path in paths.sets.items():
         info = inspect_shard_set(str(path))
         print(f"demo set {name}: {path}  {info['samples']} samples, {info['tokens']} tokens, {info['shards']} shards")
+    for split, path in paths.chat.items():
+        chat = read_manifest(str(path))["chat"]
+        print(f"demo chat set {split}: {path}  {chat['conversations']} conversations, {chat['target_tokens']} "
+              f"target tokens, template {chat['template']}")
+    print("  (the chat set is synthetic: questions about standard-library functions answered from their own "
+          "docstrings, PSF licence; it teaches the turn format and answer style, not instruction following)")
     return 0
 
 
@@ -174,6 +219,13 @@ def main(argv: list[str]) -> int:
                    help="split the source documents into this many disjoint slices (one per build job)")
     p.add_argument("--slice-index", type=int, default=0, help="which slice this build tokenizes (0-based)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--format", choices=("text", "chat"), default="text",
+                   help="text documents (pretraining) or chat records {messages: [{role, content}, ...]} (SFT)")
+    p.add_argument("--chat-template", default="moonlight", help="chat template by name (--format chat)")
+    p.add_argument("--packing", choices=("best_fit", "none"), default="best_fit",
+                   help="pack conversations into samples (best fit) or one per sample with padding (--format chat)")
+    p.add_argument("--too-long", choices=("truncate", "drop"), default="truncate",
+                   help="a conversation longer than seq_len+1 tokens: truncate it or drop it (counted)")
     _add_input_rules(p)
     p.set_defaults(func=_build)
 

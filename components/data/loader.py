@@ -3,7 +3,9 @@
 Each batch it yields is one micro-batch of this rank: `input_ids` and `targets` IntTensor[n, seq_len] (int32: two
 views of one [n, seq_len + 1] tensor, targets are the next tokens; `nn.Embedding` takes int32 indices, and the
 model's loss widens its targets), `index`, `set_id`, `sample_id` LongTensor[n], and `lost_samples`, `bad_shards`
-LongTensor[1] (data errors behind this batch, met by the worker that read it). n is `micro_batch_size` except
+LongTensor[1] (data errors behind this batch, met by the worker that read it); from chat sets also `position_ids`
+and `segment_ids` IntTensor[n, seq_len] (packed sets), masked `targets` and `chat_tokens` LongTensor[2] (non-padding
+inputs, targets). n is `micro_batch_size` except
 where samples were lost to bad data (then smaller, possibly 0: every micro-batch of the data order is yielded, so
 the other samples keep their places and a consumer that counts micro-batches knows the position).
 
@@ -54,7 +56,7 @@ class StreamLoader(DataLoader):
         if group is None:
             ring_slots = stream.num_workers * self.slots
             target = min(2 << 20, self.RING_BYTES // ring_slots) if ring_slots else 2 << 20
-            group = group_size(stream.micro_batch_size, stream.seq_len, stream.token_dtype, target_bytes=target)
+            group = group_size(stream.micro_batch_size, stream.sample_width, stream.token_dtype, target_bytes=target)
         if not isinstance(group, int) or group < 1:
             raise ValueError(f"group={group!r} must be a positive integer (or None for about 2 MB per transfer)")
         super().__init__(_Groups(stream, group), batch_size=None, num_workers=stream.num_workers,
@@ -71,12 +73,13 @@ class StreamLoader(DataLoader):
         ring = None
         if self.num_workers > 0:
             ring = shared_ring(self.num_workers, self.slots, self.group, b,
-                               row_width(stream.seq_len, stream.token_dtype))
+                               row_width(stream.sample_width, stream.token_dtype))
         self.dataset.ring = ring
         try:
             for item in super().__iter__():
                 group = item if ring is None else ring[item[0], item[1], :item[2]]
-                for ordinal, batch in unpack_group(group, stream.seq_len, stream.token_dtype, first, W, pin=self.pin):
+                for ordinal, batch in unpack_group(group, stream.seq_len, stream.token_dtype, first, W, pin=self.pin,
+                                                   chat=stream.chat):
                     pending[ordinal] = batch
                 while next_ordinal in pending:
                     yield pending.pop(next_ordinal)

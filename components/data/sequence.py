@@ -15,6 +15,11 @@ Global sample i (i = 0, 1, 2, ... over the whole job, all ranks together) is def
    samples per epoch, so a worker that owns a few streams reads only its own shards.
 
 Ownership (who reads which stream) is a separate, layout-dependent choice made in `stream.py`.
+
+Chat sets (supervised fine-tuning) are read in exact epochs instead (`EpochLayout`): blocks of one sample, so
+with one set in the mixture draw k of stream v is set position g = k * V + v = i itself, and epoch e is exactly
+global samples [e * N, (e + 1) * N). Each epoch reshuffles, as a pure function of (seed, set name, epoch): the
+shards are permuted, then the samples inside each shard (a reader still works through one shard at a time).
 """
 from __future__ import annotations
 
@@ -153,3 +158,31 @@ def count_draws(plan: MixturePlan, seed: int, stream: int, num_streams: int, sta
         index = stream + num_streams * np.arange(lo, min(end, lo + chunk), dtype=np.int64)
         counts += np.bincount(plan.choose(seed, index), minlength=len(counts))
     return counts
+
+
+class EpochLayout(SetLayout):
+    """`SetLayout` read in exact epochs with a per-epoch reshuffle of the shards and of the samples in each shard
+    (see the module docstring); what a chat set uses."""
+
+    def __init__(self, name: str, shard_samples: Sequence[int], num_streams: int, seed: int, max_epochs_cached=4):
+        super().__init__(name, shard_samples, num_streams, seed, max_epochs_cached)
+        self.block = 1
+        self._inside: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
+
+    def within_shard(self, epoch: int, shard: int) -> np.ndarray:
+        """The order of shard `shard`'s samples in epoch `epoch`: a pure function of (seed, set name, epoch, shard)."""
+        key = (epoch, shard)
+        found = self._inside.get(key)
+        if found is None:
+            rng = np.random.default_rng([self.seed & _MASK, self._key, epoch, shard])
+            found = self._inside[key] = rng.permutation(int(self.counts[shard]))
+            while len(self._inside) > 64:
+                self._inside.popitem(last=False)
+        return found
+
+    def locate_many(self, streams: np.ndarray, ks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        epochs, shards, offsets = super().locate_many(streams, ks)
+        for epoch, shard in set(zip(epochs.tolist(), shards.tolist())):
+            sel = (epochs == epoch) & (shards == shard)
+            offsets[sel] = self.within_shard(epoch, shard)[offsets[sel]]
+        return epochs, shards, offsets

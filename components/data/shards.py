@@ -158,23 +158,27 @@ def build_shards(sources: list[str], out_dir: str | os.PathLike, tokenizer_dir: 
                         info=info)
 
 
-def write_shards(samples: np.ndarray, out_dir: str | os.PathLike, *, seed: int, shard_samples: int, name: str,
-                 info: dict) -> dict:
+def write_shards(samples: np.ndarray, out_dir: str | os.PathLike, *, seed: int, shard_samples: int,
+                 name: str | None, info: dict, seq_len: int | None = None, ext: str = SAMPLE_EXT) -> dict:
     """Shuffle packed samples [n, seq_len+1] with `seed`, write the tar shards and `manifest.json` (into a local
-    directory or under a URL prefix; each file appears whole, see `remote.write_bytes`)."""
+    directory or under a URL prefix; each file appears whole, see `remote.write_bytes`).
+
+    Chat sets (components/data/chat_build.py) pass rows of another width with their `seq_len`, the member
+    extension `ext` and `info["chat"]`, recorded as the manifest's `kind: chat` and `chat` entries."""
     out = str(out_dir)
     remote.make_dirs(out)
     n_samples, sample_len = samples.shape
+    seq_len = sample_len - 1 if seq_len is None else seq_len
     dtype = str(samples.dtype)
     order = np.random.default_rng(seed).permutation(n_samples)
     little = np.dtype(dtype).newbyteorder("<")
     shards = []
     for index, start in enumerate(range(0, n_samples, shard_samples)):
         ids = order[start:start + shard_samples]
-        members = [(f"{int(i):010d}.{SAMPLE_EXT}", samples[i].astype(little).tobytes()) for i in ids]
+        members = [(f"{int(i):010d}.{ext}", samples[i].astype(little).tobytes()) for i in ids]
         data = tar_bytes(members)
         remote.write_bytes(remote.join(out, shard_name(index)), data)
-        shards.append({"file": shard_name(index), "samples": len(ids), "tokens": len(ids) * sample_len,
+        shards.append({"file": shard_name(index), "samples": len(ids), "tokens": len(ids) * (seq_len + 1),
                        "sha256": hashlib.sha256(data).hexdigest()})
     keep = {s["file"] for s in shards}
     for stale in remote.list_names(out, "shard-*.tar"):
@@ -182,8 +186,8 @@ def write_shards(samples: np.ndarray, out_dir: str | os.PathLike, *, seed: int, 
             remote.remove(remote.join(out, stale))
     manifest = {
         "format": FORMAT,
-        "name": name,
-        "seq_len": sample_len - 1,
+        "name": name or _set_name(out),
+        "seq_len": seq_len,
         "sample_tokens": sample_len,
         "dtype": dtype,
         "seed": seed,
@@ -192,13 +196,15 @@ def write_shards(samples: np.ndarray, out_dir: str | os.PathLike, *, seed: int, 
         "tokenizer": info["tokenizer"],
         "documents": info.get("documents", 0),
         "samples": n_samples,
-        "tokens": n_samples * sample_len,
+        "tokens": n_samples * (seq_len + 1),
         "dropped_tokens": info.get("dropped_tokens", 0),
         "shard_samples": shard_samples,
         "shards": shards,
     }
     if "input" in info:
         manifest["input"] = info["input"]  # files read, documents, what was skipped and why
+    if "chat" in info:
+        manifest.update(kind="chat", sample_ext=ext, chat=info["chat"])
     remote.write_bytes(remote.join(out, MANIFEST), (json.dumps(manifest, indent=2) + "\n").encode())
     return manifest
 

@@ -12,6 +12,12 @@ W*K*b, each virtual stream belongs to exactly one (rank, worker), so a worker re
 `num_streams % (world_size * max(1, num_workers) * micro_batch_size) == 0` (unless a single process reads all).
 Correctness does not depend on it (a shared stream is just read by several workers); I/O locality does.
 
+Chat sets (`kind: chat` manifests, components/data/chat.py) carry per-token segments and the loss mask in each
+row; an item then also has `position_ids` and `segment_ids` (packed sets) and `targets` hold IGNORE_INDEX where
+a token is not a target. A chat set is read in exact epochs (`sequence.EpochLayout`): with it alone in the
+mixture, global samples [e * N, (e + 1) * N) are epoch e, every sample once, in an order that is a pure function
+of (seed, set, e). Chat and token sets are not mixed in one stream.
+
 A yielded item is a dict: `input_ids` LongTensor[seq_len], `targets` LongTensor[seq_len] (the next tokens),
 `index` (global sample index), `set_id` (position of the set in `set_names`), `sample_id` (the sample's position in
 its set's packed token stream), `lost_samples` and `bad_shards` (data errors met since the previous item of this
@@ -39,9 +45,10 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from . import remote
-from .sequence import MixturePlan, SetLayout, count_draws
+from .chat import model_fields
+from .sequence import EpochLayout, MixturePlan, SetLayout, count_draws
 from .shards import read_manifest
-from .tarshard import ShardSamples, decode_shard
+from .tarshard import SAMPLE_EXT, ShardSamples, decode_shard
 
 log = logging.getLogger(__name__)
 # Out of file descriptors or memory: not bad data, so never counted as a lost shard.
@@ -136,6 +143,13 @@ class MixtureStream(IterableDataset):
         if len(set(seq_lens.values())) != 1:
             raise ValueError(f"shard sets have different seq_len: {seq_lens}")
         self.seq_len = next(iter(seq_lens.values()))
+        kinds = {s.name: s.manifest.get("kind", "tokens") for s in self.sets}
+        if len(set(kinds.values())) != 1:
+            raise ValueError(f"shard sets mix kinds {kinds}: chat sets and token sets cannot share a stream")
+        self.sample_width = int(self.sets[0].manifest["sample_tokens"])  # integers per stored row
+        # None for token sets; 'packed' (segments, positions) or 'padded' (one conversation per row) for chat sets.
+        self.chat = None if kinds[self.set_names[0]] != "chat" else (
+            "padded" if all(s.manifest["chat"]["packing"] == "none" for s in self.sets) else "packed")
         self.token_dtype = np.result_type(*(np.dtype(s.manifest["dtype"]) for s in self.sets))
         self.plan = MixturePlan.from_mixture(self.set_names, mixture, self.seq_len)
         self.rank, self.world_size, self.num_workers = rank, world_size, num_workers
@@ -183,12 +197,17 @@ class MixtureStream(IterableDataset):
     def __iter__(self):
         """One dict per sample (see the module docstring); collate with DataLoader(batch_size=micro_batch_size)."""
         for reader, (index,) in self.chunks():
-            tokens = np.empty((len(index), self.seq_len + 1), dtype=self.token_dtype)
+            tokens = np.empty((len(index), self.sample_width), dtype=self.token_dtype)
             set_ids, sample_ids = reader.read(index, tokens, np.arange(len(index)))
             for r in np.flatnonzero(sample_ids >= 0).tolist():
-                row = torch.from_numpy(tokens[r].astype(np.int64))
+                if self.chat is None:
+                    row = torch.from_numpy(tokens[r].astype(np.int64))
+                    fields = {"input_ids": row[:-1], "targets": row[1:]}
+                else:
+                    fields = {k: torch.from_numpy(v.astype(np.int64)) for k, v in
+                              model_fields(tokens[r], self.seq_len, self.chat == "packed").items()}
                 lost, bad = reader.take_counters()
-                yield {"input_ids": row[:-1], "targets": row[1:], "index": int(index[r]), "set_id": int(set_ids[r]),
+                yield {**fields, "index": int(index[r]), "set_id": int(set_ids[r]),
                        "sample_id": int(sample_ids[r]), "lost_samples": lost, "bad_shards": bad}
 
 
@@ -206,7 +225,8 @@ class _WorkerReader:
 
     def __init__(self, stream: MixtureStream):
         self.stream = stream
-        self.layouts = [SetLayout(s.name, s.shard_samples, stream.num_streams, stream.seed) for s in stream.sets]
+        self.layouts = [(EpochLayout if stream.chat else SetLayout)(s.name, s.shard_samples, stream.num_streams,
+                                                                    stream.seed) for s in stream.sets]
         n_sets, V = len(self.layouts), stream.num_streams
         self.position = np.zeros(V, dtype=np.int64)        # next position of each virtual stream
         self.draws = np.zeros((V, n_sets), dtype=np.int64)  # draws so far of each virtual stream from each set
@@ -244,7 +264,7 @@ class _WorkerReader:
                     raise  # this process (or its credentials), not the data, is in trouble: do not drop data
                 error = f"{type(err).__name__}: {err}"
         shard = decode_shard(data, int(entry["samples"]), int(shard_set.manifest["sample_tokens"]),
-                             shard_set.manifest["dtype"], error)
+                             shard_set.manifest["dtype"], error, ext=shard_set.manifest.get("sample_ext", SAMPLE_EXT))
         if shard.error is not None or shard.bad:
             self.bad_shards += 1
             log.warning("shard %s: %s; %d of %d samples lost", url, shard.error or "malformed samples",
@@ -253,7 +273,7 @@ class _WorkerReader:
 
     def read(self, index: np.ndarray, out: np.ndarray, dest: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Read global samples `index` (increasing; may hold several positions of one virtual stream, e.g.
-        several micro-batches at once) into rows `dest` of `out` [rows, seq_len + 1]. Returns (set_id,
+        several micro-batches at once) into rows `dest` of `out` [rows, sample_width]. Returns (set_id,
         sample_id) per sample; sample_id is -1 where the sample was lost to bad data (its row is left as is).
         Draw k of a sample is its stream's draws so far from its set plus the earlier samples of this call with
         the same (stream, set)."""

@@ -109,8 +109,9 @@ _POW8 = 8 ** np.arange(5, -1, -1, dtype=np.int64)
 _POW10 = 10 ** np.arange(9, -1, -1, dtype=np.int64)
 
 
-def _decode_uniform(data: bytes, expected: int, sample_len: int, item: np.dtype) -> ShardSamples | None:
-    """All headers at once, for the shards we write: `expected` members of equal size named `{10 digits}.tokens`,
+def _decode_uniform(data: bytes, expected: int, sample_len: int, item: np.dtype,
+                    ext: str = SAMPLE_EXT) -> ShardSamples | None:
+    """All headers at once, for the shards we write: `expected` members of equal size named `{10 digits}.{ext}`,
     ustar, regular files, Python's checksum layout. None when anything differs (then the general reader runs)."""
     want = sample_len * item.itemsize
     stride = BLOCK + -(-want // BLOCK) * BLOCK
@@ -119,7 +120,7 @@ def _decode_uniform(data: bytes, expected: int, sample_len: int, item: np.dtype)
     rows = np.frombuffer(data, np.uint8, expected * stride).reshape(expected, stride)
     header = rows[:, :BLOCK]
     size_field = np.frombuffer(b"%011o\0" % want, np.uint8)
-    name_tail = np.frombuffer(b"." + SAMPLE_EXT.encode() + b"\0", np.uint8)
+    name_tail = np.frombuffer(b"." + ext.encode() + b"\0", np.uint8)
     digits = header[:, :10].astype(np.int64) - 48
     stored = (header[:, 148:154].astype(np.int64) - 48) @ _POW8
     computed = header.sum(axis=1, dtype=np.int64) - header[:, 148:156].sum(axis=1, dtype=np.int64) + 256
@@ -136,11 +137,12 @@ def _decode_uniform(data: bytes, expected: int, sample_len: int, item: np.dtype)
 
 
 def decode_shard(data: bytes | None, expected: int, sample_len: int, dtype: str, error: str | None = None,
-                 fast: bool = True) -> ShardSamples:
-    """Parse a shard's tar bytes into token rows. Never raises on bad data: what cannot be read is reported."""
+                 fast: bool = True, ext: str = SAMPLE_EXT) -> ShardSamples:
+    """Parse a shard's tar bytes into rows of `sample_len` values (members `*.{ext}`: `tokens`, or a chat set's
+    `chat`). Never raises on bad data: what cannot be read is reported."""
     item = np.dtype(dtype).newbyteorder("<")
     if fast and data is not None and error is None:
-        fast = _decode_uniform(data, expected, sample_len, item)
+        fast = _decode_uniform(data, expected, sample_len, item, ext)
         if fast is not None:
             return fast
     tokens = np.zeros((expected, sample_len), dtype=dtype)
@@ -150,8 +152,8 @@ def decode_shard(data: bytes | None, expected: int, sample_len: int, dtype: str,
 
     def take(name: str, payload, size: int) -> None:
         nonlocal ok, bad
-        stem, _, ext = name.rpartition("/")[-1].partition(".")
-        if ext != SAMPLE_EXT or size != want or not stem.isdigit():
+        stem, _, suffix = name.rpartition("/")[-1].partition(".")
+        if suffix != ext or size != want or not stem.isdigit():
             bad += 1
             return
         tokens[ok] = payload

@@ -6,6 +6,10 @@
   `tiktoken.model`: ranks 0..N-1, then 256 reserved special tokens from id N (Moonlight: N = 163584,
   [BOS]=163584, [EOS]=163585, <|im_end|>=163586; moonlight.md §2.2).
 
+Chat templates (components/data/chat.py) need their control tokens as special tokens: `train_bpe(...,
+special_tokens=...)` reserves them (the demo tokenizer does), and a bare tiktoken file gets Kimi's chat tokens at
+their reserved ids; `special_token_id(name)` finds them.
+
 Both write a small sidecar `crescent_tokenizer.json` on `save()` (backend, eos/bos tokens, pattern) so that
 `load_tokenizer(directory)` gives back an identical tokenizer (same `fingerprint`).
 """
@@ -39,6 +43,9 @@ KIMI_PATTERN = "|".join(
 # Names of the first Kimi special tokens (ids N.. N+4; Kimi-K2's tokenizer_config.json). A tokenizer_config.json
 # beside the tiktoken file, as Moonlight ships, takes precedence; the rest are reserved placeholders.
 KIMI_SPECIALS = ("[BOS]", "[EOS]", "<|im_end|>", "<|im_user|>", "<|im_assistant|>")
+# The rest of the Kimi chat template's tokens, by offset from N (Kimi-K2's tokenizer_config.json, recalled, not
+# checked offline: <|im_system|>=163594, <|im_middle|>=163601 for Moonlight's N = 163584).
+KIMI_CHAT_SPECIALS = {10: "<|im_system|>", 17: "<|im_middle|>"}
 NUM_RESERVED_SPECIALS = 256
 
 
@@ -58,6 +65,10 @@ class Tokenizer:
         raise NotImplementedError
 
     def decode(self, ids: Iterable[int]) -> str:
+        raise NotImplementedError
+
+    def special_token_id(self, token: str) -> int | None:
+        """The id of special (control) token `token`, or None when the tokenizer has no such special token."""
         raise NotImplementedError
 
     def save(self, directory: str | os.PathLike) -> Path:
@@ -100,6 +111,7 @@ class HFTokenizer(Tokenizer):
         self.eos_id = vocab[eos_token]
         self.bos_id = vocab[bos_token] if bos_token is not None else None
         self.vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
+        self._specials = {t.content: i for i, t in tokenizer.get_added_tokens_decoder().items() if t.special}
         canonical = json.loads(tokenizer.to_str())
         self.fingerprint = _sha256_json({"hf": canonical, "eos": eos_token, "bos": bos_token})
 
@@ -108,6 +120,9 @@ class HFTokenizer(Tokenizer):
 
     def decode(self, ids: Iterable[int]) -> str:
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)
+
+    def special_token_id(self, token: str) -> int | None:
+        return self._specials.get(token)
 
     def save(self, directory: str | os.PathLike) -> Path:
         out = Path(directory)
@@ -135,6 +150,7 @@ class TiktokenTokenizer(Tokenizer):
             if token is not None and token not in specials:
                 raise ValueError(f"{field}={token!r} is not among the special tokens {list(specials)[:8]}...")
         self._ranks, self._special_names, self.pattern = ranks, list(special_names), pattern
+        self._specials = specials
         self._enc = tiktoken.Encoding("crescent", pat_str=pattern, mergeable_ranks=ranks, special_tokens=specials)
         self.eos_token, self.bos_token = eos_token, bos_token
         self.eos_id = specials[eos_token]
@@ -152,6 +168,9 @@ class TiktokenTokenizer(Tokenizer):
 
     def decode(self, ids: Iterable[int]) -> str:
         return self._enc.decode([int(i) for i in ids])
+
+    def special_token_id(self, token: str) -> int | None:
+        return self._specials.get(token)
 
     def save(self, directory: str | os.PathLike) -> Path:
         out = Path(directory)
@@ -226,7 +245,7 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
     elif (file.parent / "tokenizer_config.json").exists():
         names, eos, bos = _tiktoken_specials_from_config(file.parent / "tokenizer_config.json", len(ranks))
     else:
-        names = list(KIMI_SPECIALS) + [f"<|reserved_token_{i}|>"
+        names = list(KIMI_SPECIALS) + [KIMI_CHAT_SPECIALS.get(i, f"<|reserved_token_{i}|>")
                                        for i in range(len(KIMI_SPECIALS), NUM_RESERVED_SPECIALS)]
         eos, bos = None, None
     return TiktokenTokenizer(ranks, names, sidecar.get("pattern", KIMI_PATTERN),
@@ -245,20 +264,23 @@ def _iter_training_texts(paths_or_texts: Iterable[str | os.PathLike]) -> Iterabl
 
 
 def train_bpe(paths_or_texts: Iterable[str | os.PathLike], vocab_size: int, out_dir: str | os.PathLike | None = None,
-              eos_token: str = "<|endoftext|>") -> HFTokenizer:
+              eos_token: str = "<|endoftext|>", special_tokens: Sequence[str] = ()) -> HFTokenizer:
     """Train a byte-level BPE (HF `tokenizers`), EOS at id 0; save it to `out_dir` when given.
 
-    `paths_or_texts`: file or directory paths (read as UTF-8), or the texts themselves.
+    `paths_or_texts`: file or directory paths (read as UTF-8), or the texts themselves. `special_tokens`: control
+    tokens reserved after EOS (ids 1, 2, ...; e.g. a chat template's), never produced by merges.
     """
     from tokenizers import Tokenizer as RawTokenizer
     from tokenizers import decoders, models, pre_tokenizers, trainers
 
-    if vocab_size < 256 + 2:
-        raise ValueError(f"vocab_size={vocab_size} must be at least 258 (256 bytes + EOS + one merge)")
+    specials = [eos_token, *(t for t in special_tokens if t != eos_token)]
+    if vocab_size < 256 + len(specials) + 1:
+        raise ValueError(f"vocab_size={vocab_size} must be at least {256 + len(specials) + 1} (256 bytes + "
+                         f"{len(specials)} special tokens + one merge)")
     tok = RawTokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[eos_token], show_progress=False,
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), min_frequency=2)
     tok.train_from_iterator(_iter_training_texts(paths_or_texts), trainer=trainer)
     result = HFTokenizer(tok, eos_token=eos_token)

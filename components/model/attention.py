@@ -13,6 +13,7 @@ from torch import nn
 
 from components.model.attention_stats import head_max_logits
 from components.model.config import ModelConfig
+from components.model.document_mask import DocumentMask
 from components.model.layers import RMSNorm, apply_rotary
 
 
@@ -77,10 +78,11 @@ class MultiHeadLatentAttention(nn.Module):
         self,
         x: torch.Tensor,
         rope: tuple[torch.Tensor, torch.Tensor],
-        mask: torch.Tensor | None,
+        mask: torch.Tensor | DocumentMask | None,
         cache: KVCache | None = None,
     ) -> torch.Tensor:
-        """x [B, S, H]; mask: None for plain causal attention, else a boolean [B, 1, S, S_total] (True = attend)."""
+        """x [B, S, H]; mask: None for plain causal attention, a boolean [B, 1, S, S_total] (True = attend), or a
+        `DocumentMask` for packed samples (FlexAttention or SDPA, see document_mask.py)."""
         c = self.config
         b, s, _ = x.shape
         q = self.q_proj(x) if c.q_lora_rank is None else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
@@ -106,7 +108,9 @@ class MultiHeadLatentAttention(nn.Module):
 
         if self.track_max_logit:
             self.max_logit = head_max_logits(q, k, c.softmax_scale, mask)
-        if mask is None:
+        if isinstance(mask, DocumentMask):
+            out = mask.attend(q, k, v, c.softmax_scale)
+        elif mask is None:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=s > 1 and k.shape[2] == s, scale=c.softmax_scale)
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=c.softmax_scale)

@@ -89,30 +89,54 @@ def load_hf(path: str | Path, device: str | torch.device = "cpu", dtype: torch.d
     if dtype is not None:
         model.to(dtype)
     model.init_buffers()  # rotary tables and zero biases; every weight is overwritten below
+    fill_from_hf(model, path)
+    return model
+
+
+@torch.no_grad()
+def fill_from_hf(model: CrescentForCausalLM, path: str | Path) -> None:
+    """Overwrite every weight and routing bias of an existing model (plain, or sharded with DTensor parameters:
+    each rank copies its own slice) from an HF directory, one tensor at a time. Unknown keys, shape mismatches and
+    missing tensors raise with their names."""
+    path, config = Path(path), model.config
     targets = dict(model.named_parameters())
     targets.update(dict(model.named_buffers()))
     unfilled = {k for k in targets if not k.endswith("inv_freq")}
     if config.tie_word_embeddings:
         unfilled.discard("lm_head.weight")
-    with torch.no_grad():
-        for key, tensor in _iter_tensors(path):
-            if _IGNORED.search(key):
-                continue
-            layer = _LAYER_KEY.match(key)
-            if layer and int(layer.group(1)) >= config.num_hidden_layers:
-                continue  # multi-token-prediction layers (DeepSeek-V3 ships them after the last layer)
-            for name, index, value in _map_key(key, tensor, config):
-                if name not in targets:
-                    raise KeyError(f"load_hf: checkpoint tensor {key!r} has no place in the model")
-                dest = targets[name] if index is None else targets[name][index]
-                if dest.shape != value.shape:
-                    raise ValueError(f"load_hf: {key!r} has shape {tuple(value.shape)}, model expects {tuple(dest.shape)}")
-                dest.copy_(value)
-                if index is None or index == targets[name].shape[0] - 1:
-                    unfilled.discard(name)
+    for key, tensor in _iter_tensors(path):
+        if _IGNORED.search(key):
+            continue
+        layer = _LAYER_KEY.match(key)
+        if layer and int(layer.group(1)) >= config.num_hidden_layers:
+            continue  # multi-token-prediction layers (DeepSeek-V3 ships them after the last layer)
+        for name, index, value in _map_key(key, tensor, config):
+            if name not in targets:
+                raise KeyError(f"load_hf: checkpoint tensor {key!r} has no place in the model")
+            shape = tuple(targets[name].shape) if index is None else tuple(targets[name].shape[1:])
+            if shape != tuple(value.shape):
+                raise ValueError(f"load_hf: {key!r} has shape {tuple(value.shape)}, model expects {shape}")
+            _copy_into(targets[name], index, value)
+            if index is None or index == targets[name].shape[0] - 1:
+                unfilled.discard(name)
     if unfilled:
         raise KeyError(f"load_hf: tensors missing from {path}: {sorted(unfilled)[:8]}")
-    return model
+
+
+def _copy_into(dest: torch.Tensor, index: int | None, value: torch.Tensor) -> None:
+    """dest[index] (or dest) <- value; for a DTensor, the part of `value` that this rank holds."""
+    if not (hasattr(dest, "device_mesh") and hasattr(dest, "to_local")):
+        (dest if index is None else dest[index]).copy_(value)
+        return
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    shape, offset = compute_local_shape_and_global_offset(dest.shape, dest.device_mesh, dest.placements)
+    local = dest.to_local()
+    if index is not None:  # one expert of a stack [E, out, in]: only if this rank holds it
+        if not offset[0] <= index < offset[0] + shape[0]:
+            return
+        local, shape, offset = local[index - offset[0]], shape[1:], offset[1:]
+    local.copy_(value[tuple(slice(o, o + n) for o, n in zip(offset, shape))])
 
 
 def _iter_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:

@@ -15,6 +15,7 @@ from torch import nn
 
 from components.model.attention import KVCache, MultiHeadLatentAttention
 from components.model.config import ModelConfig
+from components.model.document_mask import DocumentMask, document_positions
 from components.model.fused_loss import linear_cross_entropy
 from components.model.layers import RMSNorm, RotaryEmbedding, SwiGLU
 from components.model.moe import MoE
@@ -64,6 +65,9 @@ class CrescentForCausalLM(nn.Module):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+        # How packed samples (segment_ids) attend: 'auto' (FlexAttention on CUDA, SDPA with a boolean mask
+        # elsewhere), 'flex' or 'sdpa'; see document_mask.py.
+        self.attention_backend = "auto"
         self.reset_parameters(seed)
 
     @torch.no_grad()
@@ -109,6 +113,7 @@ class CrescentForCausalLM(nn.Module):
         cache: KVCache | None = None,
         logits_to_keep: int = 0,
         return_logits: bool | None = None,
+        segment_ids: torch.Tensor | None = None,
     ) -> ModelOutput:
         """input_ids [B, S]; targets [B, S] (already shifted: targets[t] = input_ids[t+1]; -100 = ignore).
 
@@ -116,16 +121,25 @@ class CrescentForCausalLM(nn.Module):
         default to the running position (after the cached prefix). logits_to_keep > 0 computes only the last
         positions' logits (generation). With targets, the loss comes from a chunked head that never holds the
         [B, S, vocab] logits (`linear_cross_entropy`) and `logits` is None, unless return_logits=True.
+
+        segment_ids [B, S] (packed samples, training only): attention stays inside each segment and positions
+        default to restarting at each one (document_mask.py).
         """
         b, s = input_ids.shape
         past = cache.length if cache is not None else 0
+        if segment_ids is not None:
+            if attention_mask is not None or cache is not None:
+                raise ValueError("segment_ids (packed samples) cannot be combined with attention_mask or a KV cache")
+            if position_ids is None:
+                position_ids = document_positions(segment_ids)
         if position_ids is None:
             if attention_mask is not None:
                 position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:past + s]
             else:
                 position_ids = torch.arange(past, past + s, device=input_ids.device).expand(b, s)
         rope = self.model.rotary(position_ids)
-        mask = self._mask(attention_mask, b, s, past, input_ids.device)
+        mask = (DocumentMask(segment_ids, self.attention_backend) if segment_ids is not None
+                else self._mask(attention_mask, b, s, past, input_ids.device))
 
         x = self.model.embed_tokens(input_ids)
         counts = []
