@@ -102,6 +102,7 @@ def test_sigkill_while_and_right_after_a_checkpoint_is_written_loses_nothing(cor
             return any(n.startswith(".tmp-step-00000004") for n in names) or "step-00000004.ckpt" in names
 
         _kill_when(proc, writing_step_4)
+        partial = sorted(n for n in os.listdir(checkpoints) if n.startswith(".tmp-"))  # caught mid-write, usually
         assert workers, "the data loader's worker processes were never seen"
         deadline = time.time() + 30
         while any(alive(pid) for pid in workers) and time.time() < deadline:
@@ -115,6 +116,8 @@ def test_sigkill_while_and_right_after_a_checkpoint_is_written_loses_nothing(cor
         _kill_when(proc, lambda: (checkpoints / "step-00000006.ckpt").exists())
         out = proc.stdout.read()
         assert "resuming from" in out and "Traceback" not in out
+        for name in partial:  # what the killed write left is removed once the run directory is held again
+            assert f"removed {checkpoints / name} (left by an interrupted save)" in out
 
         # 3. And once more: it resumes at step 6 (its metrics were journaled before the checkpoint) and finishes.
         done = _run(config, tmp_path, tmpdir)
