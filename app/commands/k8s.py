@@ -55,6 +55,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("render", help="print the objects of an overlay with this run's parameters (YAML)")
     _add_render_args(p)
     p.add_argument("--output", "-o", help="write to this file instead of stdout")
+    p.add_argument("--experiment", metavar="SPEC", help="render an experiment's grid instead (app/experiments/k8s.py): "
+                   "an Indexed Job over its static points and the report Job; --config then sets its base config")
+    p.add_argument("--size", default="gpu", choices=["cpu", "gpu"], help="the experiment's size (default gpu)")
+    p.add_argument("--parallelism", type=int, help="experiment points running at once (default: all)")
+    p.add_argument("--experiment-key", help="names the experiment's parent run (default NAME-SIZE-k8s)")
     for name, help_ in (("submit", "server-side apply the rendered objects"),
                         ("status", "the training workload's progress and its pods"),
                         ("logs", "a training pod's log"),
@@ -91,7 +96,15 @@ def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.action == "render":
-            text = to_yaml(render(_params(args)))
+            if args.experiment:
+                from app.experiments.k8s import experiment_objects
+
+                gpus = 1 if args.gpus_per_node is None else args.gpus_per_node
+                objects = experiment_objects(args.experiment, args.size, _params(args), args.parallelism, gpus,
+                                             args.experiment_key)
+            else:
+                objects = render(_params(args))
+            text = to_yaml(objects)
             if args.output:
                 with open(args.output, "w") as f:
                     f.write(text)
