@@ -1,0 +1,129 @@
+"""QK-clip in the training loop: off and τ = ∞ train bitwise alike, a clip follows every step that updated and no
+skipped one, the report and MLflow carry the per-layer max logits and the heads clipped, and a run resumed after a
+clipped step ends bitwise where the uninterrupted run ends."""
+from __future__ import annotations
+
+import lightning.pytorch as pl
+import pytest
+import torch
+import train_helpers as th
+from safetensors.torch import load_file
+
+from app.datamodule import CrescentDataModule
+from app.module import CrescentModule
+from app.step import step_report
+
+TAU = 0.1  # below the tiny model's initial max logits (0.15-0.2): every head clips at first
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    return th.build_corpus(tmp_path_factory.mktemp("corpus"))
+
+
+class Reports(pl.Callback):
+    """The step reports and the weights after each step; micro-batches in `poisoned` get a NaN loss."""
+
+    def __init__(self, poisoned=()):
+        self.poisoned, self.micro, self.reports, self.weights = set(poisoned), 0, [], []
+
+    def on_train_start(self, trainer, module):
+        forward = module.model.forward
+
+        def maybe_poisoned(*args, **kwargs):
+            out = forward(*args, **kwargs)
+            if self.micro in self.poisoned:
+                out.loss = out.loss * float("nan")
+            self.micro += 1
+            return out
+
+        module.model.forward = maybe_poisoned
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        report = step_report(outputs)
+        if report is not None:
+            self.reports.append(report)
+            self.weights.append({n: p.detach().clone() for n, p in module.model.named_parameters()})
+
+
+def _fit(corpus, steps: int, poisoned=(), **module_args) -> Reports:
+    schedule = th.schedule(200_000, batch_size=8)  # two micro-batches of 4 per step
+    module = CrescentModule(preset="tiny", model_overrides={"vocab_size": th.VOCAB, "num_hidden_layers": 2,
+                                                            "max_position_embeddings": 128},
+                            schedule=schedule, ns_dtype="float32", **module_args)
+    data = CrescentDataModule(shards=corpus["shards"], tokenizer=corpus["tokenizer"], micro_batch_size=4,
+                              num_workers=0, num_streams=96, schedule=schedule)
+    reports = Reports(poisoned)
+    trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=steps, logger=False, callbacks=[reports],
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         limit_val_batches=0, num_sanity_val_steps=0)
+    trainer.fit(module, datamodule=data)
+    return reports
+
+
+def test_off_and_infinite_threshold_train_bitwise_alike_and_off_tracks_nothing(corpus):
+    off, inf = _fit(corpus, 3), _fit(corpus, 3, qk_clip_threshold=float("inf"))
+    for a, b in zip(off.weights, inf.weights):
+        assert all(torch.equal(a[n], b[n]) for n in a)
+    assert all(r.max_logit is None and r.qk_clipped_heads is None for r in off.reports)  # no callback asked
+    assert all(r.max_logit.shape == (2, 4) and r.qk_clipped_heads.tolist() == [0, 0] for r in inf.reports)
+    assert all(bool(torch.isfinite(r.max_logit).all()) for r in inf.reports)
+
+
+def test_every_updating_step_clips_and_a_skipped_step_does_not(corpus):
+    # Micro-batch 3 is the second half of step 2's window: that step is skipped.
+    clipped = _fit(corpus, 3, poisoned={3}, qk_clip_threshold=TAU)
+    reports = clipped.reports
+    assert [r.skip_reason for r in reports] == [None, "loss", None, None]
+    assert reports[0].qk_clipped_heads.tolist() == [4, 4]  # every head's max logit started above τ
+    assert bool((reports[0].max_logit > TAU).all())
+    assert reports[1].qk_clipped_heads is None  # skipped: no update, no clip
+    assert all(torch.equal(clipped.weights[0][n], clipped.weights[1][n]) for n in clipped.weights[0])
+    assert all(r.qk_clipped_heads is not None for r in reports[2:])
+    off = _fit(corpus, 1)
+    q = "model.layers.0.self_attn.q_proj.weight"
+    assert not torch.equal(off.weights[0][q], clipped.weights[0][q])  # the clip changed the query weights
+
+
+def test_head_granularity_trains_through_the_module(corpus):
+    heads = _fit(corpus, 2, muon_granularity="head", qk_clip_threshold=TAU)
+    assert "muon_heads/update_rms" in heads.reports[-1].optimizer_stats
+    assert all(bool(torch.isfinite(torch.tensor(r.loss))) for r in heads.reports)
+    with pytest.raises(ValueError, match=r"model.muon_granularity='block' is unknown; choose one of \('matrix', "
+                                         r"'head'\)"):
+        CrescentModule(muon_granularity="block")
+    with pytest.raises(ValueError, match="model.qk_clip_threshold=-1.0 must be a number > 0"):
+        CrescentModule(qk_clip_threshold=-1.0)
+
+
+STEPS, STOP = 6, 3
+TOKENS = th.SEQ_LEN * 16 * STEPS
+
+
+def _export(run_dir) -> dict[str, torch.Tensor]:
+    return load_file(sorted((run_dir / "exports").glob("step-*"))[-1] / "model.safetensors")
+
+
+@pytest.mark.slow
+def test_a_run_resumed_after_a_clipped_step_ends_bitwise_where_the_uninterrupted_run_ends(corpus, tmp_path):
+    schedule = {"seq_len": th.SEQ_LEN, "stages": [
+        {"name": "main", "end_tokens": TOKENS, "lr_shape": "linear", "lr_start": 3e-3, "lr_end": 3e-4,
+         "batch_size": 16, "mixture": {"prose": 0.7, "code": 0.3}, "bias_update_rate": 1e-3}]}
+    overrides = dict(model__qk_clip_threshold=TAU, model__schedule=schedule, run__checkpoint_every_n_steps=STOP)
+    whole_uri = f"sqlite:///{tmp_path}/whole.db"
+    whole = th.write_config(tmp_path / "whole.yaml", corpus, tmp_path / "whole", whole_uri, TOKENS, **overrides)
+    th.crescent("train", "--config", str(whole), cwd=tmp_path)
+    clipped = th.metric_history(whole_uri, "test", "attn/qk_clipped_heads")
+    assert [s for s, _ in sorted(clipped)] == list(range(1, STEPS + 1)) and dict(clipped)[1] == 8.0
+    layer = th.metric_history(whole_uri, "test", "attn/layer_01/max_logit")
+    assert [s for s, _ in sorted(layer)] == list(range(1, STEPS + 1))
+
+    parts_uri = f"sqlite:///{tmp_path}/parts.db"
+    parts = th.write_config(tmp_path / "parts.yaml", corpus, tmp_path / "parts", parts_uri, TOKENS, **overrides)
+    th.crescent("train", "--config", str(parts), "--trainer.max_steps", str(STOP), cwd=tmp_path)
+    resumed = th.crescent("train", "--config", str(parts), cwd=tmp_path)
+    assert "resuming from" in resumed.stderr
+    ours, reference = _export(tmp_path / "parts"), _export(tmp_path / "whole")
+    assert ours.keys() == reference.keys()
+    assert all(torch.equal(ours[k], reference[k]) for k in ours)
+    assert sorted(th.metric_history(parts_uri, "test", "attn/qk_clipped_heads")) == sorted(clipped)
