@@ -1,0 +1,86 @@
+"""The report from MLflow alone: child runs with known losses in a real MLflow store (no training) give the fitted
+numbers those losses imply (compute ratio at equal loss from L = a·C^b, tokens-equivalent from AdamW's L(D)), the
+tables and the figures, logged onto the parent run; and the spread wording."""
+from __future__ import annotations
+
+import math
+
+import pytest
+from mlflow.entities import Metric
+
+from app.experiments import tracking
+from app.experiments.configs import base_config, model_config_of, point_tokens
+from app.experiments.plan import Outcome, plan
+from app.experiments.report import build_report
+from app.experiments.results import Stats, compare_text
+from app.experiments.spec import load_spec
+from components.metrics.fits import PowerLaw, SaturatingPowerLaw
+from components.model.counting import flops_per_token
+
+ADAMW, MUON = PowerLaw(40.0, -0.08), PowerLaw(38.0, -0.08)  # L = a·C^b at each arm's best lr
+SEED_OFFSET = {0: -0.004, 1: 0.004}
+
+
+def test_spread_wording():
+    assert "inside the spread" in compare_text("a", Stats([2.0, 2.02]), "b", Stats([2.01, 2.03]))
+    text = compare_text("a", Stats([2.0, 2.002]), "b", Stats([2.1, 2.102]))
+    assert "a lower by 0.1000" in text and "outside the spread" in text
+    assert Stats([2.0, 2.02]).fmt() == "2.0100 ± 0.0100"
+
+
+def _flops(spec, point) -> tuple[float, int]:
+    config = base_config(spec, point)
+    tokens = point_tokens(spec, point, config)
+    return flops_per_token(model_config_of(config), spec.schedule.seq_len) * tokens, tokens
+
+
+def test_scaling_report_fits_the_losses_it_was_given(tmp_path):
+    spec = load_spec("scaling", "cpu")
+    exp = tracking.find_or_create_parent(f"sqlite:///{tmp_path}/mlflow.db", "crescent-experiments", spec.name,
+                                         spec.size, "test")
+    spec_file = tmp_path / "spec.yaml"
+    spec_file.write_text(spec.source)
+    tracking.log_artifact_files(exp, [str(spec_file)])
+    # AdamW's L(D) at h32: a saturating law through its power-law loss at the budget the lr is selected at.
+    h32 = next(p for p in plan(spec, {}).todo if p.group == "h32")
+    c32, d32 = _flops(spec, h32)
+    l_d = SaturatingPowerLaw(alpha=1.0, beta=0.35, gamma=float(ADAMW(c32)) - 1.0 * d32 ** -0.35)
+
+    def loss(point) -> float:
+        c, d = _flops(spec, point)
+        best = {"adamw": ADAMW, "muon": MUON}[point.arm]
+        base = float(l_d(d)) if point.arm == "adamw" and point.budget != 1.0 else float(best(c))
+        return base + 0.05 * abs(math.log2(point.lr_scale)) + SEED_OFFSET[point.seed]
+
+    outcomes: dict[str, Outcome] = {}
+    while True:
+        todo = plan(spec, outcomes).todo
+        if not todo:
+            break
+        for point in todo:
+            _, tokens = _flops(spec, point)
+            run = exp.client.create_run(exp.experiment_id, run_name=point.id, tags={
+                tracking.PARENT_TAG: exp.parent_id, tracking.POINT: point.id, "crescent.arm": point.arm,
+                "crescent.tokens": str(tokens)})
+            value = loss(point)
+            exp.client.log_batch(run.info.run_id, metrics=[
+                Metric("train/tokens", float(tokens), 0, 1), Metric("val/loss", value + 0.5, 0, 0),
+                Metric("val/loss", value, 1, 1), Metric("train/loss", value - 0.01, 1, 1)], synchronous=True)
+            exp.client.set_terminated(run.info.run_id, "FINISHED")
+            outcomes[point.id] = Outcome(True, value)
+    out = build_report(exp, spec, tmp_path / "report")
+    metrics = exp.client.get_run(exp.parent_id).data.metrics
+    c_max = max(_flops(spec, p)[0] for p in plan(spec, outcomes).points if p.group == "h48")
+    expected_ratio = MUON.inverse(float(ADAMW(c_max))) / c_max
+    assert metrics["muon_compute_ratio_at_equal_loss"] == pytest.approx(expected_ratio, rel=1e-6)
+    assert metrics["muon_compute_ratio_at_equal_loss_reuse_lr"] == pytest.approx(expected_ratio, rel=1e-6)
+    assert metrics["fit/adamw/b"] == pytest.approx(-0.08, rel=1e-6)
+    assert metrics["fit/adamw_tokens/gamma"] == pytest.approx(l_d.gamma, abs=2e-3)
+    expected_tokens = d32 / l_d.inverse(float(MUON(c32)))
+    assert metrics["muon_tokens_to_match_adamw"] == pytest.approx(expected_tokens, rel=0.03)
+    for name in ("scaling_law.png", "adamw_loss_vs_tokens.png"):
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    summary = (out / "summary.md").read_text()
+    assert "| h48 | AdamW | sweep | 0.5 (" in summary
+    artifacts = {a.path for a in exp.client.list_artifacts(exp.parent_id, "report")}
+    assert {"report/scaling.csv", "report/scaling.md", "report/scaling_law.png", "report/report.md"} <= artifacts
