@@ -1,46 +1,39 @@
-"""Muon vs AdamW on `tiny`: each with its best lr from a small sweep, same data, same tokens.
+"""Muon vs AdamW from the `scaling` experiment's cpu size (app/experiments/scaling.yaml): four dense sizes, tokens
+≈ 20 × parameters, every run read at the end of its own complete schedule, lr swept for both optimizers, 2 seeds.
 
-Reports how many tokens Muon needs to reach AdamW's final validation loss, as a fraction of the run (the paper finds
-about 0.52 of the compute at scale). Last line: `muon_tokens_to_match_adamw: X`.
+Runs (or resumes: finished points are read back from MLflow, not trained again) `crescent experiment run scaling
+--size cpu`, prints the per-size table, then the numbers the fits give: the compute Muon needs to reach AdamW's
+loss at the largest size (the paper: 0.519×) and the tokens-equivalent ratio from AdamW's L(D) at one size (Muon's
+tokens over the tokens AdamW needs for Muon's final loss). Both for Muon at its own best lr; the `_reuse_lr` lines
+are the paper's protocol (Muon at AdamW's lr). Last line: `muon_tokens_to_match_adamw: X`.
+
+Tracking store: MLFLOW_TRACKING_URI, else sqlite:///mlruns.db (as `crescent experiment`); work directory
+runs/experiments/scaling-cpu. About an hour on 2 idle cores.
 """
 from __future__ import annotations
 
-from bench._train_runs import history, train
+import math
+import sys
 
-LR_SCALES = (0.3, 1.0, 3.0)
-STEPS = 60  # ~0.3M tokens of the tiny schedule
-
-
-def run(optimizer: str, lr_scale: float) -> list[tuple[float, float]]:
-    r = train(["--model.optimizer", optimizer, "--model.lr_scale", str(lr_scale), "--trainer.max_steps", str(STEPS),
-               "--trainer.val_check_interval", "20", "--run.svd_entropy_every_n_steps", "1000"],
-              f"{optimizer}-{lr_scale}")
-    tokens = {s: v for s, v, _ in history(r, "train/tokens")}
-    return [(tokens.get(s, 0.0), v) for s, v, _ in history(r, "val/loss")]
-
-
-def tokens_to_reach(curve: list[tuple[float, float]], target: float) -> float | None:
-    """First token count at which the (linearly interpolated) validation curve reaches `target`."""
-    for (t0, v0), (t1, v1) in zip(curve, curve[1:]):
-        if v1 <= target:
-            return t0 + (t1 - t0) * (v0 - target) / (v0 - v1) if v0 > target else t0
-    return None
+from app.experiments.runner import ExperimentRunner, RunnerOptions, default_work_dir
+from app.experiments.spec import load_spec
 
 
 def main() -> None:
-    results = {(opt, lr): run(opt, lr) for opt in ("adamw", "muon") for lr in LR_SCALES}
-    print(f"{'optimizer':10s} {'lr scale':>8s} {'final val loss':>15s}")
-    for (opt, lr), curve in results.items():
-        print(f"{opt:10s} {lr:8.1f} {curve[-1][1]:15.4f}")
-    best = {opt: min((c for (o, _), c in results.items() if o == opt), key=lambda c: c[-1][1])
-            for opt in ("adamw", "muon")}
-    target = best["adamw"][-1][1]
-    total = best["adamw"][-1][0]
-    reach = tokens_to_reach(best["muon"], target)
-    ratio = (reach / total) if reach is not None else float("inf")
-    print(f"AdamW best final val loss {target:.4f} at {total:,.0f} tokens; Muon reaches it at "
-          f"{reach if reach is None else f'{reach:,.0f}'} tokens")
-    print(f"muon_tokens_to_match_adamw: {ratio:.3f}")
+    spec = load_spec("scaling", "cpu")
+    summary = ExperimentRunner(spec, RunnerOptions(work_dir=default_work_dir(spec))).run()
+    if summary.interrupted or summary.report_dir is None:
+        sys.exit("scaling experiment interrupted; run again to continue")
+    print((summary.report_dir / "scaling.md").read_text())
+    from app.experiments.tracking import open_parent
+
+    exp = open_parent(None, summary.parent_id)
+    metrics = exp.client.get_run(summary.parent_id).data.metrics
+    if summary.failed:
+        print(f"failed points: {sorted(summary.failed)}")
+    for name in ("muon_compute_ratio_at_equal_loss_reuse_lr", "muon_tokens_to_match_adamw_reuse_lr",
+                 "muon_compute_ratio_at_equal_loss", "muon_tokens_to_match_adamw"):
+        print(f"{name}: {metrics.get(name, math.nan):.3f}")
 
 
 if __name__ == "__main__":
