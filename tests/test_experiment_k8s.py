@@ -21,6 +21,13 @@ from app.k8s.render import RenderError, RenderParams, find
 SPECS = sorted(p.stem for p in SPEC_DIR.glob("*.yaml"))
 
 
+@pytest.fixture(scope="module")
+def rendered():
+    """Each shipped spec's gpu size, rendered once with the dev overlay (kustomize runs once per spec)."""
+    return {name: experiment_objects(name, "gpu", RenderParams(overlay="dev"), parallelism=4, key="k1")
+            for name in SPECS}
+
+
 def _args(job: dict) -> list[str]:
     """The arguments after `crescent experiment` (the container runs `crescent ARGS`)."""
     c = job["spec"]["template"]["spec"]["containers"][0]
@@ -30,8 +37,8 @@ def _args(job: dict) -> list[str]:
 
 @pytest.mark.parametrize("version", ["1.30", "1.34"])
 @pytest.mark.parametrize("name", SPECS)
-def test_experiment_jobs_validate_strictly(name, version):
-    objects = experiment_objects(name, "gpu", RenderParams(overlay="dev"), parallelism=4)
+def test_experiment_jobs_validate_strictly(rendered, name, version):
+    objects = rendered[name]
     assert [o["kind"] for o in objects] == ["ConfigMap", "Job", "Job"]
     for obj in objects:
         validate(obj, version)
@@ -39,10 +46,10 @@ def test_experiment_jobs_validate_strictly(name, version):
 
 
 @pytest.mark.parametrize("name", SPECS)
-def test_completion_index_is_the_static_point(name):
+def test_completion_index_is_the_static_point(rendered, name):
     spec = load_spec(name, "gpu")
     points = static_points(spec, blocked_arms(spec))
-    objects = experiment_objects(name, "gpu", RenderParams(overlay="dev"), parallelism=4, key="k1")
+    objects = rendered[name]
     job = find(objects, "Job", f"crescent-exp-{name}")
     assert job["spec"]["completionMode"] == "Indexed"
     assert job["spec"]["completions"] == len(points) and job["spec"]["parallelism"] == min(4, len(points))
