@@ -144,9 +144,9 @@ class ExperimentRunner:
             from app.experiments.report import build_report
 
             summary.report_dir = build_report(exp, self.spec, self.work_dir / "report", self.blocked)
-        status = "FAILED" if summary.failed else "FINISHED"
-        if not summary.waiting or summary.failed:
-            exp.client.set_terminated(exp.parent_id, status=status)
+        waiting = sorted({f"{group}/{arm}" for group, arm, _ in summary.waiting})
+        exp.client.set_tag(exp.parent_id, "crescent.waiting_arms", ", ".join(waiting) or "none")
+        exp.client.set_terminated(exp.parent_id, status="FAILED" if summary.failed else "FINISHED")
         return summary
 
     def run_static_point(self, index: int) -> int:
