@@ -186,8 +186,9 @@ def sft_matrix(data: ReportData) -> Analysis:
     group = _only_group(data)
     cells = data.spec.analysis.get("cells", [])
     paper = data.spec.paper_numbers.get("table6", {})
+    wanted = str(data.spec.analysis.get("eval", {}).get("tasks", "")).split(",")
     tasks = sorted({k for c in cells for r in data.selected_rows(group, c["arm"]) for k in r.metrics
-                    if k.startswith("eval/") and not k.endswith("_stderr")})
+                    if k.startswith("eval/") and k.split("/")[1] in wanted and not k.endswith("_stderr")})
     header = ["pretrain", "SFT", "arm", "held-out SFT loss", *tasks, "paper (MMLU / HumanEval / MBPP / GSM8K)"]
     rows = []
     for c in cells:

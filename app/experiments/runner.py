@@ -106,10 +106,16 @@ class ExperimentRunner:
 
     # ------------------------------------------------------------------------------------------ run
     def prepare(self) -> None:
+        """What the points read and nobody else builds: the spec's corpus, the offline evaluation sets."""
         if self.spec.corpus is not None:
             from app.experiments.configs import build_corpus
 
             build_corpus(self.spec.corpus)
+        if any("eval_tasks" in self.spec.measurements(a.name) for a in self.spec.arms):
+            data_dir = Path(self.spec.analysis.get("eval", {}).get("data_dir", "data/eval"))
+            if not (data_dir / "manifest.json").exists():
+                subprocess.run([self.options.python, "-m", "app.cli", "eval", "data", "--out", str(data_dir)],
+                               check=True)
 
     def run(self) -> RunSummary:
         """Every point the plan needs, then the report."""
