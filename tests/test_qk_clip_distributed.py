@@ -1,5 +1,6 @@
-"""QK-clip and per-head Muon are exact in the distributed paths the strategies use: ZeRO-1 (`ZeroOneMuon`, muon_ddp)
-and FSDP2 (`DTensorMuon` on `fully_shard`ed decoder layers, muon_fsdp), 2 and 4 real gloo processes.
+"""QK-clip and per-head Muon are exact in the distributed paths the strategies use: ZeRO-1 (`ZeroOneMuon`, muon_ddp;
+flat and owner partitions) and FSDP2 (`DTensorMuon` on `fully_shard`ed decoder layers, muon_fsdp), 2 and 4 real
+gloo processes.
 
 3 heads: q_proj / q_b_proj have 18 rows, kv_b_proj 24 (head blocks of 6 and 8 rows), so Shard(0) blocks of 9 or
 5 rows and of 12 or 6 rows cut through heads. Every step tracks the max logits on each rank's share of the batch,
@@ -54,12 +55,14 @@ def single_device():
 def _both_strategies(rank, world, out):
     results = {}
     for granularity, q_lora_rank in VARIANTS:
-        model = qh.hot_model(q_lora_rank, dtype=torch.float64)
-        opt = build_muon(model, optimizer_cls=ZeroOneMuon, muon_granularity=granularity, **SETTINGS)
-        counts = _train(model, opt, rank, world)
-        state = opt.full_state_dict()
-        results["zero1", granularity, q_lora_rank] = ({n: p.detach() for n, p in model.named_parameters()}, counts,
-                                                       state)
+        for partition in ("flat", "owner"):  # Algorithm 1's flat buffer, or whole matrices per rank
+            model = qh.hot_model(q_lora_rank, dtype=torch.float64)
+            opt = build_muon(model, optimizer_cls=ZeroOneMuon, partition=partition, muon_granularity=granularity,
+                             **SETTINGS)
+            counts = _train(model, opt, rank, world)
+            state = opt.full_state_dict()
+            results[f"zero1-{partition}", granularity, q_lora_rank] = (
+                {n: p.detach() for n, p in model.named_parameters()}, counts, state)
         model = qh.hot_model(q_lora_rank, dtype=torch.float64)
         mesh = init_device_mesh("cpu", (world,))
         for layer in model.model.layers:  # as MuonFSDPStrategy.parallelize does

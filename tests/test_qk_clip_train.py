@@ -98,32 +98,63 @@ def test_head_granularity_trains_through_the_module(corpus):
 
 STEPS, STOP = 6, 3
 TOKENS = th.SEQ_LEN * 16 * STEPS
+SCHEDULE = {"seq_len": th.SEQ_LEN, "stages": [
+    {"name": "main", "end_tokens": TOKENS, "lr_shape": "linear", "lr_start": 3e-3, "lr_end": 3e-4, "batch_size": 16,
+     "mixture": {"prose": 0.7, "code": 0.3}, "bias_update_rate": 1e-3}]}
+CLIPPED = dict(model__qk_clip_threshold=TAU, model__schedule=SCHEDULE, run__checkpoint_every_n_steps=STOP)
 
 
 def _export(run_dir) -> dict[str, torch.Tensor]:
     return load_file(sorted((run_dir / "exports").glob("step-*"))[-1] / "model.safetensors")
 
 
-@pytest.mark.slow
-def test_a_run_resumed_after_a_clipped_step_ends_bitwise_where_the_uninterrupted_run_ends(corpus, tmp_path):
-    schedule = {"seq_len": th.SEQ_LEN, "stages": [
-        {"name": "main", "end_tokens": TOKENS, "lr_shape": "linear", "lr_start": 3e-3, "lr_end": 3e-4,
-         "batch_size": 16, "mixture": {"prose": 0.7, "code": 0.3}, "bias_update_rate": 1e-3}]}
-    overrides = dict(model__qk_clip_threshold=TAU, model__schedule=schedule, run__checkpoint_every_n_steps=STOP)
-    whole_uri = f"sqlite:///{tmp_path}/whole.db"
-    whole = th.write_config(tmp_path / "whole.yaml", corpus, tmp_path / "whole", whole_uri, TOKENS, **overrides)
-    th.crescent("train", "--config", str(whole), cwd=tmp_path)
-    clipped = th.metric_history(whole_uri, "test", "attn/qk_clipped_heads")
-    assert [s for s, _ in sorted(clipped)] == list(range(1, STEPS + 1)) and dict(clipped)[1] == 8.0
-    layer = th.metric_history(whole_uri, "test", "attn/layer_01/max_logit")
-    assert [s for s, _ in sorted(layer)] == list(range(1, STEPS + 1))
+@pytest.fixture(scope="module")
+def clipped_run(corpus, tmp_path_factory):
+    """One uninterrupted single-process clipped run (`crescent train`)."""
+    root = tmp_path_factory.mktemp("clipped")
+    uri = f"sqlite:///{root}/mlruns.db"
+    config = th.write_config(root / "config.yaml", corpus, root / "run", uri, TOKENS, **CLIPPED)
+    th.crescent("train", "--config", str(config), cwd=root)
+    return {"uri": uri, "run": root / "run"}
 
-    parts_uri = f"sqlite:///{tmp_path}/parts.db"
-    parts = th.write_config(tmp_path / "parts.yaml", corpus, tmp_path / "parts", parts_uri, TOKENS, **overrides)
-    th.crescent("train", "--config", str(parts), "--trainer.max_steps", str(STOP), cwd=tmp_path)
-    resumed = th.crescent("train", "--config", str(parts), cwd=tmp_path)
+
+@pytest.mark.slow
+def test_mlflow_gets_every_layers_max_logit_and_the_heads_clipped_each_step(clipped_run):
+    clipped = th.metric_history(clipped_run["uri"], "test", "attn/qk_clipped_heads")
+    assert [s for s, _ in sorted(clipped)] == list(range(1, STEPS + 1)) and dict(clipped)[1] == 8.0
+    for key in ("attn/layer_00/max_logit", "attn/layer_01/max_logit", "attn/max_logit"):
+        history = dict(th.metric_history(clipped_run["uri"], "test", key))
+        assert sorted(history) == list(range(1, STEPS + 1)), key
+        assert history[1] > TAU, key  # measured before the first clip
+
+
+@pytest.mark.slow
+def test_a_run_resumed_after_a_clipped_step_ends_bitwise_where_the_uninterrupted_run_ends(corpus, clipped_run,
+                                                                                         tmp_path):
+    uri = f"sqlite:///{tmp_path}/mlruns.db"
+    config = th.write_config(tmp_path / "config.yaml", corpus, tmp_path / "run", uri, TOKENS, **CLIPPED)
+    th.crescent("train", "--config", str(config), "--trainer.max_steps", str(STOP), cwd=tmp_path)
+    resumed = th.crescent("train", "--config", str(config), cwd=tmp_path)
     assert "resuming from" in resumed.stderr
-    ours, reference = _export(tmp_path / "parts"), _export(tmp_path / "whole")
+    ours, reference = _export(tmp_path / "run"), _export(clipped_run["run"])
     assert ours.keys() == reference.keys()
     assert all(torch.equal(ours[k], reference[k]) for k in ours)
-    assert sorted(th.metric_history(parts_uri, "test", "attn/qk_clipped_heads")) == sorted(clipped)
+    assert sorted(th.metric_history(uri, "test", "attn/qk_clipped_heads")) == sorted(
+        th.metric_history(clipped_run["uri"], "test", "attn/qk_clipped_heads"))
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+@pytest.mark.parametrize("strategy", ["muon_ddp", "muon_fsdp"])
+def test_a_clipped_run_on_two_gloo_processes_matches_one_process(strategy, corpus, clipped_run, tmp_path):
+    """Through the strategies: max logits all-reduced (MAX) over ranks, ZeRO-1 rescaling full weights, FSDP2 the
+    local rows of its DTensors; the losses follow the one-process run within 1e-4 (the elastic-resume bound)."""
+    uri = f"sqlite:///{tmp_path}/mlruns.db"
+    config = th.write_config(tmp_path / "config.yaml", corpus, tmp_path / "run", uri, TOKENS, **CLIPPED)
+    th.crescent("train", "--config", str(config), "--trainer.strategy", strategy, "--trainer.devices", "2",
+                cwd=tmp_path, timeout=900)
+    ours, reference = (dict(th.metric_history(u, "test", "train/loss")) for u in (uri, clipped_run["uri"]))
+    assert sorted(ours) == list(range(1, STEPS + 1))
+    assert max(abs(ours[s] - reference[s]) for s in ours) < 1e-4
+    clipped = dict(th.metric_history(uri, "test", "attn/qk_clipped_heads"))
+    assert clipped[1] == 8.0 and sorted(clipped) == list(range(1, STEPS + 1))
