@@ -1,20 +1,12 @@
 """tiktoken-format tokenizer files are read by tiktoken's own `load_tiktoken_bpe`, with its path-keyed cache off."""
 from __future__ import annotations
 
-import base64
 import os
 
 import pytest
+from test_data_tokenizer import _tiny_tiktoken_file as _write
 
 from components.data.tokenizer import load_tokenizer, read_tiktoken_ranks
-
-
-def _write(path, merges):
-    ranks = {bytes([i]): i for i in range(256)}
-    for m in merges:
-        ranks[m] = len(ranks)
-    path.write_text("".join(f"{base64.b64encode(t).decode()} {r}\n" for t, r in ranks.items()))
-    return ranks
 
 
 def test_a_malformed_line_gets_tiktokens_own_error_naming_the_file(tmp_path):
