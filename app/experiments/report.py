@@ -21,13 +21,14 @@ from app.experiments.spec import ExperimentSpec, parse_spec
 # ---------------------------------------------------------------------------------------------- tables
 def points_table(data: ReportData) -> tuple[list[str], list[list]]:
     header = ["point", "group", "arm", "lr_scale", "seed", "budget", "status", "params (no emb)", "tokens",
-              "FLOPs", "final val loss", "final train loss", "run_id"]
+              "FLOPs", "final val loss", "final train loss", "CPU-s", "wall-s", "run_id"]
     rows = []
     for r in data.rows.values():
         p = r.point
         rows.append([p.id, p.group, p.arm, format_number(p.lr_scale), p.seed, format_number(p.budget), r.status,
                      r.params, _num(r.tokens, "{:.0f}"), _num(r.flops, "{:.3e}"), _num(r.val_loss, "{:.4f}"),
-                     _num(r.train_loss, "{:.4f}"), r.run_id or ""])
+                     _num(r.train_loss, "{:.4f}"), _num(r.cpu_seconds, "{:.0f}"), _num(r.wall_seconds, "{:.0f}"),
+                     r.run_id or ""])
     return header, rows
 
 
@@ -94,6 +95,11 @@ def build_report(exp: tracking.Experiment, spec: ExperimentSpec, out_dir: Path,
     for name in [n for n in tables if n not in ("points", "summary")] + ["summary", "points"]:
         sections += [f"## {name}", "", markdown_table(*tables[name]), ""]
     notes = selection_notes(data) + analysis.notes
+    cpu = sum(r.cpu_seconds for r in data.rows.values())
+    wall = sum(r.wall_seconds for r in data.rows.values())
+    if wall:
+        notes.append(f"cost: {len(data.rows)} points, {cpu / 60:.1f} CPU-minutes and {wall / 60:.1f} minutes of "
+                     "training processes' wall time (the runner's own time and other users of the machine not counted)")
     failed = [r for r in data.rows.values() if r.status == "failed"]
     notes += [f"point {r.point.id} failed: {data.failures.get(r.point.id, '').strip().splitlines()[-1:]}"
               for r in failed]

@@ -64,6 +64,8 @@ class PointRow:
     val_loss: float = math.nan
     train_loss: float = math.nan
     metrics: dict = field(default_factory=dict)
+    cpu_seconds: float = 0.0  # over every launch of the point (the runner's cost metrics)
+    wall_seconds: float = 0.0
 
 
 @dataclass
@@ -107,6 +109,8 @@ class ReportData:
             row.status = kid.status.lower()
         row.val_loss = kid.val_loss
         row.metrics = kid.metrics
+        row.cpu_seconds = sum(v for _, v in tracking.history(self.exp, kid.run_id, "experiment/cpu_seconds"))
+        row.wall_seconds = sum(v for _, v in tracking.history(self.exp, kid.run_id, "experiment/wall_seconds"))
         losses = [v for _, v in tracking.history(self.exp, kid.run_id, "train/loss") if math.isfinite(v)]
         if losses:
             tail = losses[-max(1, len(losses) // 10):]

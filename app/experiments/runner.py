@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import resource
 import signal
 import subprocess
 import sys
@@ -30,6 +31,7 @@ from app.experiments.plan import Outcome, Plan, Point, plan, static_points
 from app.experiments.spec import ExperimentSpec, SpecError
 
 DEFAULT_MLFLOW_EXPERIMENT = "crescent-experiments"
+COST_CPU, COST_WALL = "experiment/cpu_seconds", "experiment/wall_seconds"
 PREEMPTED = 143
 
 
@@ -256,15 +258,30 @@ class ExperimentRunner:
         with open(log_path, "ab") as log:
             log.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(cmd)}\n".encode())
             log.flush()
+            before, start = resource.getrusage(resource.RUSAGE_CHILDREN), time.monotonic()
             self._child = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
                                            start_new_session=True, preexec_fn=_die_with_parent)
             try:
                 rc = self._child.wait()
             finally:
                 self._child = None
+            after, wall = resource.getrusage(resource.RUSAGE_CHILDREN), time.monotonic() - start
+            cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+            log.write(f"=== exit {rc}: {wall:.0f} s wall, {cpu:.0f} CPU-s\n".encode())
+        self._log_cost(point, cpu, wall)
         if rc == 0:
             return 0, ""
         return rc, f"crescent train exited {rc}; last lines of {log_path}:\n{_tail(log_path)}"
+
+    def _log_cost(self, point: Point, cpu: float, wall: float) -> None:
+        """What this launch cost, on the point's run (one value per launch; the report sums them): CPU seconds
+        say what a run needs whatever else shares the machine, wall seconds what it took here."""
+        kid = tracking.children(self.open()).get(point.id)
+        if kid is None:
+            return
+        launch = len(tracking.history(self.exp, kid.run_id, COST_WALL))
+        self.exp.client.log_metric(kid.run_id, COST_CPU, cpu, step=launch)
+        self.exp.client.log_metric(kid.run_id, COST_WALL, wall, step=launch)
 
     # ------------------------------------------------------------------------------------------ signals
     def _forward_signals(self):
