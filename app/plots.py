@@ -93,7 +93,7 @@ def loss_lr_figure(
         ax_loss.annotate(name, (token, 1.0), xycoords=("data", "axes fraction"), xytext=(3, -12),
                          textcoords="offset points", fontsize=8, color="0.3")
     ax_loss.set_ylabel("loss (nats)")
-    ax_loss.legend(loc="upper right", fontsize=8)
+    ax_loss.legend(loc="center right", fontsize=8)
     ax_loss.grid(alpha=0.3)
     ax_lr.set_ylabel("learning rate")
     ax_lr.set_xlabel("tokens seen")
@@ -120,6 +120,7 @@ def expert_imbalance_figure(tokens, max_over_mean, path: str | None = None) -> F
     mesh = ax.pcolormesh(edges, np.arange(array.shape[1] + 1) - 0.5, array.T, cmap="viridis", vmin=1.0,
                          vmax=max(2.0, float(np.nanmax(array))))
     ax.invert_yaxis()
+    ax.set_yticks(range(array.shape[1]))
     ax.set_ylabel("MoE layer")
     ax.set_xlabel("tokens seen")
     ax.xaxis.set_major_formatter(EngFormatter())
