@@ -222,3 +222,38 @@ def test_changing_group_lr_between_steps_takes_effect():
     before = [p.detach().clone() for p in params]
     _run(opt, params, 1, start=1)
     assert all(torch.equal(a, b) for a, b in zip(before, params))
+
+
+def test_gradient_summary_max_abs_is_the_inf_norm_exactly_and_keeps_nan_and_inf():
+    g = torch.randn(4, 6, 8, generator=torch.Generator().manual_seed(9))
+    g[1, 2, 3], g[2, 0, 0] = float("nan"), float("-inf")
+    inf = float("inf")
+    per_matrix = muon_module.max_abs(g, per_matrix=True)
+    want = torch.linalg.vector_norm(g, ord=inf, dim=(-2, -1))
+    assert torch.equal(per_matrix[[0, 2, 3]], want[[0, 2, 3]]) and per_matrix[2] == inf
+    assert torch.isnan(per_matrix[1]) and torch.isnan(want[1])
+    assert torch.isnan(muon_module.max_abs(g)).all() and muon_module.max_abs(g).shape == (1,)
+    assert torch.equal(muon_module.max_abs(g[0]), torch.linalg.vector_norm(g[0], ord=inf).reshape(1))
+
+
+@pytest.mark.parametrize("nesterov", [True, False])
+def test_momentum_step_writes_the_ns_input_in_the_ns_dtype_and_orientation_with_the_same_numbers(nesterov):
+    from components.optim.update import momentum_step
+
+    gen = torch.Generator().manual_seed(10)
+    buf, grad = torch.randn(3, 40, 12, generator=gen), torch.randn(3, 40, 12, generator=gen)
+    expected = momentum_step(buf.clone(), grad, 0.95, nesterov).to(torch.bfloat16)
+    out = torch.empty(3, 12, 40, dtype=torch.bfloat16).mT  # tall matrices stored wide, as NS wants them
+    got = momentum_step(buf, grad, 0.95, nesterov, out=out)
+    assert got is out and torch.equal(got, expected)
+
+
+def test_adamw_update_rms_telemetry_is_the_rms_of_the_bias_corrected_step():
+    p = nn.Parameter(torch.randn(50, 40, generator=torch.Generator().manual_seed(11)))
+    opt = Muon([{"params": [p], "algorithm": "adamw", "name": "emb"}], lr=0.01, adamw_eps=1e-8)
+    g = torch.randn(50, 40, generator=torch.Generator().manual_seed(12))
+    p.grad = g.clone()
+    opt.step()
+    update = g / (g.abs() + 1e-8)  # step 1: m̂ = g, v̂ = g²
+    assert opt.last_stats["emb/update_rms"] == pytest.approx(float(update.square().mean().sqrt()), rel=1e-6)
+    assert opt.last_stats["emb/weight_rms"] == pytest.approx(float(p.detach().square().mean().sqrt()), rel=1e-6)

@@ -55,6 +55,23 @@ def test_input_is_never_modified_even_when_its_dtype_matches(dtype):
     assert out.data_ptr() != g.data_ptr()
 
 
+@pytest.mark.parametrize("shape", [(12, 40), (40, 12), (3, 12, 40), (3, 40, 12)])
+def test_overwrite_input_starts_in_the_inputs_memory_with_the_same_numbers(shape):
+    """The optimizer's private NS input (bf16, stored wide and row-major) is consumed instead of copied."""
+    g = torch.randn(*shape, generator=torch.Generator().manual_seed(5))
+    expected = newton_schulz(g)  # fp32 in, bf16 compute: a private copy
+    tall = shape[-2] > shape[-1]
+    wide = (g.mT if tall else g).to(torch.bfloat16).contiguous()
+    x = wide.mT if tall else wide  # the same matrices as g, in the compute dtype, wide storage
+    before = wide.clone()
+    got = newton_schulz(x, overwrite_input=True)
+    assert torch.equal(got, expected)
+    assert not torch.equal(wide, before)  # the iteration ran in x's memory
+    untouched = g.clone()
+    newton_schulz(g, overwrite_input=True)  # not in the compute dtype: copied, whatever the flag
+    assert torch.equal(g, untouched)
+
+
 def test_zero_matrix_stays_zero_and_output_dtype_defaults_to_input():
     out = newton_schulz(torch.zeros(3, 4, 6), dtype=torch.float32)
     assert out.dtype == torch.float32 and torch.count_nonzero(out) == 0

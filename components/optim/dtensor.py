@@ -86,8 +86,9 @@ class DTensorMuon(Muon):
                 continue
             buf, w, g = local(self.state[p]["momentum_buffer"]), local(p), local(p.grad)
             if p.ndim == 2:
-                x = momentum_step(buf, g, group["momentum"], group["nesterov"])
-                outgoing[self.owners[p]].append(x.reshape(-1).to(ns_dtype))
+                x = momentum_step(buf, g, group["momentum"], group["nesterov"],
+                                  out=torch.empty(g.shape, dtype=ns_dtype, device=device))
+                outgoing[self.owners[p]].append(x.reshape(-1))
                 matrices.append(p)
             else:
                 first, last = self._ranges[p]

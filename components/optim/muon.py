@@ -186,13 +186,11 @@ class Muon(torch.optim.Optimizer):
             return torch.full((n,), NO_GRAD, device=device)
         g = local(p.grad)
         first, last = self._matrix_range(p, algorithm, n)
-        inf = float("inf")
         if algorithm == "muon":
-            amax = (torch.linalg.vector_norm(g, ord=inf, dim=(-2, -1)).reshape(-1) if g.numel()
-                    else g.new_zeros(last - first))
+            amax = max_abs(g, per_matrix=True) if g.numel() else g.new_zeros(last - first)
             code = torch.where(amax > 0, FINITE, NO_GRAD)
         else:
-            amax = torch.linalg.vector_norm(g, ord=inf).reshape(1) if g.numel() else g.new_zeros(1)
+            amax = max_abs(g) if g.numel() else g.new_zeros(1)
             code = torch.full_like(amax, FINITE)
         mine = torch.where(torch.isfinite(amax), code, NONFINITE).float()
         if (first, last) == (0, n):
@@ -249,6 +247,15 @@ class Muon(torch.optim.Optimizer):
                                                                self.comm.world_size))
 
 
+def max_abs(g: torch.Tensor, per_matrix: bool = False) -> torch.Tensor:
+    """max |g| as a 1-D tensor (one value per matrix [..., A, B] when `per_matrix`), NaN where g holds a NaN: the
+    inf norm, exactly, from min and max (vectorized passes; linalg.vector_norm(ord=inf) is ~10x slower on CPU)."""
+    if per_matrix and g.ndim > 2:
+        return torch.maximum(g.amax(dim=(-2, -1)), g.amin(dim=(-2, -1)).neg()).reshape(-1)
+    lo, hi = torch.aminmax(g)
+    return torch.maximum(hi, lo.neg()).reshape(1)
+
+
 # --------------------------------------------------------------------------------------------- the matrix step
 def muon_matrix_step(weight: torch.Tensor, grad: torch.Tensor, momentum_buffer: torch.Tensor, active: torch.Tensor,
                      group: dict, stats: StepStats, telemetry: bool = True) -> None:
@@ -258,10 +265,11 @@ def muon_matrix_step(weight: torch.Tensor, grad: torch.Tensor, momentum_buffer: 
     keep their momentum and weights. Telemetry counts the active matrices' updates and the whole weight.
     """
     keep = None if bool(active.all()) else (~active).to(weight.device).view(*weight.shape[:-2], 1, 1)
-    x = momentum_step(momentum_buffer, grad, group["momentum"], group["nesterov"], keep)
+    x = momentum_step(momentum_buffer, grad, group["momentum"], group["nesterov"], keep,
+                      out=ns_input_buffer(weight, group))
     if not x.numel():  # a rank that holds no matrix of this stack
         return
-    o, scale = orthogonal_update(x, group, stats)
+    o, scale = orthogonal_update(x, group, stats, overwrite_input=True)
     apply_orthogonal(weight, o, scale, group["lr"], group["weight_decay"], keep)
     if not telemetry:
         return
@@ -272,19 +280,32 @@ def muon_matrix_step(weight: torch.Tensor, grad: torch.Tensor, momentum_buffer: 
         stats.add(group_key(group), o[rows], weight, scale[rows] if isinstance(scale, torch.Tensor) else scale)
 
 
-def orthogonal_update(x: torch.Tensor, group: dict, stats: StepStats | None = None
+def orthogonal_update(x: torch.Tensor, group: dict, stats: StepStats | None = None, overwrite_input: bool = False
                       ) -> tuple[torch.Tensor, float | torch.Tensor]:
     """(O, s): O = NS(x) of whole matrices and the update scale s (a tensor, one per matrix, for update_norm)."""
-    o = orthogonalize(x, group, stats)
+    o = orthogonalize(x, group, stats, overwrite_input)
     return o, update_scale(group["scale_mode"], x.shape, o, group["scale_hidden_size"])
 
 
-def orthogonalize(x: torch.Tensor, group: dict, stats: StepStats | None = None) -> torch.Tensor:
-    """O = NS(x) in the group's NS dtype (steps, coefficients, eps), timed into `stats`."""
+def ns_input_buffer(weight: torch.Tensor, group: dict) -> torch.Tensor:
+    """An empty NS input shaped like `weight`, in the group's NS dtype, stored in NS's wide orientation (a tall
+    matrix gets the transpose of a row-major wide buffer), so NS can start on it without converting or copying."""
+    dtype = resolve_dtype(group["ns_dtype"])
+    if weight.shape[-2] > weight.shape[-1]:
+        return torch.empty((*weight.shape[:-2], weight.shape[-1], weight.shape[-2]), dtype=dtype,
+                           device=weight.device).mT
+    return torch.empty(weight.shape, dtype=dtype, device=weight.device)
+
+
+def orthogonalize(x: torch.Tensor, group: dict, stats: StepStats | None = None,
+                  overwrite_input: bool = False) -> torch.Tensor:
+    """O = NS(x) in the group's NS dtype (steps, coefficients, eps), timed into `stats`; `overwrite_input` lets NS
+    start in x's memory (a private NS input from `ns_input_buffer`)."""
     start = time.perf_counter()
     ns_dtype = resolve_dtype(group["ns_dtype"])
     o = newton_schulz(x, steps=group["ns_steps"], coefficients=group["ns_coefficients"], dtype=ns_dtype,
-                      eps=group["ns_eps"], out_dtype=ns_dtype, method=group["ns_method"])
+                      eps=group["ns_eps"], out_dtype=ns_dtype, method=group["ns_method"],
+                      overwrite_input=overwrite_input)
     if stats is not None:
         stats.ns_seconds += time.perf_counter() - start
     return o

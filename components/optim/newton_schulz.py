@@ -5,7 +5,8 @@
 
 The iteration runs on the wide orientation (rows <= columns, transposing tall matrices) and is batched over every
 leading dimension, so a stacked expert tensor [E, A, B] is E independent matrices. It never writes into its input
-(torch #194664: `G.bfloat16()` aliases G when G is already bf16).
+(torch #194664: `G.bfloat16()` aliases G when G is already bf16) unless asked to (`overwrite_input`, for the
+optimizer's private NS input); its products write into three buffers allocated once per call.
 """
 from __future__ import annotations
 
@@ -96,13 +97,16 @@ def newton_schulz(
     eps: float = 1e-7,
     out_dtype: torch.dtype | None = None,
     method: str = "standard",
+    overwrite_input: bool = False,
 ) -> torch.Tensor:
     """Approximate the orthogonal polar factor U Vᵀ of each matrix in G [..., A, B] (Moonlight Eq. 2).
 
     method: 'standard' iterates on X (the paper); 'gram' iterates on the small Gram matrix (see `_gram_iterate`),
     the same polynomial in exact arithmetic with fewer FLOPs for rectangular matrices; 'auto' picks 'gram' when
     the long side is at least GRAM_MIN_ASPECT times the short one.
-    Returns a new tensor of G's shape in `out_dtype` (default: G's dtype); G is not modified.
+    Returns a tensor of G's shape in `out_dtype` (default: G's dtype). G is not modified unless `overwrite_input`
+    and G is already in the compute dtype with its wide orientation contiguous (G, or G.mT when G is tall): then
+    the iteration starts in G's memory instead of a copy (the optimizer's private NS input).
     """
     if G.ndim < 2:
         raise ValueError(f"newton_schulz: G must have at least 2 dimensions, got shape {tuple(G.shape)}")
@@ -114,38 +118,40 @@ def newton_schulz(
     compute = resolve_dtype(dtype)
     shape = G.shape
     matrices = G.reshape(-1, *shape[-2:]) if G.ndim > 3 else G  # one batch dimension for baddbmm
-    out = _orthogonalize(matrices, steps, schedule, compute, eps, method)
-    return out.reshape(shape).to(out_dtype or G.dtype)
+    tall = shape[-2] > shape[-1]
+    X = matrices.mT if tall else matrices  # the wide orientation: rows <= columns
+    if not (overwrite_input and X.dtype == compute and X.is_contiguous()):
+        # A private row-major copy in one pass (conversion and transpose together): nothing below may write into
+        # G (torch #194664), and the products run several times faster on a row-major wide operand on CPU.
+        X = X.to(dtype=compute, memory_format=torch.contiguous_format, copy=True)
+    out = _orthogonalize(X, steps, schedule, eps, method)
+    return (out.mT if tall else out).reshape(shape).to(out_dtype or G.dtype)
 
 
-def _orthogonalize(G: torch.Tensor, steps: int, schedule: CoefficientSchedule, compute: torch.dtype, eps: float,
+def _orthogonalize(X: torch.Tensor, steps: int, schedule: CoefficientSchedule, eps: float,
                    method: str) -> torch.Tensor:
-    """NS on one matrix [A, B] or a batch [N, A, B], in `compute` dtype; returns a new tensor (never G itself)."""
-    X = G.to(dtype=compute, copy=True)  # always a private copy: nothing below may write into G (torch #194664)
-    tall = X.shape[-2] > X.shape[-1]
-    if tall:
-        X = X.mT.contiguous()  # row-major wide operand: the products below run several times faster on CPU
+    """NS on one wide matrix [m, n] or a batch [N, m, n] (m <= n), consuming X (normalized in place)."""
     norm = torch.linalg.matrix_norm(X, keepdim=True)
-    X = X / (norm * schedule.norm_safety + eps)
+    X.div_(norm * schedule.norm_safety + eps)
     aspect = X.shape[-1] / max(1, X.shape[-2])
     if method == "gram" or (method == "auto" and aspect >= GRAM_MIN_ASPECT):
-        X = _gram_iterate(X, schedule.for_steps(steps))
-    else:
-        X = _iterate(X, schedule.for_steps(steps))
-    return X.mT if tall else X
+        return _gram_iterate(X, schedule.for_steps(steps))
+    return _iterate(X, schedule.for_steps(steps))
 
 
 def _iterate(X: torch.Tensor, triples: list[Triple]) -> torch.Tensor:
-    """X ← aX + (bA + cA²)X with A = XXᵀ: per step 2 products with the long side and one m×m product."""
-    batched = X.ndim == 3
+    """X ← aX + (bA + cA²)X with A = XXᵀ: per step 2 products with the long side and one m×m product. Three
+    buffers for the whole iteration (A, B and the next X): no fresh allocation per step."""
+    if not triples:
+        return X
+    gram = (*X.shape[:-1], X.shape[-2])
+    A, B, Y = X.new_empty(gram), X.new_empty(gram), torch.empty_like(X)
+    addmm = torch.baddbmm if X.ndim == 3 else torch.addmm
     for a, b, c in triples:
-        A = X @ X.mT
-        if batched:
-            B = torch.baddbmm(A, A, A, beta=b, alpha=c)
-            X = torch.baddbmm(X, B, X, beta=a)
-        else:
-            B = torch.addmm(A, A, A, beta=b, alpha=c)
-            X = torch.addmm(X, B, X, beta=a)
+        torch.matmul(X, X.mT, out=A)
+        addmm(A, A, A, beta=b, alpha=c, out=B)
+        addmm(X, B, X, beta=a, out=Y)
+        X, Y = Y, X
     return X
 
 

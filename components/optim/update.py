@@ -18,8 +18,9 @@ SCALE_MODES = ("moonlight", "keller", "update_norm", "baseline", "none")
 
 
 def momentum_step(buf: torch.Tensor, grad: torch.Tensor, momentum: float, nesterov: bool,
-                  keep: torch.Tensor | None = None) -> torch.Tensor:
-    """M ← μM + g in place; returns a new tensor holding the NS input (μM + g with Nesterov, else M).
+                  keep: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """M ← μM + g in place; returns the NS input (μM + g with Nesterov, else M): a new tensor, or `out` filled
+    (any dtype and layout: the NS input can be written straight in the NS dtype and orientation, one pass).
 
     `keep` (bool, broadcastable) marks elements whose matrix got no gradient: their momentum stays as it was.
     """
@@ -28,8 +29,8 @@ def momentum_step(buf: torch.Tensor, grad: torch.Tensor, momentum: float, nester
     else:
         buf.copy_(torch.where(keep, buf, buf * momentum + grad))
     if nesterov:
-        return grad.add(buf, alpha=momentum)
-    return buf.clone()
+        return grad.add(buf, alpha=momentum) if out is None else torch.add(grad, buf, alpha=momentum, out=out)
+    return buf.clone() if out is None else out.copy_(buf)
 
 
 def update_scale(mode: str, shape: torch.Size | tuple[int, ...], orthogonal: torch.Tensor | None = None,
@@ -104,6 +105,7 @@ def adamw_step(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs: 
     torch._foreach_addcdiv_(params, exp_avgs, denom, [-lr / b for b in bias1])
     if not want_update:
         return None
-    updates = torch._foreach_div(exp_avgs, denom)
-    torch._foreach_div_(updates, bias1)
-    return updates
+    for m, d in zip(exp_avgs, denom):  # m / d into d's memory: no second parameter-sized allocation
+        torch.div(m, d, out=d)
+    torch._foreach_div_(denom, bias1)
+    return denom

@@ -167,7 +167,7 @@ class ZeroOneMuon(Muon):
                 per_elem = (~active).repeat_interleave(mn).to(grad.device)
                 keep = per_elem[a - pc.offset:b - pc.offset]
             s = slice(a - lo, b - lo)
-            x[s] = momentum_step(self._first[s], grad[s], group["momentum"], group["nesterov"], keep).to(x.dtype)
+            momentum_step(self._first[s], grad[s], group["momentum"], group["nesterov"], keep, out=x[s])
             tasks.append((pc, a, b, k0, k1, keep))
         ext, ext_lo = self._complete_boundaries(x, lo, hi)
         for pc, a, b, k0, k1, keep in tasks:
