@@ -42,8 +42,10 @@ class ConfigError(ValueError):
 
 def check_layout(schedule: StageSchedule, micro_batch_size: int, world_size: int, num_workers: int,
                  num_streams: int) -> None:
-    """The one layout check, before training: every stage's global batch splits into micro-batches over the
-    ranks, and the data order's virtual streams split evenly over ranks × workers × micro-batch (exact resume)."""
+    """The one layout check, before training (`crescent train` runs it before the run directory or the MLflow run
+    exist; call it yourself when driving the module with your own Trainer): every stage's global batch splits into
+    micro-batches over the ranks, and the data order's virtual streams split evenly over ranks × workers ×
+    micro-batch (exact resume)."""
     try:
         schedule.check_batches(micro_batch_size, world_size)
         check_stream_layout(num_streams, world_size, num_workers, micro_batch_size)
@@ -139,11 +141,9 @@ class CrescentModule(pl.LightningModule):
         return self.consumed_samples * self.seq_len
 
     def setup(self, stage: str) -> None:
-        dm = self.trainer.datamodule
-        check_layout(self.schedule, dm.micro_batch_size, self.trainer.world_size, dm.num_workers, dm.num_streams)
         if self.init_from is not None:
             try:
-                self.init_from.check_tokenizer(dm.data_fingerprints())
+                self.init_from.check_tokenizer(self.trainer.datamodule.data_fingerprints())
             except ValueError as err:
                 raise ConfigError(str(err)) from None
 
