@@ -111,10 +111,10 @@ def main(argv: list[str]) -> int:
             else:
                 sys.stdout.write(text)
             return 0
-        from app.k8s import submit  # the kubernetes client is imported only when a cluster is involved
+        from app.k8s import actions  # the kubernetes client is imported only when a cluster is involved
 
         needs_render = args.action == "submit" or (args.action == "delete" and args.all)
-        return submit.run(args, _params(args) if needs_render else None)
+        return actions.run(args, _params(args) if needs_render else None)
     except RenderError as err:
         print(f"crescent k8s {args.action}: {err}", file=sys.stderr)
         return 2
