@@ -10,6 +10,7 @@ import pytest
 import torch
 import train_helpers as th
 from test_eval_fixtures import corpus_text
+from test_s3 import BUCKET, aws, s3  # noqa: F401  (the S3 server fixtures)
 
 from components.data.chat import IGNORE_INDEX, ChatEncoder, get_template, model_fields, pack_lengths
 from components.data.chat_build import ChatReport, build_chat_shards, iter_conversations
@@ -287,3 +288,21 @@ def test_cli_builds_a_chat_set_and_reports_what_it_skipped(tmp_path, tokenizer_d
                          "--tokenizer", str(tokenizer_dir), cwd=tmp_path, check=False)
     assert result.returncode == 2 and f"{bad}: no valid chat record (1 no_assistant_turn)" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.usefixtures("aws")
+def test_chat_records_and_sets_in_object_storage(tmp_path, tokenizer_dir):
+    """tulu-style JSONL read from a real S3-protocol server (moto, tests/test_s3.py), the chat set written back
+    into the bucket: the same shard bytes as a local build, streamed back to the same batches."""
+    from components.data import remote
+
+    local = _write_jsonl(tmp_path / "chat.jsonl", _records(40, seed=4))
+    url = f"s3://{BUCKET}/raw/chat.jsonl"
+    remote.write_bytes(url, local.read_bytes())
+    on_s3 = build_chat_shards([url], f"s3://{BUCKET}/sets/chat", tokenizer_dir, seq_len=127, shard_samples=8)
+    here = build_chat_shards([str(local)], tmp_path / "chat", tokenizer_dir, seq_len=127, shard_samples=8)
+    assert [s["sha256"] for s in on_s3["shards"]] == [s["sha256"] for s in here["shards"]]
+    n = here["samples"]
+    a = [b["input_ids"] for b in StreamLoader(_stream(f"s3://{BUCKET}/sets/chat", stop_samples=n))]
+    b = [b["input_ids"] for b in StreamLoader(_stream(tmp_path / "chat", stop_samples=n))]
+    assert len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b))

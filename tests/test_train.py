@@ -2,10 +2,6 @@
 bad configuration. Each run is a real subprocess (the DDP/FSDP ones launch real gloo processes)."""
 from __future__ import annotations
 
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -78,17 +74,9 @@ def test_stages_drive_lr_mixture_and_bias_rate(reference_run):
 def test_sigterm_checkpoint_then_resume_matches_uninterrupted_run_bitwise(corpus, reference_run, tmp_path):
     uri = f"sqlite:///{tmp_path}/mlruns.db"
     config = th.write_config(tmp_path / "config.yaml", corpus, tmp_path / "run", uri, TOKENS)
-    cmd = [sys.executable, "-m", "app.cli", "train", "--config", str(config)]
-    env = {**th.env(), "PYTHONPATH": str(th.ROOT)}
-    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     checkpoints = tmp_path / "run" / "checkpoints"
-    deadline = time.time() + 300
-    while not (checkpoints / "step-00000004.ckpt").exists():
-        assert proc.poll() is None and time.time() < deadline, proc.stdout.read()
-        time.sleep(0.2)
-    proc.send_signal(signal.SIGTERM)
-    out, _ = proc.communicate(timeout=300)
-    assert proc.returncode == 143, out  # preempted: retriable exit for the Job's podFailurePolicy
+    returncode, out = th.preempt_after(config, checkpoints / "step-00000004.ckpt", cwd=tmp_path)
+    assert returncode == 143, out  # preempted: retriable exit for the Job's podFailurePolicy
     assert "Traceback" not in out
     preempt = sorted(checkpoints.glob("preempt-step=*.ckpt"))
     assert len(preempt) == 1 and 4 <= int(preempt[0].stem.split("=")[1]) < STEPS

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 BACKENDS = ("auto", "flex", "sdpa")
+DENSE_LIMIT_ON_GPU = 2048  # longer packed samples on a GPU go through FlexAttention only
 _compiled_flex = None
 
 
@@ -68,7 +69,11 @@ class DocumentMask:
 
     def dense(self) -> torch.Tensor:
         if self._dense is None:
-            self._dense = self.rows(0, self.segment_ids.shape[1])
+            b, s = self.segment_ids.shape
+            if self.segment_ids.is_cuda and s > DENSE_LIMIT_ON_GPU:
+                raise RuntimeError(f"a dense [{b}, 1, {s}, {s}] attention mask on the GPU: use the flex backend for "
+                                   f"packed samples longer than {DENSE_LIMIT_ON_GPU} tokens")
+            self._dense = self.rows(0, s)
         return self._dense
 
     def __getitem__(self, key) -> torch.Tensor:
