@@ -113,6 +113,7 @@ class Muon(torch.optim.Optimizer):
     # ----------------------------------------------------------------------------------------- the step
     @torch.no_grad()
     def step(self, closure=None):
+        """The gradient summary (a non-finite gradient skips the step or raises), the update, the telemetry."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -120,17 +121,20 @@ class Muon(torch.optim.Optimizer):
         if self.comm is not None:
             self.comm.new_step()
         codes = self._grad_codes()
-        if self._handle_nonfinite(codes):
-            return loss
-        stats = StepStats()
+        if not self._handle_nonfinite(codes):
+            stats = StepStats()
+            self._update(codes, stats)
+            self._finish_stats(stats)
+        return loss
+
+    def _update(self, codes: dict, stats: StepStats) -> None:
+        """Every group's update; what a distributed subclass does differently (ZeRO-1's flat shards) goes here."""
         for group in self.param_groups:
             stats.ensure(group_key(group), local(group["params"][0]).device if group["params"] else "cpu")
             if group["algorithm"] == "muon":
                 self._muon_group_step(group, codes, stats)
             else:
                 self._adamw_group_step(group, codes, stats)
-        self._finish_stats(stats)
-        return loss
 
     def _muon_group_step(self, group: dict, codes: dict, stats: StepStats) -> None:
         for p, spec in zip(group["params"], group_blocks(group)):

@@ -81,16 +81,7 @@ class ZeroOneMuon(Muon):
         return self.layout.step_bytes(self.rank, item, item, ns_item, code_count(self.layout.params), keys)
 
     # ----------------------------------------------------------------------------------------- the step
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        self.comm.new_step()
-        codes = self._grad_codes()
-        if self._handle_nonfinite(codes):
-            return loss
+    def _update(self, codes: dict, stats: StepStats) -> None:
         lo, _ = self.layout.shard(self.rank)
         ref = self._first
         flat = torch.zeros(self.layout.total, dtype=ref.dtype, device=ref.device)
@@ -107,7 +98,6 @@ class ZeroOneMuon(Muon):
             p = self._params[pc.param]
             weights[a - lo:b - lo] = to_block_order(p.detach(), self._specs[pc.param])[
                 pc.start + a - pc.offset:pc.start + b - pc.offset]
-        stats = StepStats()
         for group in self.param_groups:
             stats.ensure(group_key(group), ref.device)
         for i, p in enumerate(self._params):
@@ -123,8 +113,6 @@ class ZeroOneMuon(Muon):
                 data.view(-1)[pc.start:pc.start + pc.length] = full[pc.offset:pc.offset + pc.length]
             else:  # a Muon matrix: always one whole piece
                 block_view(data, spec).copy_(full[pc.offset:pc.offset + pc.length].view(block_shape(data.shape, spec)))
-        self._finish_stats(stats)
-        return loss
 
     def _adamw_shard(self, codes, grad, weights, stats) -> None:
         lo, _ = self.layout.shard(self.rank)
