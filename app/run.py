@@ -27,7 +27,7 @@ from app.callbacks.preemption import PREEMPTED_EXIT_CODE
 from app.checkpoint_io import AtomicCheckpointIO, list_checkpoints, load_meta, verify_checkpoint
 from app.module import ConfigError, NonFiniteLossError, check_layout
 from app.runlock import RunDirInUse, RunLock
-from app.tracking import CrescentMLflowLogger, flatten_params, mlflow_logger
+from app.tracking import CrescentMLflowLogger, DatasetLineage, flatten_params, mlflow_logger
 from components.durable import InsufficientSpaceError, is_no_space, remove_temporary
 
 
@@ -42,6 +42,8 @@ class RunOptions:
         export_every_n_steps: export checkpoint cadence (and one at the end).
         experiment / tracking_uri: MLflow experiment; URI default MLFLOW_TRACKING_URI or sqlite:///mlruns.db.
         tags: MLflow tags set on the run (e.g. `mlflow.parentRunId` for a child of an experiment's parent run).
+        system_metrics / system_metrics_interval_s: MLflow's system metrics (CPU, memory, disk, network, GPU with
+            pynvml) into the run, one sample per interval (app/tracking/system_metrics.py).
         log_every_n_steps: expert-load metrics cadence; svd_entropy_every_n_steps; max_logit_every_n_steps.
         plot_every_n_steps: plots rebuilt from the run's metric history this often (and at the end).
         peak_flops_per_device: for MFU where Lightning knows no peak (CPUs).
@@ -57,6 +59,8 @@ class RunOptions:
     tracking_uri: str | None = None
     run_name: str | None = None
     tags: dict[str, str] | None = None
+    system_metrics: bool = True
+    system_metrics_interval_s: float = 10.0
     log_every_n_steps: int = 10
     svd_entropy_every_n_steps: int = 50
     max_logit_every_n_steps: int = 10
@@ -71,6 +75,8 @@ class RunOptions:
                      "svd_entropy_every_n_steps", "plot_every_n_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"run.{name}={getattr(self, name)!r} must be >= 1")
+        if not self.system_metrics_interval_s > 0:
+            raise ValueError(f"run.system_metrics_interval_s={self.system_metrics_interval_s!r} must be > 0 seconds")
 
     @property
     def path(self) -> Path:
@@ -81,8 +87,10 @@ class RunOptions:
         root = self.path
         logger = CrescentMLflowLogger(experiment_name=self.experiment, tracking_uri=self.tracking_uri,
                                       run_name=self.run_name or root.name, tags=self.tags,
-                                      spool_dir=str(root / "mlflow-spool"))
+                                      spool_dir=str(root / "mlflow-spool"), system_metrics=self.system_metrics,
+                                      system_metrics_interval_s=self.system_metrics_interval_s)
         callbacks = [
+            DatasetLineage(),
             TrainingPlots(self.plot_every_n_steps),
             ExpertLoadMonitor(self.log_every_n_steps),
             OptimizerTelemetry(self.max_logit_every_n_steps),

@@ -6,12 +6,19 @@ A checkpoint whose crescent.json names a training run gets its metrics on that r
 limit and source, and each task's results JSON as an artifact `eval/step-XXXXXXXX/TASK.json`. A checkpoint without a
 run id (or whose run this tracking store does not know) gets its own run in the `eval` experiment.
 
+The metrics are also the scores of the checkpoint's MLflow logged model (the one training logged for the export,
+named `step-XXXXXXXX`, produced by the run; created here when training could not log it): each metric carries the
+model id and the evaluation set as its dataset (the task's name, a digest of what was evaluated), so the model's
+page in the UI shows how it scored and its source run which data trained it. Evaluation is a short-lived process,
+so it talks to MLflow directly (blocking calls), not through training's outage spool.
+
 Status tags say what is left to do, per task: `crescent.eval.step-XXXXXXXX.TASK` is `done`, `failed:N: ...` (N
 attempts so far) or `skipped: REASON` (no data here: the warning a user sees on the run). The checkpoint's own tag
 `crescent.eval.step-XXXXXXXX` holds `running:HOST:PID:UNIXTIME` while a watcher works on it, then a summary.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -20,9 +27,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from mlflow.entities import Metric
+from mlflow.entities import LoggedModelOutput, Metric
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
+from mlflow.utils.validation import MAX_TAG_VAL_LENGTH
 
 from components.checkpoint import export_dir_name
 
@@ -33,6 +41,8 @@ EVAL_EXPERIMENT = "eval"
 STATUS_TAG = "crescent.eval.{name}"
 TASK_STATUS_TAG = "crescent.eval.{name}.{task}"
 CHECKPOINT_TAG = "crescent.checkpoint"
+MODEL_TYPE = "crescent-export"  # what training gives an export's logged model (app/tracking/lineage.py)
+_STATUS_LENGTH = min(5000, MAX_TAG_VAL_LENGTH)
 
 
 def resolve_tracking_uri(cli_uri: str | None = None, metadata: dict | None = None) -> str:
@@ -50,6 +60,7 @@ class EvalTracker:
     def __init__(self, tracking_uri: str):
         self.uri = tracking_uri
         self.client = MlflowClient(tracking_uri)
+        self._models: dict[tuple[str, int], str] = {}
 
     def target_run(self, metadata: dict, checkpoint: str | Path) -> str:
         """The run that receives this checkpoint's results (created in `eval` when there is none)."""
@@ -86,7 +97,7 @@ class EvalTracker:
         return self.client.get_run(run_id).data.tags.get(STATUS_TAG.format(name=export_dir_name(step)))
 
     def mark(self, run_id: str, step: int, status: str) -> None:
-        self.client.set_tag(run_id, STATUS_TAG.format(name=export_dir_name(step)), status[:5000])
+        self.client.set_tag(run_id, STATUS_TAG.format(name=export_dir_name(step)), status[:_STATUS_LENGTH])
 
     def task_statuses(self, run_id: str, step: int) -> dict[str, str]:
         """task -> its status tag for this checkpoint (tasks never attempted are absent)."""
@@ -95,7 +106,7 @@ class EvalTracker:
         return {key[len(prefix):]: value for key, value in tags.items() if key.startswith(prefix)}
 
     def mark_task(self, run_id: str, step: int, task: str, status: str) -> None:
-        self.client.set_tag(run_id, TASK_STATUS_TAG.format(name=export_dir_name(step), task=task), status[:5000])
+        self.client.set_tag(run_id, TASK_STATUS_TAG.format(name=export_dir_name(step), task=task), status[:_STATUS_LENGTH])
 
     def record_failures(self, run_id: str, step: int, failed: dict[str, str], statuses: dict[str, str]) -> None:
         """`failed:N: error` for each failed task, N counting this attempt (`statuses`: the tags before it)."""
@@ -107,7 +118,9 @@ class EvalTracker:
         `tasks` (default: every task in `doc`)."""
         step, now = doc["step"], int(time.time() * 1000)
         chosen = {t: doc["tasks"][t] for t in (tasks if tasks is not None else doc["tasks"])}
-        metrics = [Metric(metric_key(task, name), value, now, step)
+        model_id = self.logged_model(run_id, doc)
+        metrics = [Metric(metric_key(task, name), value, now, step, model_id=model_id, dataset_name=task,
+                          dataset_digest=eval_set_digest(entry, doc["lm_eval"].get(task)))
                    for task, entry in chosen.items() for name, value in entry["metrics"].items()]
         if metrics:
             self.client.log_batch(run_id, metrics=metrics)
@@ -121,6 +134,37 @@ class EvalTracker:
                 record.update(task=task, result=entry, lm_eval=doc["lm_eval"].get(task))
                 path.write_text(json.dumps(record, indent=2, default=str) + "\n")
                 self.client.log_artifact(run_id, str(path), artifact_path=f"eval/{export_dir_name(step)}")
+
+
+    def logged_model(self, run_id: str, doc: dict) -> str:
+        """The id of the checkpoint's logged model: the run's model named after the export folder, created (an
+        output of the run at the checkpoint's step) when training has not logged it."""
+        step = doc["step"]
+        if (run_id, step) in self._models:
+            return self._models[(run_id, step)]
+        experiment_id, name = self.client.get_run(run_id).info.experiment_id, export_dir_name(step)
+        found = self.client.search_logged_models(
+            [experiment_id], filter_string=f"source_run_id = '{run_id}' AND name = '{name}'", max_results=1)
+        if found:
+            model_id = found[0].model_id
+        else:
+            params = {"export_uri": Path(doc["checkpoint"]).resolve().as_uri(), "step": str(step),
+                      "tokens_seen": str(doc.get("tokens_seen"))}
+            model_id = self.client.create_logged_model(experiment_id, name=name, source_run_id=run_id, params=params,
+                                                       tags={"crescent.export": doc["checkpoint"]},
+                                                       model_type=MODEL_TYPE).model_id
+            self.client.log_outputs(run_id, [LoggedModelOutput(model_id, step)])
+            self.client.finalize_logged_model(model_id, "READY")
+        self._models[(run_id, step)] = model_id
+        return model_id
+
+
+def eval_set_digest(entry: dict, lm_eval: dict | None) -> str:
+    """16 hex digits naming what a task evaluated: lm-eval task and version, split, few-shot, limit, documents."""
+    versions = (lm_eval or {}).get("versions") or {}
+    what = {k: entry.get(k) for k in ("lm_eval_task", "source", "split", "num_fewshot", "limit", "documents")}
+    what["version"] = versions.get(entry.get("lm_eval_task"))
+    return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def failed_attempts(status: str | None) -> int:

@@ -3,10 +3,10 @@
 from argparse import Namespace
 from dataclasses import dataclass
 
-from mlflow.utils.validation import _validate_param_name
+from mlflow.utils.validation import MAX_ENTITY_KEY_LENGTH, _validate_param_name
 
 from app.tracking.journal import Journal
-from app.tracking.params import MAX_KEY_LENGTH, flatten_params, sanitize_key, split_params
+from app.tracking.params import flatten_params, sanitize_key, split_params
 
 
 def test_journal_keeps_order_and_resumes_after_the_delivered_position(tmp_path):
@@ -56,7 +56,7 @@ def test_sanitized_keys_are_valid_and_long_keys_stay_distinct():
         assert sanitize_key(raw) == clean
         _validate_param_name(clean)  # MLflow's own check accepts it
     a, b = sanitize_key("k" * 300 + "1"), sanitize_key("k" * 300 + "2")
-    assert len(a) == len(b) == MAX_KEY_LENGTH and a != b
+    assert len(a) == len(b) == MAX_ENTITY_KEY_LENGTH and a != b
 
 
 def test_split_params_skips_unchanged_and_tags_changed_values():

@@ -7,7 +7,7 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from app.step import step_report
-from app.tracking import mlflow_logger
+from app.tracking import logged_model_record, mlflow_logger
 from components.checkpoint import save_export
 
 
@@ -45,7 +45,8 @@ def resumable_checkpoint(dirpath: str | Path, every_n_steps: int, keep_last: int
 
 class ExportCheckpoint(pl.Callback):
     """Writes `components.checkpoint` exports (safetensors + config + tokenizer + step + run id) every
-    `every_n_steps` optimizer steps and at the end of training; the evaluation pipeline watches that folder."""
+    `every_n_steps` optimizer steps and at the end of training; the evaluation pipeline watches that folder. Each
+    export is also a logged model of the MLflow run (app/tracking/lineage.py), which evaluation scores attach to."""
 
     def __init__(self, dirpath: str | Path = "exports", every_n_steps: int = 100, tokenizer_dir: str | None = None,
                  max_artifact_bytes: int = 200 << 20):
@@ -64,13 +65,16 @@ class ExportCheckpoint(pl.Callback):
             return
         logger = mlflow_logger(trainer.loggers)
         tokenizer_dir = self.tokenizer_dir or getattr(trainer.datamodule, "tokenizer_dir", None)
+        position = {"consumed_samples": pl_module.consumed_samples,
+                    "stage": pl_module.schedule.at(pl_module.tokens_seen).stage_name}
         self.last_export = save_export(
             pl_module.model, self.dirpath, step=step, tokenizer_dir=tokenizer_dir,
             run_id=getattr(logger, "run_id", None), tracking_uri=getattr(logger, "tracking_uri", None),
-            extra={"tokens_seen": pl_module.tokens_seen, "consumed_samples": pl_module.consumed_samples,
-                   "stage": pl_module.schedule.at(pl_module.tokens_seen).stage_name},
+            extra={"tokens_seen": pl_module.tokens_seen, **position},
             chat_template=getattr(trainer.datamodule, "chat_template", None))
         self._last_step = step
+        if logger is not None and trainer.is_global_zero:
+            logger.log_logged_model(logged_model_record(str(self.last_export), step, pl_module.tokens_seen, position))
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         report = step_report(outputs)

@@ -1,8 +1,8 @@
 """The background thread that owns all MLflow traffic for one run.
 
 The training thread only appends records to an in-memory deque (``put``); this thread moves them into the
-journal (disk), creates or resumes the run, and sends the journal in order with ``MlflowClient.log_batch``
-within MLflow's batch limits. Any failure is retried with exponential backoff; only a record the server
+journal (disk), creates or resumes the run, and sends the journal in order (metrics, tags and params with
+``MlflowClient.log_batch``, which splits a call into MLflow's batch limits itself). Any failure is retried with exponential backoff; only a record the server
 rejects as invalid (HTTP 400 kind of errors) is dropped, and counted. A local disk that refuses the journal
 (full) is reported as such; its records are delivered from memory meanwhile (journal.py). With ``resume_step``
 (the checkpoint's step) steps a killed predecessor logged after it are not logged twice (resume.py).
@@ -10,7 +10,12 @@ rejects as invalid (HTTP 400 kind of errors) is dropped, and counted. A local di
 Records (JSON lists, compact on disk):
 ``["m", key, value, timestamp_ms, step]`` metric, ``["t", key, value]`` tag, ``["p", {key: value}]`` params
 (checked against the run's params at delivery, see ``params.split_params``), ``["a", path, artifact_path,
-staged]`` artifact (a staged copy is deleted after upload).
+staged]`` artifact (a staged copy is deleted after upload), ``["s", {key: value}, timestamp_ms]`` one system
+metrics sample (system_metrics.py; its step is given here, after the run's last ``system/`` step), ``["i",
+[dataset, ...]]`` dataset inputs and ``["lm", {...}]`` an export as a logged model (lineage.py).
+
+This thread also runs MLflow's system-metrics monitor (``system_metrics_interval_s``), started once the client
+exists (a new sqlite store is created by the first client) and stopped before the last records are sent.
 """
 
 from __future__ import annotations
@@ -18,20 +23,19 @@ from __future__ import annotations
 import collections
 import logging
 import os
-import shutil
 import threading
 import time
 from typing import Any
 
+from mlflow.utils.validation import MAX_METRICS_PER_BATCH
+
 from app.tracking.journal import Journal
-from app.tracking.params import split_params
-from app.tracking.resume import delivered_after, drop_after
-from app.tracking.store import MAX_PARAMS_TAGS_PER_BATCH, resolve_run
+from app.tracking.records import RunRecords
+from app.tracking.resume import drop_after
+from app.tracking.store import resolve_run
 
 log = logging.getLogger(__name__)
 
-# mlflow.utils.validation limits for one log_batch call.
-MAX_METRICS_PER_BATCH = 1000
 # Errors that retrying cannot fix: the record itself is bad, or the run is gone.
 _PERMANENT_ERRORS = {"INVALID_PARAMETER_VALUE", "BAD_REQUEST", "INVALID_STATE", "RESOURCE_DOES_NOT_EXIST"}
 
@@ -54,11 +58,13 @@ class RunDelivery(threading.Thread):
         search_run_key: bool,
         run_name: str | None,
         tags: dict[str, str],
+        context_tags: dict[str, str] | None = None,
         journal_path: str,
         poll_interval_s: float,
         max_backoff_s: float,
         max_queue: int,
         resume_step: int | None = None,
+        system_metrics_interval_s: float | None = None,
     ):
         super().__init__(name=f"crescent-mlflow-{run_key[:8]}", daemon=True)
         self.tracking_uri = tracking_uri
@@ -68,11 +74,15 @@ class RunDelivery(threading.Thread):
         self.run_key = run_key
         self.run_name = run_name
         self.tags = dict(tags)
+        self.context_tags = dict(context_tags or {})
         self.poll_interval_s = poll_interval_s
         self.max_backoff_s = max_backoff_s
         self.max_queue = max_queue
         self.resume_step = resume_step
-        self._superseded: set[tuple[str, int]] = set()  # (key, step) delivered before the resume (resume.py)
+        self._sender: RunRecords | None = None  # what each record becomes in MLflow, once the run is known
+        self.system_metrics_interval_s = system_metrics_interval_s
+        self._monitor = None
+        self._monitor_lock = threading.Lock()
         self.journal = Journal(journal_path)
         drop_after(self.journal, resume_step)
 
@@ -98,10 +108,14 @@ class RunDelivery(threading.Thread):
         self.overflowed = 0  # records lost because the in-memory queue was full
         self.rejected = 0  # records the server refused as invalid (dropped)
         self.failures = 0  # failed attempts (each followed by a backoff)
-        self.superseded = 0  # records of steps after the resume point that an earlier process already logged
         self._disk_warned = False
         self.last_error: str | None = None
         self.status_set: str | None = None
+
+    @property
+    def superseded(self) -> int:
+        """Records of steps after the resume point that an earlier process already logged (resume.py)."""
+        return self._sender.superseded if self._sender is not None else 0
 
     EMPTY_STATS = {"enqueued": 0, "delivered": 0, "pending": 0, "overflowed": 0, "rejected": 0,
                    "failures": 0, "last_error": None, "run_id": None, "status_set": None, "superseded": 0,
@@ -172,6 +186,7 @@ class RunDelivery(threading.Thread):
 
     def stop(self, status: str | None, timeout: float) -> None:
         """Deliver for at most ``timeout`` seconds, set ``status`` on the run (best effort), end the thread."""
+        self._stop_monitor()  # its last sample is queued before the final delivery
         self._final_status = status
         self._stop_deadline = time.monotonic() + max(timeout, 0.0)
         self._wake.set()
@@ -215,6 +230,7 @@ class RunDelivery(threading.Thread):
             self.journal_queued()
             self._set_final_status()
         finally:
+            self._stop_monitor()
             with self._journal_lock:
                 self._closed = True
                 self.journal.close()
@@ -272,20 +288,43 @@ class RunDelivery(threading.Thread):
             from mlflow import MlflowClient
 
             self._client = MlflowClient(tracking_uri=self.tracking_uri)
+            self._start_monitor()
         return self._client
+
+    def _start_monitor(self) -> None:
+        if self.system_metrics_interval_s is None or self._stop_deadline is not None:
+            return
+        from app.tracking.system_metrics import QueuedSystemMetricsMonitor
+
+        with self._monitor_lock:
+            try:
+                self._monitor = QueuedSystemMetricsMonitor(self.put, self.tracking_uri,
+                                                           sampling_interval=self.system_metrics_interval_s)
+                self._monitor.start()
+            except Exception as error:  # no system metrics, training goes on
+                log.warning("system metrics monitor not started: %s: %s", type(error).__name__, error)
+                self._monitor = None
+
+    def _stop_monitor(self) -> None:
+        with self._monitor_lock:
+            monitor, self._monitor = self._monitor, None
+        if monitor is not None:
+            monitor.finish()
+
 
     def _resolve_run(self) -> None:
         try:
             run_id, created = resolve_run(
                 self._mlflow(), experiment_name=self.experiment_name, artifact_location=self.artifact_location,
                 run_id=self.run_id, run_key=self.run_key, search_run_key=self._search_run_key,
-                run_name=self.run_name, tags=self.tags,
+                run_name=self.run_name, tags=self.tags, context_tags=self.context_tags,
             )
         finally:
             # A create whose reply was lost may have made the run: later attempts look it up by key first.
             self._search_run_key = True
-        if not created and self.resume_step is not None:
-            self._superseded = delivered_after(self._mlflow(), run_id, self.resume_step)
+        self._sender = RunRecords(self._mlflow(), run_id)
+        if not created:
+            self._sender.continue_run(self.resume_step)
         self.run_id, self._run_ready = run_id, True
         log.info("MLflow run %s (%s)", run_id, "created" if created else "continued")
 
@@ -303,16 +342,7 @@ class RunDelivery(threading.Thread):
             return
         kind = records[0][0]
         try:
-            if kind in ("m", "t"):
-                n = self._send_metrics_and_tags(records)
-            elif kind == "p":
-                self._send_params(records[0][1])
-                n = 1
-            elif kind == "a":
-                self._send_artifact(*records[0][1:])
-                n = 1
-            else:
-                raise MlflowException(f"unknown record kind {kind!r}", error_code="BAD_REQUEST")
+            n = self._sender.send(records)
         except MlflowException as error:
             if not _is_permanent(error):
                 raise
@@ -325,64 +355,6 @@ class RunDelivery(threading.Thread):
             n = 1
         self._isolate = max(self._isolate - n, 0)
         self._commit(n)
-
-    def _send_metrics_and_tags(self, records: list[Any]) -> int:
-        from mlflow.entities import Metric, RunTag
-
-        metrics, tags, n = [], {}, 0
-        for record in records:
-            if record is None or record[0] not in ("m", "t"):
-                break
-            if record[0] == "m":
-                if len(metrics) == MAX_METRICS_PER_BATCH:
-                    break
-                _, key, value, timestamp, step = record
-                if (key, step) in self._superseded:  # an earlier process delivered this step (resume.py)
-                    self.superseded += 1
-                else:
-                    metrics.append(Metric(key, float(value), int(timestamp), int(step)))
-            else:
-                if len(tags) == MAX_PARAMS_TAGS_PER_BATCH and record[1] not in tags:
-                    break
-                tags[record[1]] = record[2]  # a later value of the same tag wins, as it would in order
-            n += 1
-            if len(metrics) + len(tags) >= MAX_METRICS_PER_BATCH:
-                break
-        run_tags = [RunTag(k, v) for k, v in tags.items()]
-        if metrics or run_tags:
-            self._mlflow().log_batch(self.run_id, metrics=metrics, tags=run_tags, synchronous=True)
-        return n
-
-    def _send_params(self, flat: dict[str, str]) -> None:
-        from mlflow.entities import Param, RunTag
-
-        client = self._mlflow()
-        existing = client.get_run(self.run_id).data.params
-        to_log, changed = split_params(flat, existing)
-        if changed:
-            log.warning("params changed on resume (kept as tags param_changed.*): %s", sorted(changed))
-        entities = [Param(k, v) for k, v in to_log.items()] + [RunTag(k, v) for k, v in changed.items()]
-        for i in range(0, len(entities), MAX_PARAMS_TAGS_PER_BATCH):
-            chunk = entities[i : i + MAX_PARAMS_TAGS_PER_BATCH]
-            client.log_batch(
-                self.run_id,
-                params=[e for e in chunk if isinstance(e, Param)],
-                tags=[e for e in chunk if isinstance(e, RunTag)],
-                synchronous=True,
-            )
-
-    def _send_artifact(self, path: str, artifact_path: str | None, staged: bool) -> None:
-        from mlflow.exceptions import MlflowException
-
-        if not os.path.exists(path):
-            raise MlflowException(f"artifact {path} no longer exists", error_code="BAD_REQUEST")
-        client = self._mlflow()
-        if os.path.isdir(path):
-            client.log_artifacts(self.run_id, path, artifact_path)
-        else:
-            client.log_artifact(self.run_id, path, artifact_path)
-        if staged:
-            shutil.rmtree(os.path.dirname(path), ignore_errors=True)
 
     def _set_final_status(self) -> None:
         if self._final_status is None or not self._run_ready:

@@ -19,16 +19,17 @@ both cases the journal left by the previous process is delivered first, so nothi
 restart is lost. The run is only created/continued at the first metric, artifact, ``flush``, ``start`` or
 ``finalize``, so ``load_state_dict`` also works after ``log_hyperparams`` (Lightning logs params before it
 restores a checkpoint under FSDP / ModelParallelStrategy).
+
+Besides metrics, tags and params: artifacts (artifacts.py), dataset inputs and logged models (lineage.py), and
+MLflow's system metrics (system_metrics.py, with ``system_metrics=True``) take the same queue.
 """
 
 from __future__ import annotations
 
 import atexit
 import functools
-import json
 import logging
 import os
-import shutil
 import threading
 import time
 import uuid
@@ -37,10 +38,13 @@ from typing import Any
 
 from lightning.pytorch.loggers import Logger
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
+from mlflow.utils.validation import MAX_EXPERIMENT_NAME_LENGTH
 
+from app.tracking.artifacts import StagedArtifacts, never_raises
 from app.tracking.delivery import RunDelivery
-from app.tracking.params import MAX_TAG_VALUE_LENGTH, flatten_params, sanitize_key, truncate
+from app.tracking.params import MAX_TAG_VAL_LENGTH, flatten_params, sanitize_key, truncate
 from app.tracking.store import (
+    context_tags,
     default_artifact_location,
     http_timeout_s,
     read_metric_history,
@@ -51,34 +55,21 @@ from app.tracking.store import (
 log = logging.getLogger(__name__)
 
 
-def _never_raises(method):
-    """Logging must not stop training: a failure here is reported as a warning and the call returns."""
-
-    @functools.wraps(method)
-    def guarded(self, *args, **kwargs):
-        try:
-            return method(self, *args, **kwargs)
-        except Exception as error:
-            log.warning("CrescentMLflowLogger.%s failed, nothing logged: %s: %s", method.__name__,
-                        type(error).__name__, error)
-            return None
-
-    return guarded
-
-
 @functools.lru_cache(maxsize=8192)
 def _metric_key(key: str) -> str:
     return sanitize_key(key)
 
 
-class CrescentMLflowLogger(Logger):
+class CrescentMLflowLogger(StagedArtifacts, Logger):
     """MLflow logger for Crescent training (rank 0 logs; other ranks no-op). See the module docstring.
 
     Args:
         experiment_name: MLflow experiment (created if missing).
         tracking_uri: MLflow tracking URI; default ``MLFLOW_TRACKING_URI`` or ``sqlite:///mlruns.db``.
         run_name: display name of a new run.
-        tags: tags set on the run (again on resume).
+        tags: tags set on the run (again on resume). A new run also gets MLflow's context tags (source name and
+            type, git commit/branch/repo URL, user) from MLflow's context registry, as ``mlflow.start_run`` does;
+            ``tags`` override them.
         run_id: continue this run (from a checkpoint).
         run_key: the logger identity from a checkpoint (see module docstring); new one if not given.
         artifact_location: artifact root of a newly created experiment (default: ``mlartifacts`` next to a
@@ -94,6 +85,8 @@ class CrescentMLflowLogger(Logger):
         max_backoff_s: longest wait between attempts while the server is unreachable.
         max_queue: records held in memory before the delivery thread journals them; beyond it records are
             counted in ``stats()['overflowed']`` and lost (only if that thread is stuck for a long time).
+        system_metrics: run MLflow's system-metrics monitor into this run (system_metrics.py) while the logger
+            is started; ``system_metrics_interval_s``: its sampling interval (MLflow's env variables override).
     """
 
     def __init__(
@@ -113,15 +106,19 @@ class CrescentMLflowLogger(Logger):
         poll_interval_s: float = 1.0,
         max_backoff_s: float = 30.0,
         max_queue: int = 1_000_000,
+        system_metrics: bool = False,
+        system_metrics_interval_s: float = 10.0,
     ):
         super().__init__()
-        if not isinstance(experiment_name, str) or not experiment_name.strip() or len(experiment_name) > 500:
-            raise ValueError(f"experiment_name must be a non-empty string of at most 500 characters (MLflow's "
-                             f"limit), got {experiment_name!r}")
+        if (not isinstance(experiment_name, str) or not experiment_name.strip()
+                or len(experiment_name) > MAX_EXPERIMENT_NAME_LENGTH):
+            raise ValueError(f"experiment_name must be a non-empty string of at most {MAX_EXPERIMENT_NAME_LENGTH} "
+                             f"characters (MLflow's limit), got {experiment_name!r}")
         for field, value, minimum in (
             ("http_timeout_s", http_timeout_s, 1), ("http_max_retries", http_max_retries, 0),
             ("finalize_timeout_s", finalize_timeout_s, 0), ("poll_interval_s", poll_interval_s, 0.01),
             ("max_backoff_s", max_backoff_s, 0.01), ("max_queue", max_queue, 1),
+            ("system_metrics_interval_s", system_metrics_interval_s, 0.01),
         ):
             if value < minimum:
                 raise ValueError(f"{field} must be >= {minimum}, got {value!r}")
@@ -129,7 +126,9 @@ class CrescentMLflowLogger(Logger):
         self.tracking_uri = resolve_tracking_uri(tracking_uri)
         self.artifact_location = artifact_location or default_artifact_location(self.tracking_uri)
         self._run_name = run_name
-        self._tags = {sanitize_key(k): truncate(str(v), MAX_TAG_VALUE_LENGTH) for k, v in (tags or {}).items()}
+        self._tags = {sanitize_key(k): truncate(str(v), MAX_TAG_VAL_LENGTH) for k, v in (tags or {}).items()}
+        self._context_tags = context_tags()
+        self._system_metrics_interval_s = float(system_metrics_interval_s) if system_metrics else None
         self._given_run_id = run_id
         self._run_key_given = run_key is not None
         self._run_key = run_key or uuid.uuid4().hex
@@ -224,11 +223,13 @@ class CrescentMLflowLogger(Logger):
             search_run_key=self._run_key_given,
             run_name=self._run_name,
             tags=self._tags,
+            context_tags=self._context_tags,
             journal_path=os.path.join(self.spool_dir, f"{self._run_key}.jsonl"),
             poll_interval_s=self.poll_interval_s,
             max_backoff_s=self.max_backoff_s,
             max_queue=self.max_queue,
             resume_step=self._resume_step,
+            system_metrics_interval_s=self._system_metrics_interval_s,
         )
         delivery.start()
         return delivery
@@ -324,7 +325,7 @@ class CrescentMLflowLogger(Logger):
 
     # ---- logging (rank 0 only; never blocks on the network, never raises) ----------------------------
     @rank_zero_only
-    @_never_raises
+    @never_raises
     def log_hyperparams(self, params: dict[str, Any] | Namespace, *args: Any, **kwargs: Any) -> None:
         """Log the (nested) config as flat params, once; see ``params.split_params`` for resume."""
         flat = flatten_params(params)
@@ -332,7 +333,7 @@ class CrescentMLflowLogger(Logger):
             self._ensure_started().put([["p", flat]])
 
     @rank_zero_only
-    @_never_raises
+    @never_raises
     def log_metrics(self, metrics: dict[str, Any], step: int | None = None) -> None:
         """Queue one value per key at ``step`` (0 if None), timestamped now. Non-numeric values are skipped."""
         timestamp = int(time.time() * 1000)
@@ -351,77 +352,27 @@ class CrescentMLflowLogger(Logger):
             delivery.gate.set()
 
     @rank_zero_only
-    @_never_raises
+    @never_raises
     def set_tags(self, tags: dict[str, Any]) -> None:
         """Queue run tags (values stringified)."""
-        records = [["t", sanitize_key(k), truncate(str(v), MAX_TAG_VALUE_LENGTH)] for k, v in tags.items()]
+        records = [["t", sanitize_key(k), truncate(str(v), MAX_TAG_VAL_LENGTH)] for k, v in tags.items()]
         if records:
             self._ensure_started().put(records)
 
-    def _staging_dir(self) -> str:
-        path = os.path.join(self.spool_dir, f"{self._run_key}.files", uuid.uuid4().hex)
-        os.makedirs(path, exist_ok=True)
-        return path
+    @rank_zero_only
+    @never_raises
+    def log_dataset_inputs(self, inputs: list[dict]) -> None:
+        """Queue dataset inputs of the run (``lineage.dataset_input_records``)."""
+        if inputs:
+            self._ensure_started().put([["i", inputs]])
 
     @rank_zero_only
-    @_never_raises
-    def log_artifact(self, local_path: str, artifact_path: str | None = None, snapshot: bool = True) -> None:
-        """Queue a file or directory for upload under ``artifact_path``.
-
-        ``snapshot=True`` copies it now (later edits by the caller do not matter); ``snapshot=False``
-        uploads the path as it is at delivery time (for large exports the caller keeps in place).
-        """
-        if not os.path.exists(local_path):
-            raise FileNotFoundError(f"artifact {local_path} does not exist")
-        path = os.path.abspath(local_path)
-        if snapshot:
-            target = os.path.join(self._staging_dir(), os.path.basename(path.rstrip("/")))
-            (shutil.copytree if os.path.isdir(path) else shutil.copy2)(path, target)
-            path = target
-        self._put_artifact(path, artifact_path, snapshot)
-
-    def _put_artifact(self, path: str, artifact_path: str | None, staged: bool) -> None:
+    @never_raises
+    def log_logged_model(self, model: dict) -> None:
+        """Queue an export checkpoint as a logged model of the run (``lineage.logged_model_record``)."""
         delivery = self._ensure_started()
-        delivery.put([["a", path, artifact_path, staged]])
+        delivery.put([["lm", model]])
         delivery.gate.set()
-
-    def _log_staged(self, artifact_file: str, write) -> None:
-        target = os.path.join(self._staging_dir(), os.path.basename(artifact_file))
-        write(target)
-        self._put_artifact(target, os.path.dirname(artifact_file) or None, True)
-
-    @rank_zero_only
-    @_never_raises
-    def log_dict(self, dictionary: dict[str, Any], artifact_file: str) -> None:
-        """Queue ``dictionary`` as ``artifact_file`` (YAML for .yaml/.yml, else JSON)."""
-
-        def write(target: str) -> None:
-            with open(target, "w") as f:
-                if artifact_file.endswith((".yaml", ".yml")):
-                    import yaml
-
-                    yaml.safe_dump(dictionary, f, sort_keys=False, default_flow_style=False)
-                else:
-                    json.dump(dictionary, f, indent=2, default=str)
-
-        self._log_staged(artifact_file, write)
-
-    @rank_zero_only
-    @_never_raises
-    def log_text(self, text: str, artifact_file: str) -> None:
-        """Queue ``text`` as the artifact file ``artifact_file``."""
-
-        def write(target: str) -> None:
-            with open(target, "w") as f:
-                f.write(text)
-
-        self._log_staged(artifact_file, write)
-
-    @rank_zero_only
-    @_never_raises
-    def log_figure(self, figure: Any, artifact_file: str, dpi: int = 100) -> None:
-        """Render a matplotlib figure now (PNG unless the extension says otherwise) and queue it."""
-        self._log_staged(artifact_file, lambda target: figure.savefig(target, dpi=dpi))
 
     # ---- pickling (spawn launchers copy the logger into new processes) -------------------------------
     def __getstate__(self) -> dict[str, Any]:

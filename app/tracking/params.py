@@ -16,26 +16,24 @@ from argparse import Namespace
 from collections.abc import Mapping
 from typing import Any
 
-# MLflow 3's limits (mlflow.utils.validation); kept here so this module does not import mlflow.
-MAX_KEY_LENGTH = 250
-MAX_PARAM_VALUE_LENGTH = 6000
-MAX_TAG_VALUE_LENGTH = 8000
+from mlflow.utils.validation import MAX_ENTITY_KEY_LENGTH, MAX_PARAM_VAL_LENGTH, MAX_TAG_VAL_LENGTH
+
 CHANGED_PARAM_TAG_PREFIX = "param_changed."
 
 _INVALID_KEY_CHARS = re.compile(r"[^\w./\- :]")
 
 
 def sanitize_key(key: str) -> str:
-    """A key MLflow accepts: allowed characters only, no empty/``..`` path segments, at most 250 characters.
+    """A key MLflow accepts: allowed characters only, no empty/``..`` path segments, at most MLflow's key length.
 
     Over-long keys keep a prefix plus a short hash of the full key so two long keys stay distinct.
     """
     key = _INVALID_KEY_CHARS.sub("_", str(key))
     parts = [p if p not in ("", ".", "..") else "_" for p in key.split("/")]
     key = "/".join(parts) or "_"
-    if len(key) > MAX_KEY_LENGTH:
+    if len(key) > MAX_ENTITY_KEY_LENGTH:
         digest = hashlib.sha1(key.encode()).hexdigest()[:8]
-        key = f"{key[: MAX_KEY_LENGTH - 9]}~{digest}"
+        key = f"{key[: MAX_ENTITY_KEY_LENGTH - 9]}~{digest}"
     return key
 
 
@@ -76,7 +74,7 @@ def flatten_params(params: Any, prefix: str = "") -> dict[str, str]:
     """Nested dicts / dataclasses / Namespaces -> ``{"a.b.c": "value"}``.
 
     Lists and tuples of containers are expanded by index (``stages.0.name``); other lists are one value.
-    Keys are sanitized for MLflow and values are cut to MLflow's 6000-character param limit.
+    Keys are sanitized for MLflow and values are cut to MLflow's param value limit.
     """
     flat: dict[str, str] = {}
 
@@ -88,7 +86,7 @@ def flatten_params(params: Any, prefix: str = "") -> dict[str, str]:
             for i, child in enumerate(value):
                 visit(child, f"{key}.{i}" if key else str(i))
         else:
-            flat[sanitize_key(key or "value")] = truncate(param_value(value), MAX_PARAM_VALUE_LENGTH)
+            flat[sanitize_key(key or "value")] = truncate(param_value(value), MAX_PARAM_VAL_LENGTH)
 
     visit(params, prefix)
     return flat
@@ -109,5 +107,5 @@ def split_params(
             to_log[key] = value
         elif existing[key] != value:
             tag_key = sanitize_key(CHANGED_PARAM_TAG_PREFIX + key)
-            changed[tag_key] = truncate(value, MAX_TAG_VALUE_LENGTH)
+            changed[tag_key] = truncate(value, MAX_TAG_VAL_LENGTH)
     return to_log, changed

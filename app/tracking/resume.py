@@ -5,6 +5,9 @@ trains and logs those steps again. Its predecessor's journaled but undelivered m
 (`drop_after`), and the (key, step) pairs of steps > N it already delivered are looked up once when the run is
 continued (`delivered_after`); the delivery thread then skips the new values of those pairs. Every (key, step)
 appears once in MLflow, the first value kept (after a bitwise resume both values are the same).
+
+System metrics samples are not training steps: they are numbered at delivery, continuing after the run's last
+`system/` step (`system_metrics_position`), so they are neither dropped nor skipped here.
 """
 from __future__ import annotations
 
@@ -13,6 +16,7 @@ import logging
 from app.tracking.journal import Journal
 
 log = logging.getLogger(__name__)
+SYSTEM_PREFIX = "system/"  # MLflow's SystemMetricsMonitor prefix
 
 
 def drop_after(journal: Journal, step: int | None) -> int:
@@ -29,9 +33,23 @@ def drop_after(journal: Journal, step: int | None) -> int:
     return dropped
 
 
-def delivered_after(client, run_id: str, step: int) -> set[tuple[str, int]]:
-    """(key, step) of the run's metrics after `step`: one history read per metric key, once per resume."""
+def delivered_after(client, run, step: int) -> set[tuple[str, int]]:
+    """(key, step) of the run's metrics after `step`: one history read per metric key, once per resume. System
+    metrics are left out: their steps are their own counter (`system_metrics_position`), not training steps."""
     found = set()
-    for key in client.get_run(run_id).data.metrics:
-        found.update((key, m.step) for m in client.get_metric_history(run_id, key) if m.step > step)
+    for key in run.data.metrics:
+        if not key.startswith(SYSTEM_PREFIX):
+            found.update((key, m.step) for m in client.get_metric_history(run.info.run_id, key) if m.step > step)
     return found
+
+
+def system_metrics_position(run) -> tuple[int, int]:
+    """(next step, timestamp of the last sample) of the run's `system/` metrics; (0, -1) when it has none.
+
+    Read from the latest value per key the run carries (as MLflow's own monitor resumes), not from the histories.
+    A sample journaled again after a crash lost its commit has a timestamp at or before the last one: skipped.
+    """
+    latest = [m for m in run.data.to_proto().metrics if m.key.startswith(SYSTEM_PREFIX)]
+    if not latest:
+        return 0, -1
+    return max(m.step for m in latest) + 1, max(m.timestamp for m in latest)

@@ -9,11 +9,12 @@ from __future__ import annotations
 import logging
 import os
 
+from app.tracking.params import MAX_TAG_VAL_LENGTH, truncate
+
 log = logging.getLogger(__name__)
 
 DEFAULT_TRACKING_URI = "sqlite:///mlruns.db"
 RUN_KEY_TAG = "crescent.run_key"
-MAX_PARAMS_TAGS_PER_BATCH = 100  # mlflow.utils.validation limit for one log_batch call
 _STATUSES = {
     "success": "FINISHED", "finished": "FINISHED", "failed": "FAILED",
     "killed": "KILLED", "interrupted": "KILLED", "aborted": "KILLED",
@@ -38,6 +39,15 @@ def default_artifact_location(tracking_uri: str) -> str | None:
         db_path = tracking_uri[len("sqlite:///"):]
         return os.path.join(os.path.dirname(db_path), "mlartifacts")
     return None
+
+
+def context_tags() -> dict[str, str]:
+    """MLflow's run-context tags for this process (``mlflow.user``, ``mlflow.source.name``/``type``,
+    ``mlflow.source.git.commit``/``branch``/``repoURL`` when the entry point is in a git checkout, plus any
+    registered context plugin), resolved by MLflow's own context registry as ``mlflow.start_run`` does."""
+    from mlflow.tracking.context.registry import resolve_tags
+
+    return {k: truncate(str(v), MAX_TAG_VAL_LENGTH) for k, v in resolve_tags().items()}
 
 
 def http_timeout_s() -> float:
@@ -80,10 +90,12 @@ def experiment_id(client, name: str, artifact_location: str | None) -> str:
 
 def resolve_run(
     client, *, experiment_name: str, artifact_location: str | None, run_id: str | None, run_key: str,
-    search_run_key: bool, run_name: str | None, tags: dict[str, str],
+    search_run_key: bool, run_name: str | None, tags: dict[str, str], context_tags: dict[str, str] | None = None,
 ) -> tuple[str, bool]:
     """(run id, created): continue ``run_id`` or the run tagged ``run_key``, else create one; the run ends
-    up RUNNING with ``tags`` set. A ``run_id`` unknown to this store starts a new run, tagged with it."""
+    up RUNNING with ``tags`` set. A ``run_id`` unknown to this store starts a new run, tagged with it.
+    ``context_tags`` (MLflow's source/git/user tags, see ``context_tags``) go on a created run only, as
+    ``mlflow.start_run`` does: a resumed run keeps the context it was started from."""
     from mlflow.entities import RunTag
     from mlflow.exceptions import MlflowException
 
@@ -105,13 +117,12 @@ def resolve_run(
             found = client.search_runs([exp_id], filter_string=f"tags.`{RUN_KEY_TAG}` = '{run_key}'",
                                        max_results=1)
         if not found:
-            run = client.create_run(exp_id, run_name=run_name, tags={**tags, RUN_KEY_TAG: run_key})
+            run = client.create_run(exp_id, run_name=run_name,
+                                    tags={**(context_tags or {}), **tags, RUN_KEY_TAG: run_key})
             return run.info.run_id, True
         run_id = found[0].info.run_id
     client.update_run(run_id, status="RUNNING")
-    entities = [RunTag(k, v) for k, v in tags.items()]
-    for i in range(0, len(entities), MAX_PARAMS_TAGS_PER_BATCH):
-        client.log_batch(run_id, tags=entities[i : i + MAX_PARAMS_TAGS_PER_BATCH], synchronous=True)
+    client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()], synchronous=True)  # chunked by MLflow
     return run_id, False
 
 
