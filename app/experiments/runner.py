@@ -326,8 +326,9 @@ def _die_with_parent() -> None:
 
 
 def _tail(path: Path, lines: int = 15) -> str:
+    """The last lines the training process wrote (not the runner's own === header/footer lines)."""
     try:
-        text = path.read_text(errors="replace").splitlines()
+        text = [line for line in path.read_text(errors="replace").splitlines() if not line.startswith("=== ")]
     except OSError:
         return ""
     return "\n".join(text[-lines:])
