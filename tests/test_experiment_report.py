@@ -41,9 +41,10 @@ def test_scaling_report_fits_the_losses_it_was_given(tmp_path):
     spec_file = tmp_path / "spec.yaml"
     spec_file.write_text(spec.source)
     tracking.log_artifact_files(exp, [str(spec_file)])
-    # AdamW's L(D) at h32: a saturating law through its power-law loss at the budget the lr is selected at.
-    h32 = next(p for p in plan(spec, {}).todo if p.group == "h32")
-    c32, d32 = _flops(spec, h32)
+    # AdamW's L(D) at the tokens group: a saturating law through its power-law loss at the budget the lr is
+    # selected at.
+    fixed = next(p for p in plan(spec, {}).todo if p.group == spec.analysis["tokens_group"])
+    c32, d32 = _flops(spec, fixed)
     l_d = SaturatingPowerLaw(alpha=1.0, beta=0.35, gamma=float(ADAMW(c32)) - 1.0 * d32 ** -0.35)
 
     def loss(point) -> float:
@@ -70,7 +71,7 @@ def test_scaling_report_fits_the_losses_it_was_given(tmp_path):
             outcomes[point.id] = Outcome(True, value)
     out = build_report(exp, spec, tmp_path / "report")
     metrics = exp.client.get_run(exp.parent_id).data.metrics
-    c_max = max(_flops(spec, p)[0] for p in plan(spec, outcomes).points if p.group == "h48")
+    c_max = max(_flops(spec, p)[0] for p in plan(spec, outcomes).points if p.group == spec.groups[-1].name)
     expected_ratio = MUON.inverse(float(ADAMW(c_max))) / c_max
     assert metrics["muon_compute_ratio_at_equal_loss"] == pytest.approx(expected_ratio, rel=1e-6)
     assert metrics["muon_compute_ratio_at_equal_loss_reuse_lr"] == pytest.approx(expected_ratio, rel=1e-6)
@@ -81,6 +82,29 @@ def test_scaling_report_fits_the_losses_it_was_given(tmp_path):
     for name in ("scaling_law.png", "adamw_loss_vs_tokens.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     summary = (out / "summary.md").read_text()
-    assert "| h48 | AdamW | sweep | 0.5 (" in summary
+    assert f"| {spec.groups[-1].name} | AdamW | sweep | 0.5 (" in summary
     artifacts = {a.path for a in exp.client.list_artifacts(exp.parent_id, "report")}
     assert {"report/scaling.csv", "report/scaling.md", "report/scaling_law.png", "report/report.md"} <= artifacts
+
+
+def test_a_run_trained_with_another_config_is_not_taken_for_the_point(tmp_path):
+    from app.experiments.runner import ExperimentRunner, RunnerOptions
+    from app.experiments.spec import SpecError
+
+    spec = load_spec("weight-decay", "cpu")
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    runner = ExperimentRunner(spec, RunnerOptions(work_dir=tmp_path / "work", tracking_uri=uri))
+    exp = runner.open()
+    point = plan(spec, {}).todo[0]
+    run = exp.client.create_run(exp.experiment_id, run_name=point.id, tags={
+        tracking.PARENT_TAG: exp.parent_id, tracking.POINT: point.id, "crescent.group": point.group,
+        "crescent.arm": point.arm, "crescent.lr_scale": repr(point.lr_scale), "crescent.seed": str(point.seed),
+        "crescent.budget": "1.0", "crescent.tokens": "655360", "crescent.config_fingerprint": "0123456789abcdef"})
+    exp.client.log_metric(run.info.run_id, "train/tokens", 655360.0)
+    exp.client.set_terminated(run.info.run_id, "FINISHED")
+    with pytest.raises(SpecError, match="1 finished point\\(s\\) of this parent run were trained with another config"):
+        runner.run()
+    (tmp_path / "work" / "points" / point.id).mkdir(parents=True)
+    fresh = ExperimentRunner(spec, RunnerOptions(work_dir=tmp_path / "work", tracking_uri=uri, new=True))
+    with pytest.raises(SpecError, match="--new needs a fresh work directory"):
+        fresh.run()

@@ -141,6 +141,17 @@ class PointConfig:
     tokens: int
     steps: int
 
+    @property
+    def fingerprint(self) -> str:
+        """What the point trains with (everything but where it logs and saves): a finished run whose fingerprint
+        differs was trained with another spec and cannot stand for this point."""
+        import hashlib
+        import json
+
+        training = {k: v for k, v in self.config.items() if k != "run"}
+        training.get("model", {}).pop("init_from", None)
+        return hashlib.sha256(json.dumps(training, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
 
 def point_config(spec: ExperimentSpec, point: Point, run_dir: Path, tracking_uri: str, experiment: str,
                  tags: dict[str, str], init_export: str | None = None) -> PointConfig:

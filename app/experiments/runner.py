@@ -32,6 +32,7 @@ from app.experiments.spec import ExperimentSpec, SpecError
 
 DEFAULT_MLFLOW_EXPERIMENT = "crescent-experiments"
 COST_CPU, COST_WALL = "experiment/cpu_seconds", "experiment/wall_seconds"
+FINGERPRINT = "crescent.config_fingerprint"
 PREEMPTED = 143
 
 
@@ -121,7 +122,11 @@ class ExperimentRunner:
 
     def run(self) -> RunSummary:
         """Every point the plan needs, then the report."""
+        if self.options.new and (self.work_dir / "points").is_dir() and any((self.work_dir / "points").iterdir()):
+            raise SpecError(f"--new needs a fresh work directory: {self.work_dir / 'points'} holds the runs of the "
+                            "earlier parent (their checkpoints would resume into it); pass another --work-dir")
         exp = self.open()
+        self._check_fingerprints(tracking.children(exp))
         self.prepare()
         exp.client.update_run(exp.parent_id, status="RUNNING")
         summary = RunSummary(exp.parent_id)
@@ -156,6 +161,29 @@ class ExperimentRunner:
         exp.client.set_tag(exp.parent_id, "crescent.waiting_arms", ", ".join(waiting) or "none")
         exp.client.set_terminated(exp.parent_id, status="FAILED" if summary.failed else "FINISHED")
         return summary
+
+    def _check_fingerprints(self, kids: dict[str, tracking.ChildRun]) -> None:
+        """Refuse to go on when finished runs were trained with another config than the spec now gives (a spec
+        edited between two `run`s): their results would silently stand for points they are not."""
+        from app.experiments.plan import Point
+
+        stale = []
+        for pid, kid in kids.items():
+            t = kid.tags
+            if FINGERPRINT not in t or "crescent.group" not in t:
+                continue
+            point = Point(t["crescent.group"], t["crescent.arm"], float(t["crescent.lr_scale"]), int(t["crescent.seed"]),
+                          float(t.get("crescent.budget", "1.0")))
+            try:
+                current = point_config(self.spec, point, self.point_dir(pid), "", "", {}).fingerprint
+            except (KeyError, StopIteration):  # its arm or group is no longer in the spec: never read
+                continue
+            if current != t[FINGERPRINT]:
+                stale.append(pid)
+        if stale:
+            raise SpecError(f"{len(stale)} finished point(s) of this parent run were trained with another config "
+                            f"than the spec now gives (e.g. {stale[:3]}); run the changed spec with --new and "
+                            "another --work-dir")
 
     def run_static_point(self, index: int) -> int:
         """The Indexed Job's pod: point `index` of `static_points` (sweep values known before any result)."""
@@ -213,6 +241,11 @@ class ExperimentRunner:
             tracking.record_failure(exp, point.id, str(err))
             return 2, str(err)
         pc.config["run"]["tags"]["crescent.tokens"] = str(pc.tokens)
+        pc.config["run"]["tags"][FINGERPRINT] = pc.fingerprint
+        if kid is not None and kid.tags.get(FINGERPRINT, pc.fingerprint) != pc.fingerprint:
+            raise SpecError(f"point {point.id}: its run {kid.run_id} was trained with another config than the spec "
+                            f"now gives (fingerprint {kid.tags[FINGERPRINT]} != {pc.fingerprint}); run the changed "
+                            "spec with --new and another --work-dir")
         if kid is None or not kid.complete:
             rc, why = self._train(point, pc.config)
             if rc != 0:

@@ -75,7 +75,11 @@ def find_or_create_parent(tracking_uri: str | None, mlflow_experiment: str, name
     """
     client, uri = client_for(tracking_uri)
     exp_id = experiment_id(client, mlflow_experiment, default_artifact_location(uri))
-    existing = [] if new else _parents(client, exp_id, key)
+    existing = _parents(client, exp_id, key)
+    if new:  # the earlier parents stay in MLflow but are no longer found by this key
+        for run in existing:
+            client.set_tag(run.info.run_id, KEY, f"{key}#superseded-by-a-new-run")
+        existing = []
     if existing:
         return Experiment(client, uri, exp_id, existing[0].info.run_id, dict(existing[0].data.tags))
     tags = {ROLE: "parent", EXPERIMENT: name, SIZE: size, KEY: key}
