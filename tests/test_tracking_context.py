@@ -3,7 +3,6 @@ sqlite store, a real git checkout, MLflow's context registry and system-metrics 
 from __future__ import annotations
 
 import getpass
-import socket
 import subprocess
 import sys
 import time
@@ -12,6 +11,7 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 from mlflow.utils.validation import MAX_METRICS_PER_BATCH, MAX_PARAMS_TAGS_PER_BATCH
+from tracking_helpers import dead_uri, sqlite_store
 
 from app.tracking import CrescentMLflowLogger
 
@@ -22,15 +22,7 @@ MEMORY = "system/system_memory_usage_megabytes"
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
-    uri = f"sqlite:///{tmp_path_factory.mktemp('mlflow')}/mlruns.db"
-    MlflowClient(uri).search_experiments()  # create the schema once
-    return uri
-
-
-def _dead_uri() -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return f"http://127.0.0.1:{s.getsockname()[1]}"
+    return sqlite_store(tmp_path_factory.mktemp("mlflow"))
 
 
 def _git(repo: Path, *args: str) -> str:
@@ -113,7 +105,7 @@ def test_system_metrics_continue_at_the_next_step_after_a_resume(store, tmp_path
 
 
 def test_system_metrics_sampled_during_an_outage_reach_the_run_when_it_is_resumed(store, tmp_path):
-    offline = CrescentMLflowLogger(experiment_name="system-outage", tracking_uri=_dead_uri(), spool_dir=str(tmp_path),
+    offline = CrescentMLflowLogger(experiment_name="system-outage", tracking_uri=dead_uri(), spool_dir=str(tmp_path),
                                    poll_interval_s=0.05, max_backoff_s=0.2, system_metrics=True,
                                    system_metrics_interval_s=0.05)
     offline.log_metrics({"train/loss": 1.0}, step=1)  # returns at once: nothing can be delivered

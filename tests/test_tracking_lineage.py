@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
 
 import numpy as np
 import pytest
 from mlflow import MlflowClient
+from tracking_helpers import dead_uri, sqlite_store
 
 from app.tracking import CrescentMLflowLogger, logged_model_record
 from app.tracking.lineage import dataset_input_records, shard_set_digest
@@ -29,9 +29,7 @@ STAGES = [  # prose in every stage, code from the second on
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
-    uri = f"sqlite:///{tmp_path_factory.mktemp('mlflow')}/mlruns.db"
-    MlflowClient(uri).search_experiments()  # create the schema once
-    return uri
+    return sqlite_store(tmp_path_factory.mktemp("mlflow"))
 
 
 def _shard_set(path, name: str, seed: int, samples: int = 40) -> str:
@@ -45,12 +43,6 @@ def _shard_set(path, name: str, seed: int, samples: int = 40) -> str:
 def sets(tmp_path_factory):
     root = tmp_path_factory.mktemp("sets")
     return {name: _shard_set(root / name, name, seed) for seed, name in enumerate(("prose", "code", "val"))}
-
-
-def _dead_uri() -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return f"http://127.0.0.1:{s.getsockname()[1]}"
 
 
 def _logger(uri, tmp_path, **kwargs):
@@ -158,7 +150,7 @@ def test_evaluation_that_comes_first_creates_the_model_and_training_reuses_it(st
 
 
 def test_lineage_logged_while_the_server_is_down_reaches_the_run_on_resume(store, sets, tmp_path):
-    offline = _logger(_dead_uri(), tmp_path)
+    offline = _logger(dead_uri(), tmp_path)
     offline.log_dataset_inputs(_inputs(sets))
     offline.log_logged_model(logged_model_record(str(tmp_path / "exports" / "step-00000002"), 2, 128, {}))
     state = offline.state_dict()

@@ -1,5 +1,7 @@
 """A real ``mlflow server`` on loopback is stopped and started again mid-run: nothing logged is lost."""
 
+from __future__ import annotations
+
 import os
 import signal
 import socket
@@ -24,18 +26,23 @@ def _free_port() -> int:
 
 
 class MlflowServer:
-    """``mlflow server`` as its own process group, so SIGTERM reaches uvicorn and its worker."""
+    """``mlflow server ARGS`` on 127.0.0.1:``port`` as its own process group, so SIGTERM reaches uvicorn and its
+    workers; ``env`` is added to the environment (e.g. ``MLFLOW_BACKEND_STORE_URI``)."""
 
-    def __init__(self, backend_uri: str, artifact_root: str, port: int, log_path: str):
-        self.args = [os.path.join(os.path.dirname(sys.executable), "mlflow"), "server",
-                     "--backend-store-uri", backend_uri, "--default-artifact-root", artifact_root,
-                     "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+    def __init__(self, args: list[str], port: int, log_path: str, env: dict[str, str] | None = None):
+        self.args = [os.path.join(os.path.dirname(sys.executable), "mlflow"), "server", *args]
         self.url = f"http://127.0.0.1:{port}"
         self.log_path = log_path
+        self.env = dict(env or {})
         self.process: subprocess.Popen | None = None
 
+    @classmethod
+    def sqlite(cls, backend_uri: str, artifact_root: str, port: int, log_path: str) -> MlflowServer:
+        return cls(["--backend-store-uri", backend_uri, "--default-artifact-root", artifact_root,
+                    "--host", "127.0.0.1", "--port", str(port), "--workers", "1"], port, log_path)
+
     def start(self, timeout: float = 120.0) -> None:
-        env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+        env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **self.env}
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(self.args, stdout=log, stderr=subprocess.STDOUT, env=env,
                                             start_new_session=True)
@@ -74,7 +81,7 @@ def test_server_outage_loses_nothing(tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
     backend = f"sqlite:///{tmp_path}/server.db"
-    server = MlflowServer(backend, str(tmp_path / "artifacts"), _free_port(), str(tmp_path / "server.log"))
+    server = MlflowServer.sqlite(backend, str(tmp_path / "artifacts"), _free_port(), str(tmp_path / "server.log"))
     expected = {key: [] for key in KEYS}
     server.start()
     logger = CrescentMLflowLogger(experiment_name="outage", tracking_uri=server.url,

@@ -117,4 +117,4 @@ class DatasetLineage(pl.Callback):
         except (OSError, ValueError, KeyError) as error:  # lineage is worth a warning, not a stopped run
             log.warning("shard sets not logged as MLflow dataset inputs: %s: %s", type(error).__name__, error)
             return
-        logger.log_inputs(inputs)
+        logger.log_dataset_inputs(inputs)
