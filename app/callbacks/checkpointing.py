@@ -26,6 +26,12 @@ class ResumableCheckpoint(ModelCheckpoint):
             logger.save()
         super().on_save_checkpoint(trainer, pl_module, checkpoint)
 
+    def on_train_end(self, trainer, pl_module) -> None:
+        """The state training ended in is resumable too (e.g. `trainer.max_steps` before the first periodic
+        checkpoint: what `save_last` did); a preempted run has saved its own checkpoint already."""
+        if pl_module.stop_reason != "preempted" and 0 < trainer.global_step != self._last_global_step_saved:
+            self._save_topk_checkpoint(trainer, self._monitor_candidates(trainer))
+
 
 def resumable_checkpoint(dirpath: str | Path, every_n_steps: int, keep_last: int = 3) -> ModelCheckpoint:
     """The resumable checkpoint callback (see ResumableCheckpoint).
