@@ -35,8 +35,9 @@ def test_resume_on_another_world_size_continues_the_same_run(strategy, before, a
     from app.run import latest_checkpoint, read_checkpoint_meta
 
     uri = f"sqlite:///{tmp_path}/mlruns.db"
+    # Every 5 steps: the checkpoint at STOP = 6 is the one a run stopped by max_steps saves of its final state.
     config = th.write_config(tmp_path / "config.yaml", corpus, tmp_path / "run", uri, TOKENS,
-                             run__checkpoint_every_n_steps=STOP)
+                             run__checkpoint_every_n_steps=5)
     common = ("--config", str(config), "--trainer.strategy", strategy)
     th.crescent("train", *common, "--trainer.devices", str(before), "--trainer.max_steps", str(STOP), cwd=tmp_path)
     checkpoint = latest_checkpoint(tmp_path / "run" / "checkpoints")
