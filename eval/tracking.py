@@ -42,7 +42,6 @@ STATUS_TAG = "crescent.eval.{name}"
 TASK_STATUS_TAG = "crescent.eval.{name}.{task}"
 CHECKPOINT_TAG = "crescent.checkpoint"
 MODEL_TYPE = "crescent-export"  # what training gives an export's logged model (app/tracking/lineage.py)
-_STATUS_LENGTH = min(5000, MAX_TAG_VAL_LENGTH)
 
 
 def resolve_tracking_uri(cli_uri: str | None = None, metadata: dict | None = None) -> str:
@@ -97,7 +96,7 @@ class EvalTracker:
         return self.client.get_run(run_id).data.tags.get(STATUS_TAG.format(name=export_dir_name(step)))
 
     def mark(self, run_id: str, step: int, status: str) -> None:
-        self.client.set_tag(run_id, STATUS_TAG.format(name=export_dir_name(step)), status[:_STATUS_LENGTH])
+        self.client.set_tag(run_id, STATUS_TAG.format(name=export_dir_name(step)), status[:MAX_TAG_VAL_LENGTH])
 
     def task_statuses(self, run_id: str, step: int) -> dict[str, str]:
         """task -> its status tag for this checkpoint (tasks never attempted are absent)."""
@@ -106,7 +105,7 @@ class EvalTracker:
         return {key[len(prefix):]: value for key, value in tags.items() if key.startswith(prefix)}
 
     def mark_task(self, run_id: str, step: int, task: str, status: str) -> None:
-        self.client.set_tag(run_id, TASK_STATUS_TAG.format(name=export_dir_name(step), task=task), status[:_STATUS_LENGTH])
+        self.client.set_tag(run_id, TASK_STATUS_TAG.format(name=export_dir_name(step), task=task), status[:MAX_TAG_VAL_LENGTH])
 
     def record_failures(self, run_id: str, step: int, failed: dict[str, str], statuses: dict[str, str]) -> None:
         """`failed:N: error` for each failed task, N counting this attempt (`statuses`: the tags before it)."""
