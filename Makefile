@@ -7,7 +7,7 @@ STAMP := $(VENV)/.crescent-installed
 CONFIG ?= app/configs/tiny-cpu.yaml
 PYTEST_ARGS ?=
 
-.PHONY: setup train sft test test-fast lint bench images k8s-render mlflow-ui clean
+.PHONY: setup train sft test test-fast lint bench bench-gpu images k8s-render mlflow-ui clean
 
 setup: $(STAMP)
 
@@ -47,6 +47,14 @@ lint: setup
 
 bench: setup
 	@set -e; for b in bench/[!_]*.py; do name=$$(basename $$b .py); echo "== bench.$$name"; $(BIN)/python -m bench.$$name; done
+
+# The GPU suite (issue 18, bench/gpu_suite.sh) into $(GPU_OUT): on a CUDA machine it needs no .venv (its python3 holds
+# torch); `make bench-gpu GPU_SUITE_ARGS=--dry-run` checks it on a CPU, as `make test` does.
+GPU_OUT ?= $(or $(OUT),runs/gpu-suite)
+GPU_SUITE_ARGS ?=
+
+bench-gpu:
+	bash bench/gpu_suite.sh --out $(GPU_OUT) --python $(if $(wildcard $(BIN)/python),$(BIN)/python,$(PYTHON)) $(GPU_SUITE_ARGS)
 
 images: setup
 	$(BIN)/python -m app.images build
