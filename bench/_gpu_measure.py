@@ -197,11 +197,28 @@ MOE_CONFIGS = {  # name: (full config, batch, seq), (toy config, batch, seq)
 }
 
 
-def _fwd_bwd(model, ids) -> float:
+def _fwd_bwd(model, ids) -> torch.Tensor:
     out = model(ids, labels=ids) if hasattr(model, "generation_config") else model(ids, targets=ids)
     out.loss.backward()
     model.zero_grad(set_to_none=True)
     return out.loss.detach()
+
+
+def _compare(ours, theirs, ids, autocast: bool, rounds: int, device: torch.device) -> dict:
+    """Median fwd+bwd tokens/s of both models, alternating (drift hits both), after one warm-up pass each."""
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+        losses = {"ours": float(_fwd_bwd(ours, ids)), "theirs": float(_fwd_bwd(theirs, ids))}
+        times = {"ours": [], "theirs": []}
+        for _ in range(rounds):
+            for who, model in (("ours", ours), ("theirs", theirs)):
+                sync(device)
+                t = time.perf_counter()
+                _fwd_bwd(model, ids)
+                sync(device)
+                times[who].append(time.perf_counter() - t)
+    ours_tps, theirs_tps = (ids.numel() / statistics.median(times[w]) for w in ("ours", "theirs"))
+    return {"ours_tokens_per_s": ours_tps, "transformers_tokens_per_s": theirs_tps, "speedup": ours_tps / theirs_tps,
+            "loss_ours": losses["ours"], "loss_transformers": losses["theirs"]}
 
 
 def measure_moe(device: torch.device, size: str) -> dict:
@@ -210,7 +227,7 @@ def measure_moe(device: torch.device, size: str) -> dict:
     from components.model.hf import config_to_hf, load_hf
 
     rounds = 5 if size == "full" else 2
-    rows, ratios = [], {"bf16": [], "autocast": []}
+    rows, ratios, errors = [], {"bf16": [], "autocast": []}, []
     for name, (full, toy) in MOE_CONFIGS.items():
         config, batch, seq = full if size == "full" else toy
         hf_cfg = transformers.DeepseekV3Config(**{k: v for k, v in config_to_hf(config).items()
@@ -225,31 +242,24 @@ def measure_moe(device: torch.device, size: str) -> dict:
         row = {"config": name, "batch": batch, "seq_len": seq,
                "transformers_experts": getattr(theirs.config, "_experts_implementation", None),
                "transformers_attention": getattr(theirs.config, "_attn_implementation", None)}
-        for mode in ("autocast", "bf16"):
+        for mode in ("autocast", "bf16"):  # autocast first: it needs the fp32 weights that bf16 mode converts
             if mode == "bf16":
                 ours.to(torch.bfloat16), theirs.to(torch.bfloat16)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=mode == "autocast"):
-                loss_ours, loss_theirs = float(_fwd_bwd(ours, ids)), float(_fwd_bwd(theirs, ids))  # + warm-up
-                times = {"ours": [], "theirs": []}
-                for _ in range(rounds):  # alternate, so drift hits both
-                    for who, model in (("ours", ours), ("theirs", theirs)):
-                        sync(device)
-                        t = time.perf_counter()
-                        _fwd_bwd(model, ids)
-                        sync(device)
-                        times[who].append(time.perf_counter() - t)
-            tokens = batch * seq
-            ours_tps, theirs_tps = tokens / statistics.median(times["ours"]), tokens / statistics.median(times["theirs"])
-            ratios[mode].append(ours_tps / theirs_tps)
-            row[mode] = {"ours_tokens_per_s": ours_tps, "transformers_tokens_per_s": theirs_tps,
-                         "speedup": ours_tps / theirs_tps, "loss_ours": loss_ours, "loss_transformers": loss_theirs}
+            try:
+                row[mode] = _compare(ours, theirs, ids, mode == "autocast", rounds, device)
+                ratios[mode].append(row[mode]["speedup"])
+            except (RuntimeError, NotImplementedError) as err:  # e.g. an fp32 grouped_mm refused in transformers
+                row[mode] = {"error": f"{type(err).__name__}: {str(err)[:500]}"}
+                errors.append(f"{name}, {mode}: {row[mode]['error']}")
         rows.append(row)
         del ours, theirs
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    return {"figures": {"moe_speedup_vs_transformers": geomean(ratios["bf16"]),
-                        "moe_speedup_vs_transformers_autocast": geomean(ratios["autocast"])},
-            "details": {"configs": rows, "transformers": transformers.__version__}}
+    n = len(MOE_CONFIGS)
+    figures = {f"moe_speedup_vs_transformers{suffix}": geomean(ratios[mode])
+               for mode, suffix in (("bf16", ""), ("autocast", "_autocast")) if len(ratios[mode]) == n}
+    return {"figures": figures, "details": {"configs": rows, "transformers": transformers.__version__},
+            "error": "; ".join(errors) or None}
 
 
 MEASUREMENTS = {"peak": measure_peak, "train": measure_train, "optimizer": measure_optimizer,
@@ -293,7 +303,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in args.names:
         start = time.perf_counter()
         try:
-            result = {**MEASUREMENTS[name](device, args.size), "error": None}
+            result = {"error": None, **MEASUREMENTS[name](device, args.size)}  # a partial result may say error
         except Exception:  # noqa: BLE001 - one measurement's failure is reported, the next one still runs
             result, failed = {"figures": {}, "details": {}, "error": traceback.format_exc()[-3000:]}, failed + 1
             print(f"measurement {name} failed:\n{result['error']}", file=sys.stderr, flush=True)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import pytest
 import torch
 from gpu_helpers import BF16_TOL, CUDA, FP32_TOL, NS_BF16_TOL, exact_fp32_matmuls, randn, rel_err  # noqa: F401
-from torch.optim._muon import _zeropower_via_newtonschulz as torch_ns
 
 from components.model.config import get_preset
 from components.model.transformer import build_model
@@ -41,6 +40,8 @@ def test_bf16_singular_values_land_in_the_quintic_band(shape):
 def test_ours_matches_torch_optim_muons_iteration_on_cuda(shape):
     """Same quintic, same bf16, same normalization: identical on the CPU; on CUDA the kernels (baddbmm vs
     matmul) may round differently."""
+    from torch.optim._muon import _zeropower_via_newtonschulz as torch_ns  # private: its absence fails this test only
+
     g = randn(*shape, seed=2 + sum(shape))
     ours = newton_schulz(g, 5, "quintic", torch.bfloat16, out_dtype=torch.bfloat16)
     mats = g if g.ndim == 2 else g.unbind(0)
@@ -65,7 +66,7 @@ def test_gram_iteration_is_the_same_polynomial_on_cuda(shape):
     g = randn(*shape, seed=4)
     standard = newton_schulz(g, dtype=torch.float32)
     gram = newton_schulz(g, dtype=torch.float32, method="gram")
-    assert rel_err(gram, standard) < 1e-4
+    assert rel_err(gram, standard) < 2e-5  # 1.5e-6 measured on this CPU
     reference = newton_schulz(g.double().cpu(), dtype=torch.float64)
     assert rel_err(newton_schulz(g, method="gram", out_dtype=torch.float32), reference) < 0.05  # CPU test's bound
 

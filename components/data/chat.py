@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import bisect
 import json
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -94,6 +95,7 @@ class ChatEncoder:
                              f"{self.template.name!r} needs: train it with them (train_bpe(special_tokens=...), as the "
                              "demo tokenizer is) or use a tiktoken tokenizer, which reserves them")
         self.special_ids = ids
+        self._special_split = re.compile("(" + "|".join(map(re.escape, sorted(ids, key=len, reverse=True))) + ")")
         self._role_ids = {r: tokenizer.encode(r) for r in ROLES}
 
     def encode(self, messages: Sequence[dict]) -> tuple[np.ndarray, np.ndarray]:
@@ -119,20 +121,12 @@ class ChatEncoder:
     def encode_text(self, text: str) -> list[int]:
         """Ids of rendered chat text (e.g. an evaluation prompt): the template's special-token strings become their
         ids, the text between them is encoded as ordinary text."""
-        names = sorted(self.special_ids, key=len, reverse=True)
         out: list[int] = []
-        start = pos = 0
-        while pos < len(text):
-            hit = next((n for n in names if text.startswith(n, pos)), None)
-            if hit is None:
-                pos += 1
-                continue
-            if pos > start:
-                out += self.tokenizer.encode(text[start:pos])
-            out.append(self.special_ids[hit])
-            pos = start = pos + len(hit)
-        if start < len(text):
-            out += self.tokenizer.encode(text[start:])
+        for k, piece in enumerate(self._special_split.split(text)):
+            if k % 2:
+                out.append(self.special_ids[piece])
+            elif piece:
+                out += self.tokenizer.encode(piece)
         return out
 
 
