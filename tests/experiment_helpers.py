@@ -55,6 +55,8 @@ def children(uri: str) -> dict[str, object]:
 
 
 def launches(work_dir: Path, point: str) -> int:
-    """How often the runner started `crescent train` for a point (one header line per start in its log)."""
+    """How often the runner started `crescent train` for a point (one `=== <time> <command>` header per start in its
+    log; the `=== exit` footer a finished launch adds is not a start)."""
     log = work_dir / "logs" / f"{point}.log"
-    return log.read_text().count("\n=== ") if log.exists() else 0
+    lines = log.read_text().splitlines() if log.exists() else []
+    return sum(line.startswith("=== ") and not line.startswith("=== exit") for line in lines)
