@@ -15,6 +15,25 @@ def _offline_hubs(monkeypatch):
     monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
 
 
+@pytest.fixture
+def write_run_config(tmp_path):
+    """Writes a training config's YAML text to tmp_path/run.yaml; returns the path as `--config` takes it."""
+    def write(text: str) -> str:
+        path = tmp_path / "run.yaml"
+        path.write_text(text)
+        return str(path)
+
+    return write
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory):
+    """The training tests' small real corpus (train_helpers.build_corpus), built once for the whole session."""
+    import train_helpers
+
+    return train_helpers.build_corpus(tmp_path_factory.mktemp("corpus"))
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

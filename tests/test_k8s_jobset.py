@@ -16,10 +16,8 @@ CONFIG_TEXT = "trainer:\n  max_steps: 3\n"
 
 
 @pytest.fixture
-def config_file(tmp_path):
-    path = tmp_path / "run.yaml"
-    path.write_text(CONFIG_TEXT)
-    return str(path)
+def config_file(write_run_config):
+    return write_run_config(CONFIG_TEXT)
 
 
 def _jobset(objects):
