@@ -7,8 +7,8 @@ import copy
 
 import pytest
 from k8s_schemas import crd_errors
+from policy_helpers import assert_rule_catches
 
-from app.k8s import policy
 from app.k8s.render import RenderError, RenderParams, find, render
 from app.k8s.workloads import job_specs, pod_dns_name, pod_templates
 
@@ -96,11 +96,7 @@ def _jobset_mutations():
 
 @pytest.mark.parametrize("name", sorted(_jobset_mutations()))
 def test_each_jobset_rule_catches_its_violation(name, config_file):
-    objects = render(RenderParams(overlay="jobset", config=config_file))
-    mutate, expected = _jobset_mutations()[name]
-    mutate(objects)
-    found = policy.problems(objects)
-    assert any(expected in p for p in found), found
+    assert_rule_catches("jobset", config_file, *_jobset_mutations()[name])
 
 
 @pytest.mark.parametrize("overlay, kind", [("dev", "Job"), ("jobset", "JobSet"), ("kubeflow", "TrainJob")])

@@ -10,6 +10,7 @@ import kubernetes_validate
 import pytest
 import yaml
 from k8s_schemas import validate
+from policy_helpers import assert_rule_catches
 
 from app.k8s import policy
 from app.k8s.render import CONFIG_DIR, RenderError, RenderParams, find, render, to_yaml
@@ -107,11 +108,7 @@ def _mutations():
 
 @pytest.mark.parametrize("name", sorted(_mutations()))
 def test_each_rule_catches_its_violation(name, config_file):
-    objects = render(RenderParams(overlay="dev", config=config_file))
-    mutate, expected = _mutations()[name]
-    mutate(objects)
-    found = policy.problems(objects)
-    assert any(expected in p for p in found), found
+    assert_rule_catches("dev", config_file, *_mutations()[name])
 
 
 def test_quantities_parse_to_numbers():
