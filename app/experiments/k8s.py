@@ -21,7 +21,6 @@ from app.experiments.plan import static_points
 from app.experiments.spec import load_spec, spec_path
 from app.k8s import policy
 from app.k8s.render import (
-    GPU_RESOURCE,
     TRAIN_CONTAINER,
     TRAIN_JOB,
     RenderError,
@@ -29,6 +28,7 @@ from app.k8s.render import (
     container,
     find,
     render,
+    set_gpus,
 )
 
 SPEC_MOUNT = "/etc/crescent-experiment"
@@ -108,13 +108,7 @@ def _job(train: dict, name: str, namespace: str | None, labels: dict, args: list
     trainer = container(pod, TRAIN_CONTAINER)
     point = {k: v for k, v in trainer.items() if k not in ("ports", "command", "args", "name")}
     point.update({"name": "experiment", "command": ["crescent"], "args": list(args), "workingDir": "/checkpoints"})
-    resources = point.setdefault("resources", {})
-    for section in ("requests", "limits"):
-        values = resources.setdefault(section, {})
-        if gpus > 0:
-            values[GPU_RESOURCE] = str(gpus)
-        else:
-            values.pop(GPU_RESOURCE, None)
+    set_gpus(point.setdefault("resources", {}), gpus)
     point["volumeMounts"] = [m for m in point.get("volumeMounts", []) if m["name"] != "config"] + [
         {"name": "experiment", "mountPath": SPEC_MOUNT, "readOnly": True}]
     pod["containers"] = [point]

@@ -34,6 +34,8 @@ from typing import Any
 
 import yaml
 
+from app.shipped import shipped_names, shipped_yaml
+
 SPEC_DIR = Path(__file__).resolve().parent
 SIZES = ("cpu", "gpu")
 KINDS = ("update-rms", "weight-decay", "scaling", "svd-entropy", "sft-matrix", "generic")
@@ -157,14 +159,11 @@ def _signature(arm: Arm) -> str:
 
 def spec_path(name_or_path: str) -> Path:
     """`scaling` -> app/experiments/scaling.yaml; a path is taken as it is."""
-    path = Path(name_or_path)
-    if path.suffix in (".yaml", ".yml") and path.is_file():
-        return path
-    candidate = SPEC_DIR / f"{name_or_path}.yaml"
-    if candidate.is_file():
-        return candidate
-    shipped = sorted(p.stem for p in SPEC_DIR.glob("*.yaml"))
-    raise SpecError(f"spec={name_or_path!r}: neither a YAML file nor a shipped spec; shipped: {shipped}")
+    path = shipped_yaml(name_or_path, SPEC_DIR)
+    if path is None:
+        raise SpecError(f"spec={name_or_path!r}: neither a YAML file nor a shipped spec; "
+                        f"shipped: {shipped_names(SPEC_DIR)}")
+    return path
 
 
 def load_spec(name_or_path: str, size: str = "cpu") -> ExperimentSpec:

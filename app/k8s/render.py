@@ -18,6 +18,7 @@ import yaml
 
 from app.k8s import kubectl, policy
 from app.k8s.workloads import job_specs, pod_templates
+from app.shipped import shipped_names, shipped_yaml
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 K8S_DIR = REPO_ROOT / "k8s"
@@ -103,15 +104,12 @@ def overlay_dir(overlay: str) -> Path:
 
 def resolve_config(config: str) -> Path:
     """`tiny-cpu` -> app/configs/tiny-cpu.yaml; a path is taken as it is."""
-    path = Path(config)
-    if path.suffix in (".yaml", ".yml") and path.is_file():
-        return path
-    candidate = CONFIG_DIR / f"{config}.yaml"
-    if candidate.is_file():
-        return candidate
-    available = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")) if CONFIG_DIR.is_dir() else []
-    raise RenderError(f"config={config!r}: {candidate} does not exist (nor a file of that name); "
-                      f"available configs: {available or 'none yet'}")
+    path = shipped_yaml(config, CONFIG_DIR)
+    if path is None:
+        candidate = CONFIG_DIR / f"{config}.yaml"
+        raise RenderError(f"config={config!r}: {candidate} does not exist (nor a file of that name); "
+                          f"available configs: {shipped_names(CONFIG_DIR) or 'none yet'}")
+    return path
 
 
 def render(params: RenderParams) -> list[dict]:
@@ -199,12 +197,13 @@ def _apply_training(workload: dict, params: RenderParams) -> None:
         procs = gpus if gpus > 0 else params.cpu_procs_per_node
         _set_flag(args, "--nproc-per-node", str(procs))
         _set_option(args, "--trainer.devices", str(procs))
-        _set_gpus(trainer.setdefault("resources", {}), gpus)
+        set_gpus(trainer.setdefault("resources", {}), gpus)
     for key, value in params.train_overrides:
         _set_option(args, f"--{key}", value)
 
 
-def _set_gpus(resources: dict, gpus: int) -> None:
+def set_gpus(resources: dict, gpus: int) -> None:
+    """`gpus` GPUs in a resources block's requests and limits (a container's, a TrainJob's per node); 0: none."""
     for section in ("requests", "limits"):
         values = resources.setdefault(section, {})
         if gpus > 0:
@@ -234,7 +233,7 @@ def _apply_trainjob(trainjob: dict, params: RenderParams) -> None:
         procs = gpus if gpus > 0 else params.cpu_procs_per_node
         trainer["numProcPerNode"] = procs
         _set_option(args, "--trainer.devices", str(procs))
-        _set_gpus(trainer.setdefault("resourcesPerNode", {}), gpus)
+        set_gpus(trainer.setdefault("resourcesPerNode", {}), gpus)
     if params.image:
         trainer["image"] = params.image
     for key, value in params.train_overrides:
