@@ -25,6 +25,7 @@ import logging
 import os
 import threading
 import time
+from dataclasses import dataclass
 from typing import Any
 
 from mlflow.utils.validation import MAX_METRICS_PER_BATCH
@@ -44,43 +45,41 @@ def _is_permanent(error: Exception) -> bool:
     return getattr(error, "error_code", None) in _PERMANENT_ERRORS
 
 
+@dataclass(frozen=True)
+class DeliverySettings:
+    """What a delivery thread is given by its logger and never changes: where to deliver, what a new run is
+    created with (tags also set again on a continued one), and the pace and bounds of delivery (logger.py's Args)."""
+
+    tracking_uri: str
+    experiment_name: str
+    artifact_location: str | None
+    run_name: str | None
+    tags: dict[str, str]
+    context_tags: dict[str, str]
+    poll_interval_s: float
+    max_backoff_s: float
+    max_queue: int
+    system_metrics_interval_s: float | None = None  # None: no system-metrics monitor
+
+
 class RunDelivery(threading.Thread):
     """Delivers journaled records to one MLflow run; see the module docstring."""
 
     def __init__(
         self,
+        settings: DeliverySettings,
         *,
-        tracking_uri: str,
-        experiment_name: str,
-        artifact_location: str | None,
         run_id: str | None,
         run_key: str,
         search_run_key: bool,
-        run_name: str | None,
-        tags: dict[str, str],
-        context_tags: dict[str, str] | None = None,
         journal_path: str,
-        poll_interval_s: float,
-        max_backoff_s: float,
-        max_queue: int,
         resume_step: int | None = None,
-        system_metrics_interval_s: float | None = None,
     ):
         super().__init__(name=f"crescent-mlflow-{run_key[:8]}", daemon=True)
-        self.tracking_uri = tracking_uri
-        self.experiment_name = experiment_name
-        self.artifact_location = artifact_location
-        self.run_id = run_id
-        self.run_key = run_key
-        self.run_name = run_name
-        self.tags = dict(tags)
-        self.context_tags = dict(context_tags or {})
-        self.poll_interval_s = poll_interval_s
-        self.max_backoff_s = max_backoff_s
-        self.max_queue = max_queue
-        self.resume_step = resume_step
+        self.settings = settings
+        # The run's identity: `retarget` may still change it until the run is resolved.
+        self.run_id, self.run_key, self.resume_step = run_id, run_key, resume_step
         self._sender: RunRecords | None = None  # what each record becomes in MLflow, once the run is known
-        self.system_metrics_interval_s = system_metrics_interval_s
         self._monitor = None
         self._monitor_lock = threading.Lock()
         self.journal = Journal(journal_path)
@@ -135,7 +134,7 @@ class RunDelivery(threading.Thread):
     def put(self, records: list[Any]) -> None:
         """Queue records; O(1), never blocks on I/O, never raises. Over ``max_queue`` they are counted lost."""
         with self._put_lock:
-            if len(self.queue) + len(records) > self.max_queue:
+            if len(self.queue) + len(records) > self.settings.max_queue:
                 self.overflowed += len(records)
                 return
             self.queue.extend(records)
@@ -203,7 +202,7 @@ class RunDelivery(threading.Thread):
                         break
                     idle = not self.journal.has_pending if self._run_ready else not self.gate.is_set()
                     if idle:
-                        self._sleep(self.poll_interval_s)
+                        self._sleep(self.settings.poll_interval_s)
                         continue
                     if not self._run_ready:
                         with self._journal_lock:
@@ -212,21 +211,21 @@ class RunDelivery(threading.Thread):
                     else:
                         self._deliver_next()
                     if backoff > 0.5:
-                        log.info("MLflow reachable again at %s; delivering the backlog", self.tracking_uri)
+                        log.info("MLflow reachable again at %s; delivering the backlog", self.settings.tracking_uri)
                     backoff = 0.5
                 except Exception as error:  # any failure: keep the records, retry later
                     self.failures += 1
                     self.last_error = f"{type(error).__name__}: {error}"[:2000]
                     if backoff == 0.5:
                         log.warning("MLflow at %s unavailable (%s); buffering to %s",
-                                    self.tracking_uri, self.last_error[:300], self.journal.path)
+                                    self.settings.tracking_uri, self.last_error[:300], self.journal.path)
                     wait = backoff
                     if stopping:
                         wait = self._stop_deadline - time.monotonic()
                         if wait <= 0:
                             break
                     self._sleep(min(wait, backoff))
-                    backoff = min(backoff * 2, self.max_backoff_s)
+                    backoff = min(backoff * 2, self.settings.max_backoff_s)
             self.journal_queued()
             self._set_final_status()
         finally:
@@ -258,7 +257,7 @@ class RunDelivery(threading.Thread):
                 self._disk_warned = True  # a local disk problem, not the tracking server's
                 log.warning("cannot write the MLflow journal %s (%s); records are kept in memory and delivered "
                             "from there (lost only if this process ends before %s takes them)", self.journal.path,
-                            self.journal.write_error, self.tracking_uri)
+                            self.journal.write_error, self.settings.tracking_uri)
             elif not self.journal.write_error:
                 self._disk_warned = False
 
@@ -287,19 +286,19 @@ class RunDelivery(threading.Thread):
         if self._client is None:
             from mlflow import MlflowClient
 
-            self._client = MlflowClient(tracking_uri=self.tracking_uri)
+            self._client = MlflowClient(tracking_uri=self.settings.tracking_uri)
             self._start_monitor()
         return self._client
 
     def _start_monitor(self) -> None:
-        if self.system_metrics_interval_s is None or self._stop_deadline is not None:
+        if self.settings.system_metrics_interval_s is None or self._stop_deadline is not None:
             return
         from app.tracking.system_metrics import QueuedSystemMetricsMonitor
 
         with self._monitor_lock:
             try:
-                self._monitor = QueuedSystemMetricsMonitor(self.put, self.tracking_uri,
-                                                           sampling_interval=self.system_metrics_interval_s)
+                self._monitor = QueuedSystemMetricsMonitor(
+                    self.put, self.settings.tracking_uri, sampling_interval=self.settings.system_metrics_interval_s)
                 self._monitor.start()
             except Exception as error:  # no system metrics, training goes on
                 log.warning("system metrics monitor not started: %s: %s", type(error).__name__, error)
@@ -314,10 +313,11 @@ class RunDelivery(threading.Thread):
 
     def _resolve_run(self) -> None:
         try:
+            settings = self.settings
             run_id, created = resolve_run(
-                self._mlflow(), experiment_name=self.experiment_name, artifact_location=self.artifact_location,
+                self._mlflow(), experiment_name=settings.experiment_name, artifact_location=settings.artifact_location,
                 run_id=self.run_id, run_key=self.run_key, search_run_key=self._search_run_key,
-                run_name=self.run_name, tags=self.tags, context_tags=self.context_tags,
+                run_name=settings.run_name, tags=settings.tags, context_tags=settings.context_tags,
             )
         finally:
             # A create whose reply was lost may have made the run: later attempts look it up by key first.

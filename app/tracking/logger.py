@@ -41,7 +41,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from mlflow.utils.validation import MAX_EXPERIMENT_NAME_LENGTH
 
 from app.tracking.artifacts import StagedArtifacts, never_raises
-from app.tracking.delivery import RunDelivery
+from app.tracking.delivery import DeliverySettings, RunDelivery
 from app.tracking.params import MAX_TAG_VAL_LENGTH, flatten_params, sanitize_key, truncate
 from app.tracking.store import (
     context_tags,
@@ -122,13 +122,15 @@ class CrescentMLflowLogger(StagedArtifacts, Logger):
         ):
             if value < minimum:
                 raise ValueError(f"{field} must be >= {minimum}, got {value!r}")
-        self._experiment_name = experiment_name
-        self.tracking_uri = resolve_tracking_uri(tracking_uri)
-        self.artifact_location = artifact_location or default_artifact_location(self.tracking_uri)
-        self._run_name = run_name
-        self._tags = {sanitize_key(k): truncate(str(v), MAX_TAG_VAL_LENGTH) for k, v in (tags or {}).items()}
-        self._context_tags = context_tags()
-        self._system_metrics_interval_s = float(system_metrics_interval_s) if system_metrics else None
+        tracking_uri = resolve_tracking_uri(tracking_uri)
+        self._settings = DeliverySettings(
+            tracking_uri=tracking_uri, experiment_name=experiment_name,
+            artifact_location=artifact_location or default_artifact_location(tracking_uri), run_name=run_name,
+            tags={sanitize_key(k): truncate(str(v), MAX_TAG_VAL_LENGTH) for k, v in (tags or {}).items()},
+            context_tags=context_tags(), poll_interval_s=poll_interval_s, max_backoff_s=max_backoff_s,
+            max_queue=max_queue,
+            system_metrics_interval_s=float(system_metrics_interval_s) if system_metrics else None,
+        )
         self._given_run_id = run_id
         self._run_key_given = run_key is not None
         self._run_key = run_key or uuid.uuid4().hex
@@ -137,9 +139,6 @@ class CrescentMLflowLogger(StagedArtifacts, Logger):
         self._http = {"MLFLOW_HTTP_REQUEST_TIMEOUT": str(int(http_timeout_s)),
                       "MLFLOW_HTTP_REQUEST_MAX_RETRIES": str(int(http_max_retries))}
         self.finalize_timeout_s = finalize_timeout_s
-        self.poll_interval_s = poll_interval_s
-        self.max_backoff_s = max_backoff_s
-        self.max_queue = max_queue
         self._delivery: RunDelivery | None = None
         self._resume_step: int | None = None
         self._finished: list[RunDelivery] = []
@@ -148,7 +147,16 @@ class CrescentMLflowLogger(StagedArtifacts, Logger):
     # ---- identity ------------------------------------------------------------------------------------
     @property
     def name(self) -> str:
-        return self._experiment_name
+        return self._settings.experiment_name
+
+    @property
+    def tracking_uri(self) -> str:
+        return self._settings.tracking_uri
+
+    @property
+    def artifact_location(self) -> str | None:
+        """The artifact root a newly created experiment gets (None: the tracking server's default)."""
+        return self._settings.artifact_location
 
     @property
     def version(self) -> str:
@@ -214,23 +222,9 @@ class CrescentMLflowLogger(StagedArtifacts, Logger):
         if self.tracking_uri.startswith(("http://", "https://")):
             for key, value in self._http.items():
                 os.environ.setdefault(key, value)
-        delivery = RunDelivery(
-            tracking_uri=self.tracking_uri,
-            experiment_name=self._experiment_name,
-            artifact_location=self.artifact_location,
-            run_id=self.run_id,
-            run_key=self._run_key,
-            search_run_key=self._run_key_given,
-            run_name=self._run_name,
-            tags=self._tags,
-            context_tags=self._context_tags,
-            journal_path=os.path.join(self.spool_dir, f"{self._run_key}.jsonl"),
-            poll_interval_s=self.poll_interval_s,
-            max_backoff_s=self.max_backoff_s,
-            max_queue=self.max_queue,
-            resume_step=self._resume_step,
-            system_metrics_interval_s=self._system_metrics_interval_s,
-        )
+        delivery = RunDelivery(self._settings, run_id=self.run_id, run_key=self._run_key,
+                               search_run_key=self._run_key_given, resume_step=self._resume_step,
+                               journal_path=os.path.join(self.spool_dir, f"{self._run_key}.jsonl"))
         delivery.start()
         return delivery
 
