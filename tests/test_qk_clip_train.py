@@ -9,35 +9,20 @@ import torch
 import train_helpers as th
 from safetensors.torch import load_file
 
-from app.datamodule import CrescentDataModule
 from app.module import CrescentModule
 from app.step import step_report
 
 TAU = 0.1  # below the tiny model's initial max logits (0.15-0.2): every head clips at first
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    return th.build_corpus(tmp_path_factory.mktemp("corpus"))
-
-
 class Reports(pl.Callback):
     """The step reports and the weights after each step; micro-batches in `poisoned` get a NaN loss."""
 
     def __init__(self, poisoned=()):
-        self.poisoned, self.micro, self.reports, self.weights = set(poisoned), 0, [], []
+        self.poisoned, self.reports, self.weights = set(poisoned), [], []
 
     def on_train_start(self, trainer, module):
-        forward = module.model.forward
-
-        def maybe_poisoned(*args, **kwargs):
-            out = forward(*args, **kwargs)
-            if self.micro in self.poisoned:
-                out.loss = out.loss * float("nan")
-            self.micro += 1
-            return out
-
-        module.model.forward = maybe_poisoned
+        th.poison_forward(module, self.poisoned.__contains__)
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
         report = step_report(outputs)
@@ -47,17 +32,8 @@ class Reports(pl.Callback):
 
 
 def _fit(corpus, steps: int, poisoned=(), **module_args) -> Reports:
-    schedule = th.schedule(200_000, batch_size=8)  # two micro-batches of 4 per step
-    module = CrescentModule(preset="tiny", model_overrides={"vocab_size": th.VOCAB, "num_hidden_layers": 2,
-                                                            "max_position_embeddings": 128},
-                            schedule=schedule, ns_dtype="float32", **module_args)
-    data = CrescentDataModule(shards=corpus["shards"], tokenizer=corpus["tokenizer"], micro_batch_size=4,
-                              num_workers=0, num_streams=96, schedule=schedule)
     reports = Reports(poisoned)
-    trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=steps, logger=False, callbacks=[reports],
-                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                         limit_val_batches=0, num_sanity_val_steps=0)
-    trainer.fit(module, datamodule=data)
+    th.fit_in_process(corpus, reports, steps, **module_args)
     return reports
 
 
@@ -112,9 +88,7 @@ def _export(run_dir) -> dict[str, torch.Tensor]:
 def clipped_run(corpus, tmp_path_factory):
     """One uninterrupted single-process clipped run (`crescent train`)."""
     root = tmp_path_factory.mktemp("clipped")
-    uri = f"sqlite:///{root}/mlruns.db"
-    config = th.write_config(root / "config.yaml", corpus, root / "run", uri, TOKENS, **CLIPPED)
-    th.crescent("train", "--config", str(config), cwd=root)
+    uri, _ = th.train_once(root, corpus, TOKENS, **CLIPPED)
     return {"uri": uri, "run": root / "run"}
 
 

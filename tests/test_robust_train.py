@@ -30,17 +30,10 @@ CKPT_BYTES = 7_814_466  # one resumable checkpoint of this config (weights + Muo
 
 
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    return th.build_corpus(tmp_path_factory.mktemp("corpus"))
-
-
-@pytest.fixture(scope="module")
 def reference(corpus, tmp_path_factory):
     """One uninterrupted run: its final weights and its losses."""
     root = tmp_path_factory.mktemp("reference")
-    uri = f"sqlite:///{root}/mlruns.db"
-    config = th.write_config(root / "config.yaml", corpus, root / "run", uri, TOKENS, data__num_workers=2)
-    th.crescent("train", "--config", str(config), cwd=root)
+    uri, _ = th.train_once(root, corpus, TOKENS, data__num_workers=2)
     return {"weights": _weights(root / "run"), "loss": th.metric_history(uri, "test", "train/loss")}
 
 

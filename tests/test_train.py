@@ -14,17 +14,10 @@ TOKENS = th.SEQ_LEN * 16 * STEPS  # global batch 16 sequences of 64 tokens
 
 
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    return th.build_corpus(tmp_path_factory.mktemp("corpus"))
-
-
-@pytest.fixture(scope="module")
 def reference_run(corpus, tmp_path_factory):
     """One uninterrupted single-process run that several tests compare against."""
     root = tmp_path_factory.mktemp("reference")
-    uri = f"sqlite:///{root}/mlruns.db"
-    config = th.write_config(root / "config.yaml", corpus, root / "run", uri, TOKENS)
-    result = th.crescent("train", "--config", str(config), cwd=root)
+    uri, result = th.train_once(root, corpus, TOKENS)
     return {"root": root, "uri": uri, "run": root / "run", "stderr": result.stderr}
 
 

@@ -16,16 +16,8 @@ pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    return th.build_corpus(tmp_path_factory.mktemp("corpus"))
-
-
-@pytest.fixture(scope="module")
 def reference(corpus, tmp_path_factory):
-    root = tmp_path_factory.mktemp("reference")
-    uri = f"sqlite:///{root}/mlruns.db"
-    config = th.write_config(root / "config.yaml", corpus, root / "run", uri, TOKENS)
-    th.crescent("train", "--config", str(config), cwd=root)
+    uri, _ = th.train_once(tmp_path_factory.mktemp("reference"), corpus, TOKENS)
     return dict(th.metric_history(uri, "test", "train/loss"))
 
 

@@ -8,16 +8,10 @@ and routing biases untouched, the skip counted, the data still consumed) and tra
 import lightning.pytorch as pl
 import pytest
 import torch
-from train_helpers import VOCAB, build_corpus, schedule
+from train_helpers import fit_in_process, poison_forward
 
-from app.datamodule import CrescentDataModule
-from app.module import CrescentModule, NonFiniteLossError
+from app.module import NonFiniteLossError
 from app.step import step_report
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    return build_corpus(tmp_path_factory.mktemp("corpus"))
 
 
 class PoisonLoss(pl.Callback):
@@ -26,23 +20,14 @@ class PoisonLoss(pl.Callback):
     the routing biases after each optimizer step, from the step's report."""
 
     def __init__(self, poisoned, gradient: bool = False):
-        self.poisoned, self.gradient, self.micro, self.after_step, self.reports = poisoned, gradient, 0, [], []
+        self.poisoned, self.gradient, self.after_step, self.reports = poisoned, gradient, [], []
 
     def on_train_start(self, trainer, module):
-        forward = module.model.forward
-        target = module.model.model.layers[0].self_attn.o_proj.weight
-
-        def poisoned_forward(*args, **kwargs):
-            out = forward(*args, **kwargs)
-            if self.poisoned(self.micro):
-                if self.gradient:
-                    out.loss = out.loss + 0.0 * _nan_gradient(target).sum()
-                else:
-                    out.loss = out.loss * float("nan")
-            self.micro += 1
-            return out
-
-        module.model.forward = poisoned_forward
+        if self.gradient:
+            target = module.model.model.layers[0].self_attn.o_proj.weight
+            poison_forward(module, self.poisoned, lambda loss: loss + 0.0 * _nan_gradient(target).sum())
+        else:
+            poison_forward(module, self.poisoned)
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
         report = step_report(outputs)
@@ -72,23 +57,10 @@ def _nan_gradient(weight):
     return _NaNGrad.apply(weight)
 
 
-def _fit(corpus, callback, max_steps, **module_args):
-    module = CrescentModule(preset="tiny", model_overrides={"vocab_size": VOCAB, "num_hidden_layers": 2,
-                                                            "max_position_embeddings": 128},
-                            schedule=schedule(200_000, batch_size=8), ns_dtype="float32", **module_args)
-    data = CrescentDataModule(shards=corpus["shards"], tokenizer=corpus["tokenizer"], micro_batch_size=4,
-                              num_workers=0, num_streams=96, schedule=schedule(200_000, batch_size=8))
-    trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=max_steps, logger=False, callbacks=[callback],
-                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                         limit_val_batches=0, num_sanity_val_steps=0)
-    trainer.fit(module, datamodule=data)
-    return module
-
-
 def test_a_nan_window_is_skipped_and_training_goes_on(corpus):
     # Batch 8 of micro-batch 4: two micro-batches a step. Micro-batch 3 is the second half of step 2's window.
     callback = PoisonLoss(lambda micro: micro == 3)
-    module = _fit(corpus, callback, max_steps=4)
+    module = fit_in_process(corpus, callback, max_steps=4)
     skipped = [s for s, _, _, _, _ in callback.after_step]
     assert skipped == [0, 1, 1, 1, 1] and module.skipped_steps == 1  # 4 real steps, 1 skipped in between
     assert [c for _, c, _, _, _ in callback.after_step] == [8, 16, 24, 32, 40]  # the poisoned data is consumed
@@ -110,7 +82,7 @@ def test_too_many_skipped_steps_in_a_row_stop_with_a_clear_error(corpus, gradien
     callback = PoisonLoss(lambda micro: micro >= 2, gradient=gradient)  # every window after the first step
     with pytest.raises(NonFiniteLossError, match=r"3 optimizer steps in a row were skipped for a non-finite loss or "
                                                  r"gradient \(model.max_nonfinite_in_a_row=3\)"):
-        _fit(corpus, callback, max_steps=10, max_nonfinite_in_a_row=3)
+        fit_in_process(corpus, callback, max_steps=10, max_nonfinite_in_a_row=3)
     assert [s for s, _, _, _, _ in callback.after_step] == [0, 1, 2]  # the third skip raised before recording
     assert [r.skip_reason for r in callback.reports] == [None] + ["gradient" if gradient else "loss"] * 2
     assert all(torch.isfinite(p).all() for p in callback.after_step[-1][2])
@@ -118,7 +90,7 @@ def test_too_many_skipped_steps_in_a_row_stop_with_a_clear_error(corpus, gradien
 
 def test_a_skipped_gradient_step_leaves_weights_state_and_routing_bias_untouched(corpus):
     callback = PoisonLoss(lambda micro: micro in (2, 3), gradient=True)  # both halves of step 2
-    _fit(corpus, callback, max_steps=3)
+    fit_in_process(corpus, callback, max_steps=3)
     assert [r.skip_reason for r in callback.reports] == [None, "gradient", None]
     (_, _, w0, s0, b0), (_, _, w1, s1, b1), (_, _, w2, _, b2) = callback.after_step
     assert all(torch.equal(a, b) for a, b in zip(w0, w1))

@@ -1,6 +1,7 @@
 """Shared pieces of the training tests: a small real corpus, shards, configs, and running `crescent train`."""
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import subprocess
@@ -84,6 +85,50 @@ def write_config(path: Path, corpus: dict, run_dir: Path, tracking_uri: str, tot
         config[section][key] = value
     path.write_text(yaml.safe_dump(config))
     return path
+
+
+def train_once(root: Path, corpus: dict, total_tokens: int, **overrides) -> tuple[str, subprocess.CompletedProcess]:
+    """One uninterrupted `crescent train` of `write_config`'s config in `root` (run directory root/run, MLflow in
+    root/mlruns.db): the tracking URI and the finished process."""
+    uri = f"sqlite:///{root}/mlruns.db"
+    config = write_config(root / "config.yaml", corpus, root / "run", uri, total_tokens, **overrides)
+    return uri, crescent("train", "--config", str(config), cwd=root)
+
+
+def poison_forward(module, poisoned, poison=lambda loss: loss * float("nan")) -> None:
+    """From now on, the loss of each micro-batch n (counted from 0) for which `poisoned(n)` holds goes through
+    `poison` (default: times NaN, as a diverged forward pass would): wraps `module.model.forward` (call it from a
+    callback's `on_train_start`)."""
+    forward, micro = module.model.forward, itertools.count()
+
+    def poisoned_forward(*args, **kwargs):
+        out = forward(*args, **kwargs)
+        if poisoned(next(micro)):
+            out.loss = poison(out.loss)
+        return out
+
+    module.model.forward = poisoned_forward
+
+
+def fit_in_process(corpus: dict, callback, max_steps: int, **module_args):
+    """A real Lightning fit in this process on the CPU: the tiny model (2 layers) over `corpus`, two micro-batches
+    of 4 a step, `callback` watching; returns the module."""
+    import lightning.pytorch as pl
+
+    from app.datamodule import CrescentDataModule
+    from app.module import CrescentModule
+
+    steps = schedule(200_000, batch_size=8)
+    module = CrescentModule(preset="tiny", model_overrides={"vocab_size": VOCAB, "num_hidden_layers": 2,
+                                                            "max_position_embeddings": 128},
+                            schedule=steps, ns_dtype="float32", **module_args)
+    data = CrescentDataModule(shards=corpus["shards"], tokenizer=corpus["tokenizer"], micro_batch_size=4,
+                              num_workers=0, num_streams=96, schedule=steps)
+    trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=max_steps, logger=False, callbacks=[callback],
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         limit_val_batches=0, num_sanity_val_steps=0)
+    trainer.fit(module, datamodule=data)
+    return module
 
 
 def env() -> dict:
