@@ -36,7 +36,7 @@ from .chat import (
     row_dtype,
 )
 from .shards import write_shards
-from .sources import BAD_RECORD_POLICIES, MAX_EXAMPLES, source_files
+from .sources import BAD_RECORD_POLICIES, count_with_example, source_files
 from .tokenizer import load_tokenizer
 
 REASONS = ("not_json", "not_an_object", "no_messages", "bad_message", "missing_role", "unknown_role",
@@ -57,10 +57,7 @@ class ChatReport:
     dropped_no_target: int = 0
 
     def note(self, reason: str, where: str) -> None:
-        self.skipped[reason] = self.skipped.get(reason, 0) + 1
-        shown = self.examples.setdefault(reason, [])
-        if len(shown) < MAX_EXAMPLES:
-            shown.append(where)
+        count_with_example(self.skipped, self.examples, reason, where)
 
     def to_dict(self) -> dict:
         return {"files": self.files, "records": self.records, "conversations": self.conversations,

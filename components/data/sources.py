@@ -32,6 +32,14 @@ _CONTROL = bytes(b for b in range(32) if b not in _TEXT_CONTROLS) + b"\x7f"
 MAX_EXAMPLES = 5
 
 
+def count_with_example(counts: dict[str, int], examples: dict[str, list[str]], kind: str, where: str) -> None:
+    """One more `kind` in `counts`; `where` joins its first MAX_EXAMPLES places in `examples` (what reports show)."""
+    counts[kind] = counts.get(kind, 0) + 1
+    shown = examples.setdefault(kind, [])
+    if len(shown) < MAX_EXAMPLES:
+        shown.append(where)
+
+
 def source_files(spec: str) -> list[Path]:
     """The files a source spec names, sorted. ValueError when it names nothing."""
     if any(ch in spec for ch in "*?["):
@@ -59,10 +67,7 @@ class SourceReport:
     SKIPPED = ("binary_files", "undecodable_files", "bad_records", "empty_files")
 
     def note(self, kind: str, reason: str) -> None:
-        self.counts[kind] = self.counts.get(kind, 0) + 1
-        shown = self.examples.setdefault(kind, [])
-        if len(shown) < MAX_EXAMPLES:
-            shown.append(reason)
+        count_with_example(self.counts, self.examples, kind, reason)
 
     def to_dict(self) -> dict:
         """For the manifest: {files, documents, skipped: {kind: {count, first}}, decoded_with: {encoding: ...}}."""
