@@ -76,8 +76,8 @@ class CrescentLM(TemplateLM):
             raise ValueError(f"crescent LM: batch_size={batch_size!r} must be a positive integer") from None
         if self.batch_size < 1:
             raise ValueError(f"crescent LM: batch_size={batch_size!r} must be a positive integer")
-        self._max_length = int(max_length) if max_length else self.model.config.max_position_embeddings
-        self._max_gen_toks = int(max_gen_toks)
+        self.max_length = int(max_length) if max_length else self.model.config.max_position_embeddings
+        self.max_gen_toks = int(max_gen_toks)
         self.max_logits_bytes = int(max_logits_bytes)  # caps batch rows x positions x vocab of one forward
         self.use_cache = str(use_cache).lower() not in ("false", "0", "no")
         self.generator = torch.Generator(device=self._device).manual_seed(int(seed))
@@ -90,14 +90,6 @@ class CrescentLM(TemplateLM):
     @property
     def prefix_token_id(self) -> int:
         return self.tokenizer.bos_id if self.tokenizer.bos_id is not None else self.tokenizer.eos_id
-
-    @property
-    def max_length(self) -> int:
-        return self._max_length
-
-    @property
-    def max_gen_toks(self) -> int:
-        return self._max_gen_toks
 
     @property
     def tokenizer_name(self) -> str:

@@ -47,6 +47,20 @@ def store(mlflow_db, request, monkeypatch):
     return uri, client, run.info.run_id
 
 
+def _export_steps(exports: Path, tok, store, steps) -> Path:
+    """Exports of the store's training run at `steps` (tiny models, tagged with the run) in `exports`."""
+    uri, _, run_id = store
+    for step in steps:
+        write_export(exports, tok, step=step, run_id=run_id, tracking_uri=uri)
+    return exports
+
+
+def _watch_args(exports: Path, tasks: str, data: Path, limit: int, *extra: str) -> list[str]:
+    """`crescent eval watch` over `exports`: `tasks` on `limit` examples each, task data from `data`."""
+    return ["watch", "--checkpoints", str(exports), "--tasks", tasks, "--limit", str(limit), "--data-dir", str(data),
+            *extra]
+
+
 def test_data_builds_all_three_sets(workspace):
     root, _ = workspace
     manifest = json.loads((root / "data" / "manifest.json").read_text())["tasks"]
@@ -124,13 +138,10 @@ def test_humaneval_is_refused_without_allow_code_execution(workspace, tmp_path, 
 def test_watch_evaluates_each_checkpoint_once_and_retries_a_broken_one_up_to_the_limit(workspace, store, tmp_path,
                                                                                         capsys):
     root, tok = workspace
-    uri, client, run_id = store
-    exports = tmp_path / "exports"
-    for step in (200, 100, 150):
-        write_export(exports, tok, step=step, run_id=run_id, tracking_uri=uri)
+    _, client, run_id = store
+    exports = _export_steps(tmp_path / "exports", tok, store, (200, 100, 150))
     (exports / "step-00000150" / "model.safetensors").write_bytes(b"not a safetensors file")
-    args = ["watch", "--checkpoints", str(exports), "--tasks", "gsm8k", "--limit", "2", "--data-dir",
-            str(root / "data"), "--max-attempts", "2"]
+    args = _watch_args(exports, "gsm8k", root / "data", 2, "--max-attempts", "2")
     assert main(args) == 1  # a failure was recorded
     assert "evaluated [100, 200], failed [150], skipped []" in capsys.readouterr().out
     history = client.get_metric_history(run_id, "eval/gsm8k/exact_match/strict-match")
@@ -149,14 +160,12 @@ def test_a_failed_task_keeps_the_others_results_and_is_retried_alone_later(works
     """One task's data is corrupt: the other task is evaluated and logged, the failure is recorded per task, and
     the next watch (data fixed) evaluates only the failed task."""
     root, tok = workspace
-    uri, client, run_id = store
+    _, client, run_id = store
     data = tmp_path / "data"
     shutil.copytree(root / "data", data)
     good = (data / "gsm8k" / "test.jsonl").read_text()
     (data / "gsm8k" / "test.jsonl").write_text('{"question": "broken\n')
-    write_export(tmp_path / "exports", tok, step=100, run_id=run_id, tracking_uri=uri)
-    args = ["watch", "--checkpoints", str(tmp_path / "exports"), "--tasks", "gsm8k,mmlu_dev", "--limit", "1",
-            "--data-dir", str(data)]
+    args = _watch_args(_export_steps(tmp_path / "exports", tok, store, [100]), "gsm8k,mmlu_dev", data, 1)
     assert main(args) == 1
     assert "evaluated [100], failed [100], skipped []" in capsys.readouterr().out
     tags = client.get_run(run_id).data.tags
@@ -175,13 +184,11 @@ def test_a_failed_task_keeps_the_others_results_and_is_retried_alone_later(works
 def test_a_task_without_data_is_skipped_with_a_warning_on_the_run(workspace, store, tmp_path, capsys,
                                                                   monkeypatch):
     root, tok = workspace
-    uri, client, run_id = store
+    _, client, run_id = store
     data = tmp_path / "data"
     assert main(["data", "--out", str(data)]) == 0  # no GSM8K files
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # as in the evaluation pod: no Hub fallback
-    write_export(tmp_path / "exports", tok, step=100, run_id=run_id, tracking_uri=uri)
-    args = ["watch", "--checkpoints", str(tmp_path / "exports"), "--tasks", "mmlu_dev,gsm8k", "--limit", "1",
-            "--data-dir", str(data)]
+    args = _watch_args(_export_steps(tmp_path / "exports", tok, store, [100]), "mmlu_dev,gsm8k", data, 1)
     assert main(args) == 0
     assert "evaluated [100], failed [], skipped []" in capsys.readouterr().out
     tags = client.get_run(run_id).data.tags
@@ -218,14 +225,11 @@ def test_watch_skips_a_checkpoint_running_elsewhere_until_its_marker_is_stale(wo
     import time
 
     root, tok = workspace
-    uri, client, run_id = store
-    exports = tmp_path / "exports"
-    for step in (100, 200):
-        write_export(exports, tok, step=step, run_id=run_id, tracking_uri=uri)
+    _, client, run_id = store
+    exports = _export_steps(tmp_path / "exports", tok, store, (100, 200))
     client.set_tag(run_id, "crescent.eval.step-00000100", f"running:other-pod:7:{int(time.time())}")
     client.set_tag(run_id, "crescent.eval.step-00000200", f"running:other-pod:7:{int(time.time()) - 7200}")
-    args = ["watch", "--checkpoints", str(exports), "--tasks", "gsm8k", "--limit", "1", "--data-dir",
-            str(root / "data"), "--stale-after-hours", "1"]
+    args = _watch_args(exports, "gsm8k", root / "data", 1, "--stale-after-hours", "1")
     assert main(args) == 0
     assert "evaluated [200], failed [], skipped [100]" in capsys.readouterr().out
     assert client.get_run(run_id).data.tags["crescent.eval.step-00000200.gsm8k"] == "done"
@@ -233,14 +237,11 @@ def test_watch_skips_a_checkpoint_running_elsewhere_until_its_marker_is_stale(wo
 
 def test_two_concurrent_watchers_evaluate_each_checkpoint_once(workspace, store, tmp_path):
     root, tok = workspace
-    uri, client, run_id = store
-    exports = tmp_path / "exports"
+    _, client, run_id = store
     steps = [100, 200, 300]
-    for step in steps:
-        write_export(exports, tok, step=step, run_id=run_id, tracking_uri=uri)
+    exports = _export_steps(tmp_path / "exports", tok, store, steps)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    command = [sys.executable, "-m", "app.cli", "eval", "watch", "--checkpoints", str(exports), "--tasks", "gsm8k",
-               "--limit", "2", "--data-dir", str(root / "data")]
+    command = [sys.executable, "-m", "app.cli", "eval", *_watch_args(exports, "gsm8k", root / "data", 2)]
     procs = [subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               text=True) for _ in range(2)]
     outputs = [p.communicate(timeout=300) for p in procs]
