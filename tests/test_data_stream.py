@@ -13,9 +13,9 @@ import torch
 from components.data.loader import StreamLoader
 from components.data.sequence import SetLayout
 from components.data.shards import build_shards
-from components.schedule import Stage, StageSchedule
 from components.data.stream import MixtureStream
 from components.data.tokenizer import load_tokenizer, train_bpe
+from components.schedule import Stage, StageSchedule
 
 SEQ = 16
 WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho sigma".split()

@@ -40,7 +40,9 @@ def test_bf16_singular_values_land_in_the_quintic_band(shape):
 def test_ours_matches_torch_optim_muons_iteration_on_cuda(shape):
     """Same quintic, same bf16, same normalization: identical on the CPU; on CUDA the kernels (baddbmm vs
     matmul) may round differently."""
-    from torch.optim._muon import _zeropower_via_newtonschulz as torch_ns  # private: its absence fails this test only
+    from torch.optim._muon import (
+        _zeropower_via_newtonschulz as torch_ns,  # private: its absence fails this test only
+    )
 
     g = randn(*shape, seed=2 + sum(shape))
     ours = newton_schulz(g, 5, "quintic", torch.bfloat16, out_dtype=torch.bfloat16)
