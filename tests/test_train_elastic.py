@@ -21,8 +21,10 @@ def reference(corpus, tmp_path_factory):
     return dict(th.metric_history(uri, "test", "train/loss"))
 
 
-@pytest.mark.parametrize("strategy", ["muon_ddp", "muon_fsdp"])
-@pytest.mark.parametrize("before,after", [(2, 1), (1, 2)], ids=["2to1", "1to2"])
+# Each strategy from 2 processes to 1; 1 to 2 once, with FSDP2 (the sharded checkpoint resharded onto more ranks;
+# ZeRO-1 checkpoints hold the consolidated state, so its 1 -> 2 path is the 2 -> 1 load in reverse).
+@pytest.mark.parametrize("strategy,before,after", [("muon_ddp", 2, 1), ("muon_fsdp", 2, 1), ("muon_fsdp", 1, 2)],
+                         ids=["2to1-muon_ddp", "2to1-muon_fsdp", "1to2-muon_fsdp"])
 def test_resume_on_another_world_size_continues_the_same_run(strategy, before, after, corpus, reference, tmp_path):
     from app.run import latest_checkpoint, read_checkpoint_meta
 
