@@ -35,6 +35,10 @@ def corpus(tmp_path_factory):
 
 
 def pytest_collection_modifyitems(config, items):
+    # Files with slow tests first (stable order otherwise): under `make test`'s xdist --dist loadfile a long file
+    # handed out last would keep one worker busy alone at the end.
+    slow_files = {item.path for item in items if "slow" in item.keywords}
+    items.sort(key=lambda item: item.path not in slow_files)
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA device")
