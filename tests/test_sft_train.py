@@ -94,6 +94,7 @@ def test_sft_run_trains_two_epochs_and_links_to_its_pretraining_run(setup, refer
         get_template("moonlight").jinja()
 
 
+@pytest.mark.slow
 def test_sigterm_mid_epoch_then_resume_matches_uninterrupted_run_bitwise(setup, reference, tmp_path):
     uri = f"sqlite:///{tmp_path}/mlruns.db"
     config = _config(setup, tmp_path / "run", uri)

@@ -64,6 +64,7 @@ def test_stages_drive_lr_mixture_and_bias_rate(reference_run):
     assert rate[1] == 1e-3 and rate[STEPS] == 0.0  # the cooldown freezes the routing bias
 
 
+@pytest.mark.slow
 def test_sigterm_checkpoint_then_resume_matches_uninterrupted_run_bitwise(corpus, reference_run, tmp_path):
     uri = f"sqlite:///{tmp_path}/mlruns.db"
     config = th.write_config(tmp_path / "config.yaml", corpus, tmp_path / "run", uri, TOKENS)
@@ -106,6 +107,7 @@ def _assert_plots_cover_the_whole_run(uri: str, tmp_path: Path) -> None:
     assert Path(logged).read_bytes() == expected.read_bytes()
 
 
+@pytest.mark.slow
 @pytest.mark.distributed
 @pytest.mark.parametrize("strategy", ["muon_ddp", "muon_fsdp"])
 def test_two_gloo_processes_match_single_process_losses(strategy, corpus, reference_run, tmp_path):

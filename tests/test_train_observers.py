@@ -58,6 +58,7 @@ def test_yaml_monitor_checkpoint_and_csv_logger_see_the_metrics_beside_mlflow(co
     assert {a.path for a in client.list_artifacts(run.info.run_id, "plots")} >= {"plots/loss_lr.png"}
 
 
+@pytest.mark.slow
 def test_a_truncated_shard_streams_through_training_and_mlflow_counts_the_lost_samples(corpus, tmp_path):
     from mlflow import MlflowClient
 
