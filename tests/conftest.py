@@ -35,8 +35,9 @@ def corpus(tmp_path_factory):
 
 
 def pytest_collection_modifyitems(config, items):
-    # Files with slow tests first (stable order otherwise): under `make test`'s xdist --dist loadfile a long file
-    # handed out last would keep one worker busy alone at the end.
+    # Files with slow tests first (stable order otherwise): xdist's loadfile hands out files with the most tests
+    # first, and among equal counts in this order, so a long two-test file is not the last one out (seen: the
+    # experiment runner's file alone on one worker for the last ~3 minutes).
     slow_files = {item.path for item in items if "slow" in item.keywords}
     items.sort(key=lambda item: item.path not in slow_files)
     if torch.cuda.is_available():
