@@ -99,3 +99,35 @@ def test_a_resume_drops_the_journaled_steps_after_its_checkpoint_that_a_killed_p
     resumed.finalize("success")
     assert _history(store, resumed.run_id, "train/loss") == [
         (s, float(s)) for s in range(1, 7)] + [(s, s + 0.5) for s in range(7, 11)]
+
+
+def test_a_backlog_of_steps_before_the_resume_point_that_an_earlier_process_delivered_is_not_sent_again(store, tmp_path):
+    # Seen on CI: process 1 delivers steps 1-4 and dies with its checkpoint at 2; process 2 resumes at 2, journals
+    # steps 3-6 (checkpoint at 6) but is killed before it delivers them; process 3 resumes at 6 and delivers the
+    # backlog: steps 3 and 4 are in MLflow already (process 1's), so only 5 and 6 of it may be sent.
+    first = CrescentMLflowLogger(experiment_name="resume-backlog", tracking_uri=store, spool_dir=str(tmp_path),
+                                 poll_interval_s=0.05)
+    for step in range(1, 5):
+        first.log_metrics({"train/loss": float(step)}, step=step)
+    assert first.flush(timeout=60)
+    state = first.state_dict()
+    first.finalize("killed")
+
+    second = CrescentMLflowLogger(experiment_name="resume-backlog", tracking_uri=_dead_uri(),
+                                  spool_dir=str(tmp_path), poll_interval_s=0.05)
+    second.load_state_dict(state, resume_step=2)
+    for step in range(3, 7):
+        second.log_metrics({"train/loss": step + 0.5}, step=step)
+    second.save()
+    second.finalize("killed", timeout=0)
+
+    third = CrescentMLflowLogger(experiment_name="resume-backlog", tracking_uri=store, spool_dir=str(tmp_path),
+                                 poll_interval_s=0.05)
+    third.load_state_dict(state, resume_step=6)
+    for step in range(7, 9):
+        third.log_metrics({"train/loss": step + 0.25}, step=step)
+    third.finalize("success")
+    assert third.run_id == first.run_id
+    assert _history(store, first.run_id, "train/loss") == [
+        (1, 1.0), (2, 2.0), (3, 3.0), (4, 4.0), (5, 5.5), (6, 6.5), (7, 7.25), (8, 8.25)]
+    assert third.stats()["superseded"] == 2

@@ -32,7 +32,7 @@ from mlflow.utils.validation import MAX_METRICS_PER_BATCH
 
 from app.tracking.journal import Journal
 from app.tracking.records import RunRecords
-from app.tracking.resume import drop_after
+from app.tracking.resume import backlog_pairs, drop_after
 from app.tracking.store import resolve_run
 
 log = logging.getLogger(__name__)
@@ -84,6 +84,7 @@ class RunDelivery(threading.Thread):
         self._monitor_lock = threading.Lock()
         self.journal = Journal(journal_path)
         drop_after(self.journal, resume_step)
+        self._backlog = backlog_pairs(self.journal)  # a previous process' undelivered metrics (resume.py)
 
         self.queue: collections.deque = collections.deque()
         self._put_lock = threading.Lock()
@@ -178,6 +179,7 @@ class RunDelivery(threading.Thread):
             self.journal = Journal(os.path.join(os.path.dirname(self.journal.path), f"{run_key}.jsonl"))
             self.resume_step = resume_step
             drop_after(self.journal, resume_step)
+            self._backlog = backlog_pairs(self.journal)
             self.journal.append(records)
             with self._put_lock:
                 self.enqueued += self.journal.pending_at_open - (len(peeked) - len(records))
@@ -324,7 +326,8 @@ class RunDelivery(threading.Thread):
             self._search_run_key = True
         self._sender = RunRecords(self._mlflow(), run_id)
         if not created:
-            self._sender.continue_run(self.resume_step)
+            self._sender.continue_run(self.resume_step, self._backlog)
+        self._backlog = set()
         self.run_id, self._run_ready = run_id, True
         log.info("MLflow run %s (%s)", run_id, "created" if created else "continued")
 

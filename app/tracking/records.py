@@ -12,7 +12,7 @@ import shutil
 from typing import Any
 
 from app.tracking.params import split_params
-from app.tracking.resume import delivered_after, system_metrics_position
+from app.tracking.resume import already_delivered, system_metrics_position
 
 log = logging.getLogger(__name__)
 _BATCHED = ("m", "t", "s")
@@ -29,14 +29,13 @@ class RunRecords:
         self._system_step, self._system_last_timestamp = 0, -1  # the run's next system/ step, its last sample
         self._experiment_id: str | None = None
 
-    def continue_run(self, resume_step: int | None) -> None:
-        """The run existed: system samples continue after its last one; with ``resume_step`` (a checkpoint's),
-        the (key, step) metrics it already holds after that step are not sent again."""
+    def continue_run(self, resume_step: int | None, backlog: set[tuple[str, int]]) -> None:
+        """The run existed: system samples continue after its last one; the (key, step) metrics it already holds
+        after ``resume_step`` (a checkpoint's) or among a previous process' ``backlog`` are not sent again."""
         run = self.client.get_run(self.run_id)
         self._experiment_id = run.info.experiment_id
         self._system_step, self._system_last_timestamp = system_metrics_position(run)
-        if resume_step is not None:
-            self._superseded_pairs = delivered_after(self.client, run, resume_step)
+        self._superseded_pairs = already_delivered(self.client, run, resume_step, backlog)
 
     def send(self, records: list[Any]) -> int:
         """Send the first record (with the batchable ones after it); how many records were consumed."""

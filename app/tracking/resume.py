@@ -2,9 +2,12 @@
 
 A process killed after its checkpoint at step N may have logged steps after N; the process that resumes from N
 trains and logs those steps again. Its predecessor's journaled but undelivered metrics of steps > N are dropped
-(`drop_after`), and the (key, step) pairs of steps > N it already delivered are looked up once when the run is
-continued (`delivered_after`); the delivery thread then skips the new values of those pairs. Every (key, step)
-appears once in MLflow, the first value kept (after a bitwise resume both values are the same).
+(`drop_after`). What the predecessor left in the journal at or before N is delivered, except the (key, step) pairs
+MLflow holds already: an even earlier process may have delivered them (killed at step 4 with its checkpoint at 2,
+the next process journals 3..6 and dies before sending them; the third resumes at 6 with 3 and 4 in its backlog and
+in MLflow), or the delivery's commit was lost. Those pairs and the ones after N are looked up once when the run is
+continued (`already_delivered`); the delivery thread then skips them. Every (key, step) appears once in MLflow,
+the first value kept (after a bitwise resume both values are the same).
 
 System metrics samples are not training steps: they are numbered at delivery, continuing after the run's last
 `system/` step (`system_metrics_position`), so they are neither dropped nor skipped here.
@@ -33,13 +36,22 @@ def drop_after(journal: Journal, step: int | None) -> int:
     return dropped
 
 
-def delivered_after(client, run, step: int) -> set[tuple[str, int]]:
-    """(key, step) of the run's metrics after `step`: one history read per metric key, once per resume. System
-    metrics are left out: their steps are their own counter (`system_metrics_position`), not training steps."""
+def backlog_pairs(journal: Journal) -> set[tuple[str, int]]:
+    """(key, step) of the metrics waiting in a previous process' journal (read before this process appends)."""
+    return {(r[1], r[4]) for r in journal.pending() if isinstance(r, list) and r[:1] == ["m"]}
+
+
+def already_delivered(client, run, after: int | None, backlog: set[tuple[str, int]]) -> set[tuple[str, int]]:
+    """(key, step) of the run's metrics after step `after` or in `backlog`: one history read per metric key, once
+    per continued run. System metrics are left out: their steps are their own counter (`system_metrics_position`),
+    not training steps."""
+    if after is None and not backlog:
+        return set()
     found = set()
     for key in run.data.metrics:
         if not key.startswith(SYSTEM_PREFIX):
-            found.update((key, m.step) for m in client.get_metric_history(run.info.run_id, key) if m.step > step)
+            found.update((key, m.step) for m in client.get_metric_history(run.info.run_id, key)
+                         if (after is not None and m.step > after) or (key, m.step) in backlog)
     return found
 
 
