@@ -371,6 +371,11 @@ class CrescentModule(pl.LightningModule):
         if self.trainer.global_step == 0:
             self.val_loss = self.val_loss_start = self.held_out_loss()
             self.log_step_metrics({"val/loss": self.val_loss}, monitor=False)
+        elif self.tokens_seen >= self.schedule.total_tokens:
+            # Resumed from the checkpoint the schedule ended at (a rerun, or a process that only delivers the
+            # journal a finished run left): no step past the schedule, and its final val/loss is logged already.
+            self.stop("schedule_complete")
+            self._final_val_step = self.trainer.global_step
 
     def on_train_end(self) -> None:
         if self.stop_reason != "preempted" and self._final_val_step != self.trainer.global_step:

@@ -131,3 +131,27 @@ def test_a_backlog_of_steps_before_the_resume_point_that_an_earlier_process_deli
     assert _history(store, first.run_id, "train/loss") == [
         (1, 1.0), (2, 2.0), (3, 3.0), (4, 4.0), (5, 5.5), (6, 6.5), (7, 7.25), (8, 8.25)]
     assert third.stats()["superseded"] == 2
+
+
+def test_a_run_is_not_marked_finished_while_its_metrics_wait_in_the_journal(store, tmp_path):
+    # Seen under load: the finalize timeout ran out with the last metrics journaled, the run was FINISHED anyway
+    # and the experiment runner read a finished point without its final loss.
+    first = CrescentMLflowLogger(experiment_name="finish-pending", tracking_uri=store, spool_dir=str(tmp_path),
+                                 poll_interval_s=0.05)
+    first.log_metrics({"train/loss": 0.0}, step=0)
+    assert first.flush(timeout=60)
+    state = first.state_dict()
+    for step in range(1, 2001):
+        first.log_metrics({"train/loss": float(step)}, step=step)
+    first.finalize("success", timeout=0)
+    client = MlflowClient(store)
+    assert client.get_run(first.run_id).info.status == "RUNNING"
+    assert first.stats()["status_set"] is None and first.stats()["pending"] > 0
+
+    second = CrescentMLflowLogger(experiment_name="finish-pending", tracking_uri=store, spool_dir=str(tmp_path),
+                                  poll_interval_s=0.05)
+    second.load_state_dict(state, resume_step=2000)  # the run had ended: the next process only delivers
+    second.start()
+    second.finalize("success")
+    assert client.get_run(first.run_id).info.status == "FINISHED", second.stats()
+    assert _history(store, first.run_id, "train/loss") == [(s, float(s)) for s in range(0, 2001)]

@@ -85,6 +85,14 @@ def test_sigterm_checkpoint_then_resume_matches_uninterrupted_run_bitwise(corpus
     assert sorted(steps) == list(range(1, STEPS + 1))
     _assert_plots_cover_the_whole_run(uri, tmp_path)
 
+    # The same command once more, on the finished run: it resumes at the schedule's end and trains nothing.
+    val = th.metric_history(uri, "test", "val/loss")
+    again = th.crescent("train", "--config", str(config), cwd=tmp_path)
+    assert f"resuming from {checkpoints}/step-{STEPS:08d}.ckpt" in again.stderr
+    assert all(torch.equal(a, b) for a, b in zip(_weights(tmp_path / "run").values(), ours.values()))
+    assert [s for s, _ in th.metric_history(uri, "test", "train/loss")] == steps
+    assert th.metric_history(uri, "test", "val/loss") == val
+
 
 def _assert_plots_cover_the_whole_run(uri: str, tmp_path: Path) -> None:
     """The logged loss/lr plot is the one the run's complete metric history gives (both segments, validation

@@ -249,10 +249,15 @@ class ExperimentRunner:
         if kid is None or not kid.complete:
             rc, why = self._train(point, pc.config)
             if rc != 0:
-                if rc != PREEMPTED and not self._stop:
-                    tracking.record_failure(exp, point.id, why)
-                return rc, why
+                return self._train_failed(exp, point, rc, why)
             kid = tracking.children(exp).get(point.id)
+            if kid is None or not kid.complete:
+                # Its metrics may still wait in the run's journal (the finalize timeout ran out under load, so the
+                # run stayed RUNNING): the same command again resumes at the schedule's end and delivers them.
+                rc, why = self._train(point, pc.config)
+                if rc != 0:
+                    return self._train_failed(exp, point, rc, why)
+                kid = tracking.children(exp).get(point.id)
             if kid is None or not kid.complete:
                 why = f"crescent train exited 0 but MLflow has no complete run for {point.id} (expected {pc.tokens} tokens)"
                 tracking.record_failure(exp, point.id, why)
@@ -278,6 +283,12 @@ class ExperimentRunner:
         measure_point(exp.client, exp.tracking_uri, kid.run_id, run_dir, measurements, val,
                       self.spec.analysis.get("eval"), Path.cwd())
         exp.client.set_tag(kid.run_id, tracking.MEASURED, "done")
+
+    def _train_failed(self, exp, point: Point, rc: int, why: str) -> tuple[int, str]:
+        """A launch that did not end well: recorded on the parent unless it was interrupted (retried then)."""
+        if rc != PREEMPTED and not self._stop:
+            tracking.record_failure(exp, point.id, why)
+        return rc, why
 
     def _train(self, point: Point, config: dict) -> tuple[int, str]:
         cfg_path = self.work_dir / "configs" / f"{point.id}.yaml"

@@ -6,6 +6,8 @@ journal (disk), creates or resumes the run, and sends the journal in order (metr
 rejects as invalid (HTTP 400 kind of errors) is dropped, and counted. A local disk that refuses the journal
 (full) is reported as such; its records are delivered from memory meanwhile (journal.py). With ``resume_step``
 (the checkpoint's step) steps a killed predecessor logged after it are not logged twice (resume.py).
+The run's terminal status is set only once nothing is left to deliver: a run that ends with records still in
+its journal (the finalize timeout ran out) stays RUNNING, and the process that continues it delivers them.
 
 Records (JSON lists, compact on disk):
 ``["m", key, value, timestamp_ms, step]`` metric, ``["t", key, value]`` tag, ``["p", {key: value}]`` params
@@ -229,7 +231,16 @@ class RunDelivery(threading.Thread):
                     self._sleep(min(wait, backoff))
                     backoff = min(backoff * 2, self.settings.max_backoff_s)
             self.journal_queued()
-            self._set_final_status()
+            if self.journal.has_pending:
+                # A terminal status would tell readers (the experiment runner, a pipeline) that the run is
+                # complete while metrics are still on their way: it stays RUNNING; the next process on this run
+                # (a resume) delivers the journal and sets the status.
+                if self._final_status is not None and self._run_ready:
+                    log.warning("MLflow run %s: records still undelivered at the end (kept in %s); the run stays "
+                                "RUNNING until a process continuing it delivers them", self.run_id,
+                                self.journal.path)
+            else:
+                self._set_final_status()
         finally:
             self._stop_monitor()
             with self._journal_lock:
