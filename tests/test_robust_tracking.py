@@ -30,6 +30,16 @@ def _history(uri, run_id, key):
     return sorted((m.step, m.value) for m in MlflowClient(uri).get_metric_history(run_id, key))
 
 
+def _resumed(experiment: str, uri: str, spool, state: dict, resume_step: int, losses: dict[int, float]):
+    """A logger continuing `state`'s run from `resume_step` (a new process), after logging `losses` {step: value}."""
+    logger = CrescentMLflowLogger(experiment_name=experiment, tracking_uri=uri, spool_dir=str(spool),
+                                  poll_interval_s=0.05)
+    logger.load_state_dict(state, resume_step=resume_step)
+    for step, value in losses.items():
+        logger.log_metrics({"train/loss": value}, step=step)
+    return logger
+
+
 def test_a_full_spool_disk_loses_no_record_and_does_not_blame_the_tracking_server(store, tmp_path, caplog):
     with tmpfs(tmp_path / "spool", "64k") as spool:
         ballast = fill(spool, 0)
@@ -91,11 +101,7 @@ def test_a_resume_drops_the_journaled_steps_after_its_checkpoint_that_a_killed_p
     state = offline.state_dict()
     offline.finalize("killed", timeout=0)  # nothing reached a server: all 8 steps wait in the journal
 
-    resumed = CrescentMLflowLogger(experiment_name="resume-journaled", tracking_uri=store, spool_dir=str(tmp_path),
-                                   poll_interval_s=0.05)
-    resumed.load_state_dict(state, resume_step=6)
-    for step in range(7, 11):
-        resumed.log_metrics({"train/loss": step + 0.5}, step=step)
+    resumed = _resumed("resume-journaled", store, tmp_path, state, 6, {s: s + 0.5 for s in range(7, 11)})
     resumed.finalize("success")
     assert _history(store, resumed.run_id, "train/loss") == [
         (s, float(s)) for s in range(1, 7)] + [(s, s + 0.5) for s in range(7, 11)]
@@ -113,19 +119,11 @@ def test_a_backlog_of_steps_before_the_resume_point_that_an_earlier_process_deli
     state = first.state_dict()
     first.finalize("killed")
 
-    second = CrescentMLflowLogger(experiment_name="resume-backlog", tracking_uri=_dead_uri(),
-                                  spool_dir=str(tmp_path), poll_interval_s=0.05)
-    second.load_state_dict(state, resume_step=2)
-    for step in range(3, 7):
-        second.log_metrics({"train/loss": step + 0.5}, step=step)
+    second = _resumed("resume-backlog", _dead_uri(), tmp_path, state, 2, {s: s + 0.5 for s in range(3, 7)})
     second.save()
     second.finalize("killed", timeout=0)
 
-    third = CrescentMLflowLogger(experiment_name="resume-backlog", tracking_uri=store, spool_dir=str(tmp_path),
-                                 poll_interval_s=0.05)
-    third.load_state_dict(state, resume_step=6)
-    for step in range(7, 9):
-        third.log_metrics({"train/loss": step + 0.25}, step=step)
+    third = _resumed("resume-backlog", store, tmp_path, state, 6, {s: s + 0.25 for s in range(7, 9)})
     third.finalize("success")
     assert third.run_id == first.run_id
     assert _history(store, first.run_id, "train/loss") == [
