@@ -59,6 +59,8 @@ class CrescentModule(pl.LightningModule):
         optimizer: 'muon' (Muon for matrices + AdamW for the rest, shared lr/wd) or 'adamw' (AdamW alone).
         schedule: stage preset name or a dict of stages (lr, global batch, mixture, bias rate by tokens seen).
         lr_scale: multiplies the schedule's lr (for sweeps); weight_decay: λ for both algorithms.
+        update_rms: the RMS r of Muon's update (scale_mode moonlight: r·sqrt(max(A, B)); update_norm: r/RMS(O);
+            baseline: r·sqrt(H)); the paper's 0.2 matches AdamW's typical update RMS (App. A Table 8 sweeps it).
         max_nonfinite_in_a_row: skipped steps in a row (non-finite loss or gradient) before training stops.
         muon_granularity: 'matrix' or 'head' (attention projections orthogonalized per head's block, Kimi K3).
         qk_clip_threshold: τ of QK-clip (null: off; K2 uses 100): after each step, every head whose max logit over
@@ -82,6 +84,7 @@ class CrescentModule(pl.LightningModule):
         ns_coefficients: str = "quintic",
         ns_dtype: str = "bfloat16",
         scale_mode: str = "moonlight",
+        update_rms: float = 0.2,
         norm_weight_decay: bool = True,
         adamw_betas: tuple[float, float] = (0.9, 0.95),
         adamw_eps: float = 1e-8,
@@ -99,6 +102,8 @@ class CrescentModule(pl.LightningModule):
             raise ValueError(f"model.lr_scale={lr_scale!r} must be > 0")
         if weight_decay < 0:
             raise ValueError(f"model.weight_decay={weight_decay!r} must be >= 0")
+        if not (isinstance(update_rms, (int, float)) and 0 < update_rms <= 10):
+            raise ValueError(f"model.update_rms={update_rms!r} must be a number in (0, 10] (the paper's 0.2)")
         if max_nonfinite_in_a_row < 1:
             raise ValueError(f"model.max_nonfinite_in_a_row={max_nonfinite_in_a_row!r} must be >= 1")
         if muon_granularity not in GRANULARITIES:

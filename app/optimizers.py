@@ -26,7 +26,7 @@ def make_optimizer(module, strategy) -> torch.optim.Optimizer:
     else:
         overrides = None
         kwargs = dict(momentum=h.momentum, ns_steps=h.ns_steps, ns_coefficients=h.ns_coefficients,
-                      scale_mode=h.scale_mode, ns_dtype=h.ns_dtype,
+                      scale_mode=h.scale_mode, update_rms=h.update_rms, ns_dtype=h.ns_dtype,
                       muon_granularity=h.muon_granularity)
     variant = getattr(strategy, "muon_variant", "single")
     if variant not in MUON_VARIANTS:

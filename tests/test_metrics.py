@@ -77,3 +77,18 @@ def test_routing_bias_update_balances_a_skewed_router():
 def test_negative_rate_is_rejected():
     with pytest.raises(ValueError, match="rate=-0.1"):
         update_routing_bias(torch.zeros(2), torch.ones(2), rate=-0.1)
+
+
+def test_every_per_matrix_svd_measure_maps_back_to_its_paper_group():
+    """The svd-entropy report pairs `measure/svd/...` keys by group; an expert's key carries its index."""
+    from app.experiments.measure import svd_entropy_by_matrix, svd_matrix_group
+
+    model = build_model(get_preset("tiny"), seed=0)
+    measures = svd_entropy_by_matrix(model, experts_per_layer=2)
+    by_group: dict[str, int] = {}
+    for key in measures:
+        by_group[svd_matrix_group(key)] = by_group.get(svd_matrix_group(key), 0) + 1
+    assert None not in by_group
+    expert_params = [n for n, p in model.named_parameters() if p.ndim == 3 and group_of(n) == "Experts"]
+    assert expert_params and by_group["Experts"] == 2 * len(expert_params)
+    assert set(by_group) == {"AttnQO", "AttnKV", "Experts", "SharedExperts", "Router", "Dense"}

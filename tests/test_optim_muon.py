@@ -84,6 +84,34 @@ def test_scale_modes_set_the_update_rms_of_the_step():
     assert rms["baseline"] / rms["none"] == pytest.approx(2.0, rel=1e-5)  # 0.2·sqrt(H=100)
 
 
+@pytest.mark.parametrize("target", [0.05, 0.8])
+def test_update_rms_sets_the_rms_of_the_update_for_every_shape(target):
+    """App. A Table 8's knob r, for a wide, a tall and a stacked matrix (fp32 NS): update_norm gives RMS r exactly;
+    moonlight's r·sqrt(max(A, B)) gives r up to NS's inexact singular values, r/0.2 times the paper's update."""
+    for shape in ((16, 64), (96, 24), (4, 32, 48)):
+        rms = {}
+        for mode, r in (("update_norm", target), ("moonlight", target), ("moonlight", 0.2)):
+            p = _params(shapes=(shape,))
+            opt = Muon(p, lr=0.01, scale_mode=mode, update_rms=r, ns_dtype=torch.float32)
+            _run(opt, p, 1)
+            rms[mode, r] = opt.last_stats["muon/update_rms"]
+        assert rms["update_norm", target] == pytest.approx(target, rel=1e-5), shape
+        assert rms["moonlight", target] / rms["moonlight", 0.2] == pytest.approx(target / 0.2, rel=1e-5), shape
+        assert 0.75 * target < rms["moonlight", target] < 1.25 * target, shape
+
+
+def test_a_state_dict_saved_without_update_rms_loads_with_the_default():
+    p = _params()
+    opt = Muon(p, lr=0.01, update_rms=0.4)
+    _run(opt, p, 1)
+    saved = opt.state_dict()
+    for group in saved["param_groups"]:
+        del group["update_rms"]  # as written before the setting existed
+    fresh = Muon(p, lr=0.01, update_rms=0.4)
+    fresh.load_state_dict(saved)
+    assert [g["update_rms"] for g in fresh.param_groups] == [0.2] * len(fresh.param_groups)
+
+
 def test_one_step_is_the_papers_equation_4_with_fp32_ns():
     p = nn.Parameter(torch.randn(12, 20, generator=torch.Generator().manual_seed(1)))
     w0 = p.detach().clone()
@@ -177,6 +205,7 @@ def test_nonfinite_gradient_is_skipped_and_counted_or_raises(policy):
     ({"ns_coefficients": "cubic"}, "ns_coefficients='cubic'"),
     ({"nonfinite": "ignore"}, "nonfinite='ignore'"),
     ({"weight_decay": -0.1}, "weight_decay=-0.1"),
+    ({"update_rms": 0.0}, r"update_rms=0.0 must be a number in \(0, 10\]"),
 ])
 def test_invalid_hyperparameters_raise_at_construction(kwargs, message):
     with pytest.raises(ValueError, match=message):

@@ -144,7 +144,8 @@ def _difference_curves(a: list, b: list) -> list[list[tuple[float, float]]]:
 def svd_entropy(data: ReportData) -> Analysis:
     """Fig. 4: SVD entropy per group over training for Muon and AdamW, and the fraction of matrices whose final
     entropy is higher under Muon (paired by matrix and seed; the paper: > 90 % at 1.2T tokens)."""
-    from components.metrics.svd_entropy import GROUPS, group_of
+    from app.experiments.measure import svd_matrix_group
+    from components.metrics.svd_entropy import GROUPS
 
     out = Analysis()
     group = _only_group(data)
@@ -156,7 +157,7 @@ def svd_entropy(data: ReportData) -> Analysis:
     for m_row, a_row in zip(sorted(m_rows, key=lambda r: r.point.seed), sorted(a_rows, key=lambda r: r.point.seed)):
         for key, value in m_row.metrics.items():
             if key.startswith("measure/svd/") and key in a_row.metrics:
-                g = group_of(key[len("measure/svd/"):]) or "other"
+                g = svd_matrix_group(key) or "other"
                 higher.setdefault(g, []).append(value > a_row.metrics[key])
     for g in GROUPS:
         ms, ad = data.stat(group, muon, f"svd_entropy/{g}"), data.stat(group, adamw, f"svd_entropy/{g}")

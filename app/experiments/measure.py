@@ -95,6 +95,13 @@ def svd_entropy_by_matrix(model, experts_per_layer: int = 3) -> dict[str, float]
     return out
 
 
+def svd_matrix_group(key: str) -> str | None:
+    """The paper group of a `measure/svd/...` key from svd_entropy_by_matrix (an expert's key ends in `.INDEX`)."""
+    name = key.removeprefix("measure/svd/")
+    head, _, tail = name.rpartition(".")
+    return group_of(head) if tail.isdigit() else group_of(name)
+
+
 def measure_point(client, tracking_uri: str, run_id: str, run_dir: Path, measurements: tuple[str, ...],
                   val_shards: str | None, eval_options: dict | None = None,
                   cwd: Path | None = None) -> dict[str, float]:

@@ -130,7 +130,7 @@ class DTensorMuon(Muon):
             piece = returned[src][offsets[src]:offsets[src] + n].view(w.shape)
             offsets[src] += n
             scale = 1.0 if by_norm else update_scale(group["scale_mode"], block_shape(p.shape, heads[p]), None,
-                                                     group["scale_hidden_size"])
+                                                     group["scale_hidden_size"], group["update_rms"])
             apply_orthogonal(w, piece, scale, group["lr"], group["weight_decay"])
             if self.telemetry:
                 stats.add(key, piece, w, scale)

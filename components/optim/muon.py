@@ -54,21 +54,21 @@ class Muon(torch.optim.Optimizer):
     """Moonlight's Muon for matrices plus AdamW for the rest, sharing lr and weight decay.
 
     Args mirror the paper: momentum μ=0.95 (sum form) with Nesterov, 5 NS steps with the fixed quintic in bf16,
-    scale_mode 'moonlight' (0.2·sqrt(max(A, B))), AdamW betas (0.9, 0.95), eps 1e-8. ns_method 'gram'/'auto'
+    scale_mode 'moonlight' (update_rms·sqrt(max(A, B)), update_rms 0.2: the update's RMS), AdamW betas (0.9, 0.95), eps 1e-8. ns_method 'gram'/'auto'
     switches rectangular matrices to Gram Newton–Schulz (same polynomial, fewer FLOPs; see newton_schulz.py).
     """
 
     def __init__(self, params, lr: float = 1e-3, weight_decay: float = 0.1, momentum: float = 0.95,
                  nesterov: bool = True, ns_steps: int = 5, ns_coefficients="quintic",
                  ns_dtype: torch.dtype | str = torch.bfloat16, ns_eps: float = 1e-7, ns_method: str = "standard",
-                 scale_mode: str = "moonlight",
+                 scale_mode: str = "moonlight", update_rms: float = 0.2,
                  scale_hidden_size: int | None = None, adamw_betas: tuple[float, float] = (0.9, 0.95),
                  adamw_eps: float = 1e-8, nonfinite: str = "skip", telemetry: bool = True):
         if nonfinite not in NONFINITE_POLICIES:
             raise ValueError(f"nonfinite={nonfinite!r} is unknown; choose one of {NONFINITE_POLICIES}")
         defaults = dict(lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps,
                         ns_coefficients=ns_coefficients, ns_dtype=ns_dtype, ns_eps=ns_eps, ns_method=ns_method,
-                        scale_mode=scale_mode,
+                        scale_mode=scale_mode, update_rms=update_rms,
                         scale_hidden_size=scale_hidden_size, adamw_betas=tuple(adamw_betas), adamw_eps=adamw_eps,
                         algorithm="muon", skipped_steps=0)
         super().__init__(params, defaults)
@@ -77,6 +77,7 @@ class Muon(torch.optim.Optimizer):
         self.last_stats: dict[str, float] = {}
         self.comm = None  # a CountingComm on the distributed paths (set by their _init_state): bytes in `comm.last`
         self._init_state()
+        self.register_load_state_dict_post_hook(_fill_group_defaults)
 
     # ----------------------------------------------------------------------------------------- construction
     def add_param_group(self, param_group: dict) -> None:
@@ -251,6 +252,18 @@ class Muon(torch.optim.Optimizer):
                                                                self.comm.world_size))
 
 
+# Group settings added after checkpoints were first written, with the value every step used before they existed.
+SETTINGS_BEFORE_THEY_EXISTED = {"update_rms": 0.2}
+
+
+def _fill_group_defaults(optimizer: Muon) -> None:
+    """A state dict saved before a group setting existed loads with the value that was in effect then (saved
+    groups replace the constructor's, as torch's load_state_dict does for every hyperparameter)."""
+    for group in optimizer.param_groups:
+        for key, value in SETTINGS_BEFORE_THEY_EXISTED.items():
+            group.setdefault(key, value)
+
+
 def max_abs(g: torch.Tensor, per_matrix: bool = False) -> torch.Tensor:
     """max |g| as a 1-D tensor (one value per matrix [..., A, B] when `per_matrix`), NaN where g holds a NaN: the
     inf norm, exactly, from min and max (vectorized passes; linalg.vector_norm(ord=inf) is ~10x slower on CPU)."""
@@ -288,7 +301,7 @@ def orthogonal_update(x: torch.Tensor, group: dict, stats: StepStats | None = No
                       ) -> tuple[torch.Tensor, float | torch.Tensor]:
     """(O, s): O = NS(x) of whole matrices and the update scale s (a tensor, one per matrix, for update_norm)."""
     o = orthogonalize(x, group, stats, overwrite_input)
-    return o, update_scale(group["scale_mode"], x.shape, o, group["scale_hidden_size"])
+    return o, update_scale(group["scale_mode"], x.shape, o, group["scale_hidden_size"], group["update_rms"])
 
 
 def ns_input_buffer(weight: torch.Tensor, group: dict) -> torch.Tensor:
@@ -343,6 +356,8 @@ def validate_group(group: dict) -> None:
     check(group["ns_eps"] > 0, "ns_eps", "must be > 0")
     check(group["ns_method"] in NS_METHODS, "ns_method", f"must be one of {NS_METHODS}")
     check(group["scale_mode"] in SCALE_MODES, "scale_mode", f"must be one of {SCALE_MODES}")
+    check(isinstance(group["update_rms"], (int, float)) and 0 < group["update_rms"] <= 10, "update_rms",
+          "must be a number in (0, 10] (the paper's 0.2)")
     if group["scale_mode"] == "baseline":
         check(isinstance(group["scale_hidden_size"], int) and group["scale_hidden_size"] > 0, "scale_hidden_size",
               "must be the model's hidden size H (a positive int) for scale_mode='baseline'")

@@ -34,27 +34,29 @@ def momentum_step(buf: torch.Tensor, grad: torch.Tensor, momentum: float, nester
 
 
 def update_scale(mode: str, shape: torch.Size | tuple[int, ...], orthogonal: torch.Tensor | None = None,
-                 hidden_size: int | None = None) -> float | torch.Tensor:
+                 hidden_size: int | None = None, update_rms: float = 0.2) -> float | torch.Tensor:
     """s in W ← W − η(s·O + λW) for matrices of shape [..., A, B] (A, B = each matrix's own dims).
 
-    moonlight 0.2·sqrt(max(A, B)) (Eq. 4/7); keller sqrt(max(1, A/B)); update_norm 0.2/RMS(O) per matrix (Eq. 6);
-    baseline 0.2·sqrt(H) (Eq. 5); none 1.
+    With r = `update_rms` (the paper's 0.2, AdamW's typical update RMS; App. A Table 8 sweeps 0.05 … 0.8):
+    moonlight r·sqrt(max(A, B)) (Eq. 4/7: an orthogonal A×B matrix has RMS 1/sqrt(max(A, B)), so the update's
+    RMS is r); update_norm r/RMS(O) per matrix (Eq. 6); baseline r·sqrt(H) (Eq. 5); keller sqrt(max(1, A/B)) and
+    none 1 ignore r.
     """
     a, b = shape[-2], shape[-1]
     if mode == "moonlight":
-        return 0.2 * math.sqrt(max(a, b))
+        return update_rms * math.sqrt(max(a, b))
     if mode == "keller":
         return math.sqrt(max(1.0, a / b))
     if mode == "baseline":
         if hidden_size is None:
             raise ValueError("scale_mode='baseline' needs scale_hidden_size (the model's hidden size H)")
-        return 0.2 * math.sqrt(hidden_size)
+        return update_rms * math.sqrt(hidden_size)
     if mode == "none":
         return 1.0
     if mode == "update_norm":
         o = orthogonal.float()
         rms = o.square().mean(dim=(-2, -1), keepdim=True).sqrt()
-        return 0.2 / rms.clamp(min=1e-12)
+        return update_rms / rms.clamp(min=1e-12)
     raise ValueError(f"scale_mode={mode!r} is unknown; choose one of {SCALE_MODES}")
 
 
