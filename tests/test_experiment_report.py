@@ -108,3 +108,20 @@ def test_a_run_trained_with_another_config_is_not_taken_for_the_point(tmp_path):
     fresh = ExperimentRunner(spec, RunnerOptions(work_dir=tmp_path / "work", tracking_uri=uri, new=True))
     with pytest.raises(SpecError, match="--new needs a fresh work directory"):
         fresh.run()
+
+
+def test_each_store_s_parent_gets_the_spec_even_when_the_work_dir_already_holds_it(tmp_path):
+    """`crescent experiment report` reads the spec from the parent's artifact: a `plan` against another store that
+    wrote spec.yaml into the same work directory first must not keep the real store's parent from getting it."""
+    from app.experiments.runner import ExperimentRunner, RunnerOptions
+
+    spec = load_spec("scaling", "cpu")
+    work = tmp_path / "work"
+    ids = []
+    for store in ("other", "real"):
+        runner = ExperimentRunner(spec, RunnerOptions(work_dir=work, tracking_uri=f"sqlite:///{tmp_path}/{store}.db"))
+        exp = runner.open()
+        assert [a.path for a in exp.client.list_artifacts(exp.parent_id)] == ["spec.yaml"], store
+        ids.append(exp.parent_id)
+    local = exp.client.download_artifacts(ids[1], "spec.yaml", str(tmp_path))
+    assert open(local).read() == spec.source

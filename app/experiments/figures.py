@@ -7,7 +7,7 @@ import math
 
 import numpy as np
 from matplotlib.figure import Figure
-from matplotlib.ticker import EngFormatter
+from matplotlib.ticker import EngFormatter, FormatStrFormatter
 
 
 def mean_curve(curves: list[list[tuple[float, float]]]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -106,6 +106,8 @@ def scaling_figure(points: dict[str, list[tuple[float, float, float]]], fits: di
     ax.set_yscale("log")
     ax.set_xlabel("training FLOPs (C)")
     ax.set_ylabel("final val loss")
+    for axis_format in (ax.yaxis.set_major_formatter, ax.yaxis.set_minor_formatter):  # 4.2, not 4.2×10⁰
+        axis_format(FormatStrFormatter("%.1f"))
     if ratio_text:
         ax.set_title(ratio_text, fontsize=9)
     ax.grid(alpha=0.3, which="both")

@@ -87,7 +87,9 @@ class ExperimentRunner:
                         "seeds": ",".join(map(str, spec.seeds))})
             self.work_dir.mkdir(parents=True, exist_ok=True)
             spec_file = self.work_dir / "spec.yaml"
-            if spec.source and not spec_file.exists():
+            # The parent's own artifacts decide (not the work directory: another store's parent may have left
+            # the file there): `crescent experiment report` reads the spec from this artifact.
+            if spec.source and not tracking.has_artifact(self.exp, spec_file.name):
                 spec_file.write_text(spec.source)
                 tracking.log_artifact_files(self.exp, [str(spec_file)])
         return self.exp

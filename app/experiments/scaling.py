@@ -64,7 +64,7 @@ def scaling(data: ReportData) -> Analysis:
         out.notes += [f"compute ratio at equal loss (from the fits, at the largest C): {t}" for t in ratio_text]
         out.notes.append("the paper: Muon 2.506·C^−0.052, AdamW 2.608·C^−0.054 (C in PF-days), 0.519× FLOPs")
     if points and any(points.values()):
-        out.figures["scaling_law.png"] = figures.scaling_figure(points, fits, "; ".join(ratio_text) or None)
+        out.figures["scaling_law.png"] = figures.scaling_figure(points, fits, "\n".join(ratio_text) or None)
     _tokens_equivalent(data, cfg, roles, out)
     return out
 

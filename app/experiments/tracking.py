@@ -160,6 +160,10 @@ def failures(exp: Experiment) -> dict[str, str]:
     return {k[len(FAILED_PREFIX):]: v for k, v in tags.items() if k.startswith(FAILED_PREFIX)}
 
 
+def has_artifact(exp: Experiment, path: str) -> bool:
+    return any(a.path == path for a in exp.client.list_artifacts(exp.parent_id))
+
+
 def log_artifact_files(exp: Experiment, paths: list[str], artifact_path: str | None = None) -> None:
     for path in paths:
         if os.path.exists(path):
