@@ -126,8 +126,25 @@ def test_the_runner_writes_a_complete_schedule_for_each_budget():
     ([{"name": "a", "overrides": {}}], {}, "give exactly one of sweep (its own lr sweep) and lr_from"),
     ([sweep_arm(), {"name": "b", "lr_from": "nope"}], {}, "lr_from='nope' must name another arm"),
     ([sweep_arm(unknown=1)], {}, "unknown key(s) ['unknown']"),
+    ([sweep_arm(), sweep_arm("ft", init_from="a", epochs=0.5)], {}, "epochs=0.5 must be a number > 0, on an arm "
+     "with keep_schedule"),
+    ([sweep_arm(), sweep_arm("ft", init_from="a", keep_schedule=True, epochs=0)], {}, "epochs=0 must be a number > 0"),
 ])
 def test_spec_rules(arms, top, message):
     with pytest.raises(SpecError) as err:
         spec(arms, **top)
     assert message in str(err.value)
+
+
+def test_a_fine_tuning_arm_s_epochs_set_its_config_s_own_epoch_schedule(tmp_path):
+    from app.experiments.configs import point_config
+    from app.experiments.plan import Point
+
+    arms = [sweep_arm("pre"), sweep_arm("ft", init_from="pre", keep_schedule=True, epochs=0.4, config="sft-tiny-cpu"),
+            sweep_arm("ft-pre", init_from="pre", keep_schedule=True, epochs=0.4)]
+    s = spec(arms)
+    ft = point_config(s, Point("all", "ft", 1.0, 0, 1.0, "all__pre__lr1__s0"), tmp_path, "sqlite:///x.db", "e", {})
+    assert ft.config["model"]["schedule"]["epochs"] == 0.4  # sft-tiny-cpu's 2 epochs, shortened; lr still to 0
+    assert ft.config["model"]["schedule"]["lr_end"] == 0.0
+    with pytest.raises(SpecError, match="arm 'ft-pre': epochs=0.4 needs an epoch schedule in its config"):
+        point_config(s, Point("all", "ft-pre", 1.0, 0, 1.0, "all__pre__lr1__s0"), tmp_path, "sqlite:///x.db", "e", {})

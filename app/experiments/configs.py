@@ -162,6 +162,12 @@ def point_config(spec: ExperimentSpec, point: Point, run_dir: Path, tracking_uri
            "tags": dict(tags), "progress_bar": False, "resume": "auto", "keep_last": 1}
     if arm.keep_schedule:  # fine-tuning: the config's own (epoch) schedule and cadences; complete = FINISHED
         tokens = steps = 0
+        if arm.epochs is not None:
+            schedule = get_dotted(config, "model.schedule", None)
+            if not (isinstance(schedule, dict) and "epochs" in schedule):
+                raise SpecError(f"arm {arm.name!r}: epochs={arm.epochs:g} needs an epoch schedule in its config "
+                                f"(model.schedule with `epochs`), got model.schedule={schedule!r}")
+            set_dotted(config, "model.schedule.epochs", arm.epochs)
     else:
         tokens = point_tokens(spec, point, config)
         set_dotted(config, "model.schedule", template_schedule(spec.schedule, tokens))

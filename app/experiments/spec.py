@@ -12,7 +12,8 @@ two CPU cores within the spec's `budget_minutes`; `gpu`: one GPU with the `small
     seeds                              >= 2; the first is used for the lr sweep, all at the selected lr
     groups                             the outer axis (model sizes); each may set overrides and tokens
     arms                               what is compared: overrides, an lr `sweep` (or `lr_from` another arm),
-                                       `budgets` (token multipliers), `init_from` (fine-tune another arm's export),
+                                       `budgets` (token multipliers), `init_from` (fine-tune another arm's export;
+                                       `keep_schedule`: with the config's own epoch schedule, `epochs` of it),
                                        `requires` (config keys `crescent train` must accept, else reported as waiting)
     measure                            measurements taken from the exports after each run (app/experiments/measure)
     exports / evals                    exports (and validation passes) spread over each run, for curves over tokens
@@ -78,6 +79,7 @@ class Arm:
     config: str | None = None
     label: str | None = None
     keep_schedule: bool = False  # fine-tuning: the config's own (epoch) schedule instead of the template
+    epochs: float | None = None  # with keep_schedule: that schedule over this many epochs (still complete)
     measure: tuple[str, ...] | None = None  # this arm's measurements (default: the spec's)
 
     def applies_to(self, group: str) -> bool:
@@ -154,7 +156,8 @@ class ExperimentSpec:
 def _signature(arm: Arm) -> str:
     import json
 
-    return json.dumps([arm.overrides, arm.config, arm.init_from, arm.keep_schedule], sort_keys=True, default=str)
+    return json.dumps([arm.overrides, arm.config, arm.init_from, arm.keep_schedule, arm.epochs], sort_keys=True,
+                      default=str)
 
 
 def spec_path(name_or_path: str) -> Path:
@@ -306,7 +309,7 @@ def _group(raw, where: str) -> Group:
 
 
 _ARM_KEYS = {"name", "overrides", "sweep", "lr_from", "init_from", "seeds", "budgets", "groups", "requires", "config",
-             "label", "keep_schedule", "measure"}
+             "label", "keep_schedule", "epochs", "measure"}
 
 
 def _arm(raw, where: str) -> Arm:
@@ -339,6 +342,11 @@ def _arm(raw, where: str) -> Arm:
         raise SpecError(f"{where}: requires={requires!r} must be a list of dotted config keys")
     if raw.get("keep_schedule") and not raw.get("init_from"):
         raise SpecError(f"{where}: keep_schedule is for fine-tuning arms (with init_from) only")
+    epochs = raw.get("epochs")
+    if epochs is not None and (not raw.get("keep_schedule") or isinstance(epochs, bool)
+                               or not isinstance(epochs, int | float) or not epochs > 0):
+        raise SpecError(f"{where}: epochs={epochs!r} must be a number > 0, on an arm with keep_schedule (it sets the "
+                        "epochs of the config's own epoch schedule)")
     measure = raw.get("measure")
     if measure is not None:
         bad = [m for m in measure if m not in MEASUREMENTS] if isinstance(measure, list) else [measure]
@@ -349,7 +357,7 @@ def _arm(raw, where: str) -> Arm:
                lr_from=raw.get("lr_from"), init_from=raw.get("init_from"), seeds=seeds, budgets=budgets,
                groups=tuple(groups) if groups is not None else None, requires=tuple(requires),
                config=raw.get("config"), label=raw.get("label"), keep_schedule=bool(raw.get("keep_schedule")),
-               measure=measure)
+               epochs=float(epochs) if epochs is not None else None, measure=measure)
 
 
 def _sweep(raw, where: str) -> Sweep:
