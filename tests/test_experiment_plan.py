@@ -136,14 +136,17 @@ def test_spec_rules(arms, top, message):
     assert message in str(err.value)
 
 
-def test_a_fine_tuning_arm_s_epochs_set_its_config_s_own_epoch_schedule(tmp_path):
+def test_a_fine_tuning_point_starts_from_its_export_with_its_arm_s_epochs(tmp_path):
     from app.experiments.configs import point_config
     from app.experiments.plan import Point
 
     arms = [sweep_arm("pre"), sweep_arm("ft", init_from="pre", keep_schedule=True, epochs=0.4, config="sft-tiny-cpu"),
             sweep_arm("ft-pre", init_from="pre", keep_schedule=True, epochs=0.4)]
     s = spec(arms)
-    ft = point_config(s, Point("all", "ft", 1.0, 0, 1.0, "all__pre__lr1__s0"), tmp_path, "sqlite:///x.db", "e", {})
+    ft = point_config(s, Point("all", "ft", 1.0, 0, 1.0, "all__pre__lr1__s0"), tmp_path, "sqlite:///x.db", "e", {},
+                      init_export="/exports/step-00000010")
+    assert ft.fingerprint  # reading it (as the runner does before training) must leave the config whole
+    assert ft.config["model"]["init_from"] == "/exports/step-00000010"
     assert ft.config["model"]["schedule"]["epochs"] == 0.4  # sft-tiny-cpu's 2 epochs, shortened; lr still to 0
     assert ft.config["model"]["schedule"]["lr_end"] == 0.0
     with pytest.raises(SpecError, match="arm 'ft-pre': epochs=0.4 needs an epoch schedule in its config"):

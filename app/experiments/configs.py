@@ -148,7 +148,7 @@ class PointConfig:
         import hashlib
         import json
 
-        training = {k: v for k, v in self.config.items() if k != "run"}
+        training = copy.deepcopy({k: v for k, v in self.config.items() if k != "run"})  # the config stays whole
         training.get("model", {}).pop("init_from", None)
         return hashlib.sha256(json.dumps(training, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
