@@ -8,7 +8,7 @@ tokens over the tokens AdamW needs for Muon's final loss). Both for Muon at its 
 are the paper's protocol (Muon at AdamW's lr). Last line: `muon_tokens_to_match_adamw: X`.
 
 Tracking store: MLFLOW_TRACKING_URI, else sqlite:///mlruns.db (as `crescent experiment`); work directory
-runs/experiments/scaling-cpu. About an hour on 2 idle cores.
+runs/experiments/scaling-cpu. Measured: 56 points, 35 minutes on 2 idle cores.
 """
 from __future__ import annotations
 
