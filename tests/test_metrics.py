@@ -1,5 +1,6 @@
 """Metric math: SVD entropy, expert load statistics, the routing-bias update rule."""
 import math
+from collections import Counter
 
 import pytest
 import torch
@@ -85,9 +86,7 @@ def test_every_per_matrix_svd_measure_maps_back_to_its_paper_group():
 
     model = build_model(get_preset("tiny"), seed=0)
     measures = svd_entropy_by_matrix(model, experts_per_layer=2)
-    by_group: dict[str, int] = {}
-    for key in measures:
-        by_group[svd_matrix_group(key)] = by_group.get(svd_matrix_group(key), 0) + 1
+    by_group = Counter(svd_matrix_group(key) for key in measures)
     assert None not in by_group
     expert_params = [n for n, p in model.named_parameters() if p.ndim == 3 and group_of(n) == "Experts"]
     assert expert_params and by_group["Experts"] == 2 * len(expert_params)
