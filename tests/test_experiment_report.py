@@ -3,6 +3,7 @@ numbers those losses imply (compute ratio at equal loss from L = a·C^b, tokens-
 tables and the figures, logged onto the parent run; and the spread wording."""
 from __future__ import annotations
 
+import csv
 import math
 
 import pytest
@@ -125,3 +126,46 @@ def test_each_store_s_parent_gets_the_spec_even_when_the_work_dir_already_holds_
         ids.append(exp.parent_id)
     local = exp.client.download_artifacts(ids[1], "spec.yaml", str(tmp_path))
     assert open(local).read() == spec.source
+
+
+def test_update_rms_table8_at_one_lr_reads_every_rms_at_the_reference_lr(tmp_path):
+    """The paper's Table 8 holds the lr fixed while r varies: the table reads each Muon r arm at the reference
+    arm's selected lr_scale, whatever that arm selected for itself, and AdamW at its own selected lr."""
+    spec = load_spec("update-rms", "cpu")
+    exp = tracking.find_or_create_parent(f"sqlite:///{tmp_path}/mlflow.db", "crescent-experiments", spec.name,
+                                         spec.size, "test")
+    best_lr = {"adjusted-lr": 2.0, "t8-adamw": 1.0, "rms-0.05": 8.0}  # the rest: 1.0 (inside the first sweep)
+    r_of = {"rms-0.05": 0.05, "rms-0.1": 0.1, "rms-0.2": 0.2, "rms-0.4": 0.4, "rms-0.8": 0.8}
+
+    def loss(point) -> float:
+        # At each arm's best lr, loss = 4 + |log2(r / 0.2)| / 10: the paper's shape, lowest at r = 0.2.
+        shape = abs(math.log2(r_of.get(point.arm, 0.2) / 0.2)) / 10 + (0.3 if point.arm == "t8-adamw" else 0)
+        return 4.0 + shape + 0.05 * abs(math.log2(point.lr_scale / best_lr.get(point.arm, 1.0))) \
+            + SEED_OFFSET[point.seed]
+
+    outcomes: dict[str, Outcome] = {}
+    while todo := plan(spec, outcomes).todo:
+        for point in todo:
+            _, tokens = _flops(spec, point)
+            run = exp.client.create_run(exp.experiment_id, run_name=point.id, tags={
+                tracking.PARENT_TAG: exp.parent_id, tracking.POINT: point.id, "crescent.arm": point.arm,
+                "crescent.tokens": str(tokens), tracking.MEASURED: "done"})
+            value = loss(point)
+            exp.client.log_batch(run.info.run_id, metrics=[
+                Metric("train/tokens", float(tokens), 0, 1), Metric("val/loss", value, 1, 1),
+                Metric("train/loss", value - 0.3, 1, 1), Metric("measure/attn_q_rms", point.lr_scale / 100, 1, 1),
+                Metric("measure/mlp_up_rms", point.lr_scale / 50, 1, 1)], synchronous=True)
+            exp.client.set_terminated(run.info.run_id, "FINISHED")
+            outcomes[point.id] = Outcome(True, value)
+    out = build_report(exp, spec, tmp_path / "report")
+    metrics = exp.client.get_run(exp.parent_id).data.metrics
+    with open(out / "table8_at_reference_lr.csv", newline="") as f:
+        by_arm = {row[1]: row for row in list(csv.reader(f))[1:]}
+    assert by_arm["rms-0.05"][2] == "2" and by_arm["rms-0.8"][2] == "2"  # the reference's lr, not their own
+    assert by_arm["t8-adamw"][2] == "1 (its own)"
+    for arm, r in r_of.items():  # seed 0 only: no r arm selected the reference's lr
+        expected = 4.0 + abs(math.log2(r / 0.2)) / 10 + 0.05 * abs(math.log2(2.0 / best_lr.get(arm, 1.0)))
+        assert metrics[f"val_loss_at_reference_lr/{arm.replace('-', '_')}"] == pytest.approx(
+            expected + SEED_OFFSET[0], abs=1e-9), arm
+    assert by_arm["rms-0.05"][6] == f"{0.04:.2e} (1 seed)"  # MLP RMS at lr_scale 2, seed 0
+    assert (out / "table8_at_reference_lr_val_loss.png").stat().st_size > 0

@@ -66,6 +66,7 @@ def update_rms(data: ReportData) -> Analysis:
                     labels, means, spreads, f"{table}: final val loss (this scale) and the paper's", "val loss",
                     paper_vals)
     ref = cfg.get("reference")
+    _table8_at_reference_lr(data, out)
     for arm in cfg.get("table1", []) + cfg.get("table8", []):
         if ref and arm != ref:
             out.notes.append(compare_text(data.label(arm), data.stat(group, arm), data.label(ref),
@@ -82,6 +83,46 @@ def update_rms(data: ReportData) -> Analysis:
             if m.values:
                 out.metrics[f"mlp_up_rms/{key}"] = m.mean
     return out
+
+
+def _table8_at_reference_lr(data: ReportData, out: Analysis) -> None:
+    """Table 8 as the paper ran it: one lr for every update RMS r (the reference arm's selected lr_scale), so r
+    changes the step size; AdamW (another optimizer) keeps its own selected lr. The per-arm sweeps above let lr
+    absorb part of r (the update is lr·r·√max(A, B)·O; only the weight decay, lr·λ, tells them apart)."""
+    group = _only_group(data)
+    cfg = data.spec.analysis
+    ref_sel = data.plan.selections.get((group, cfg.get("reference")))
+    if not cfg.get("table8") or ref_sel is None or not ref_sel.lr_scale:
+        return
+    base = data.spec.overrides.get("model.optimizer")
+    paper = data.spec.paper_numbers.get("table8", {})
+    header = ["method", "arm", "lr_scale", "train loss", "val loss", "attn q W RMS [H,H]", "MLP up W RMS [H,4H]",
+              "paper val", "paper q RMS", "paper MLP RMS"]
+    rows, labels, means, spreads, paper_vals = [], [], [], [], []
+    for arm in cfg["table8"]:
+        optimizer = data.spec.arm(arm).overrides.get("model.optimizer", base)
+        sel = data.plan.selections.get((group, arm))
+        lr = ref_sel.lr_scale if optimizer == base else (sel.lr_scale if sel else None)
+        if not lr:
+            continue
+        val = data.stat(group, arm, lr_scale=lr)
+        p = paper.get(arm, {})
+        rows.append([data.label(arm), arm, f"{lr:g}" + ("" if optimizer == base else " (its own)"),
+                     data.stat(group, arm, "train_loss", lr_scale=lr).fmt(), val.fmt(),
+                     data.stat(group, arm, "measure/attn_q_rms", lr_scale=lr).fmt(3, True),
+                     data.stat(group, arm, "measure/mlp_up_rms", lr_scale=lr).fmt(3, True),
+                     _paper(p.get("val")), _paper(p.get("attn_q_rms"), True), _paper(p.get("mlp_rms"), True)])
+        labels.append(data.label(arm))
+        means.append(val.mean)
+        spreads.append(val.spread)
+        paper_vals.append(p.get("val"))
+        if val.values:
+            out.metrics[f"val_loss_at_reference_lr/{arm.replace('-', '_')}"] = val.mean
+    out.tables["table8_at_reference_lr"] = (header, rows)
+    if any(math.isfinite(m) for m in means):
+        out.figures["table8_at_reference_lr_val_loss.png"] = figures.bars_figure(
+            labels, means, spreads, f"table8 at one lr (lr_scale {ref_sel.lr_scale:g}): final val loss and the "
+            "paper's", "val loss", paper_vals)
 
 
 # ---------------------------------------------------------------------------------------------- Fig. 2

@@ -126,9 +126,19 @@ class ReportData:
         return [r for r in self.rows.values() if r.point.group == group and r.point.arm == run_arm
                 and r.point.lr_scale == sel.lr_scale and r.point.budget == budget and r.status == "finished"]
 
-    def stat(self, group: str, arm: str, key: str = "val_loss", budget: float = 1.0) -> Stats:
+    def rows_at(self, group: str, arm: str, lr_scale: float, budget: float = 1.0) -> list[PointRow]:
+        """The finished points of `arm` at one lr_scale (every seed run there), whatever the arm selected."""
+        run_arm = self.spec.run_arm(arm)
+        return [r for r in self.rows.values() if r.point.group == group and r.point.arm == run_arm
+                and r.point.lr_scale == lr_scale and r.point.budget == budget and r.status == "finished"]
+
+    def stat(self, group: str, arm: str, key: str = "val_loss", budget: float = 1.0,
+             lr_scale: float | None = None) -> Stats:
+        """`key` over the seeds at the arm's selected lr (or at `lr_scale`)."""
         values = []
-        for r in self.selected_rows(group, arm, budget):
+        rows = self.selected_rows(group, arm, budget) if lr_scale is None else self.rows_at(group, arm, lr_scale,
+                                                                                             budget)
+        for r in rows:
             v = getattr(r, key) if key in ("val_loss", "train_loss") else r.metrics.get(key, math.nan)
             if v is not None and math.isfinite(v):
                 values.append(float(v))
