@@ -154,3 +154,18 @@ def test_a_run_is_not_marked_finished_while_its_metrics_wait_in_the_journal(stor
     second.finalize("success")
     assert client.get_run(first.run_id).info.status == "FINISHED", second.stats()
     assert _history(store, first.run_id, "train/loss") == [(s, float(s)) for s in range(0, 2001)]
+
+
+def test_a_continued_run_gives_no_partial_history_before_its_run_is_found(tmp_path):
+    # A run continued from a checkpoint (state_dict's run key) whose store cannot be reached yet: its earlier
+    # segments are out of reach, so the history is None (the plots skip), not this process's metrics alone.
+    logger = CrescentMLflowLogger(tracking_uri=_dead_uri(), spool_dir=str(tmp_path), poll_interval_s=3600)
+    logger.load_state_dict({"run_id": None, "run_key": "continued"}, resume_step=4)
+    logger.log_metrics({"train/loss": 2.5}, step=5)
+    assert logger.metric_history(("train/",), timeout=0.2) is None
+    logger.finalize("killed", timeout=0)
+    # A new run has nothing in the store before its first metric: what it logged is its whole history.
+    fresh = CrescentMLflowLogger(tracking_uri=_dead_uri(), spool_dir=str(tmp_path / "fresh"), poll_interval_s=3600)
+    fresh.log_metrics({"train/loss": 2.5}, step=1)
+    assert fresh.metric_history(("train/",)) == {"train/loss": {1: 2.5}}
+    fresh.finalize("killed", timeout=0)

@@ -35,13 +35,15 @@ class TrainingPlots(pl.Callback):
             self.log_plots(trainer, pl_module)
 
     def on_train_end(self, trainer, pl_module) -> None:
-        self.log_plots(trainer, pl_module)  # preempted too: what the run has so far
+        self.log_plots(trainer, pl_module, wait_s=30.0)  # preempted too: what the run has so far
 
-    def log_plots(self, trainer, pl_module) -> None:
+    def log_plots(self, trainer, pl_module, wait_s: float = 0.0) -> None:
+        """`wait_s`: how long to wait for a continued run to be found in the store (the last plots wait; the
+        periodic ones skip a turn instead of blocking training)."""
         logger = mlflow_logger(trainer.loggers)
         if not trainer.is_global_zero or logger is None:
             return
-        history = logger.metric_history(PLOTTED)
+        history = logger.metric_history(PLOTTED, timeout=wait_s)
         if history is None:  # the store is unreachable: skip rather than log a partial picture
             return
         figures = plots.training_figures(history, pl_module.schedule.boundaries())

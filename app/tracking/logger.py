@@ -291,13 +291,21 @@ class CrescentMLflowLogger(StagedArtifacts, Logger):
         except OSError:
             pass
 
-    def metric_history(self, prefixes: tuple[str, ...] = ("",)) -> dict[str, dict[int, float]] | None:
+    def metric_history(self, prefixes: tuple[str, ...] = ("",), timeout: float = 0.0
+                       ) -> dict[str, dict[int, float]] | None:
         """{key: {step: value}} of this run's metrics under ``prefixes``: what reached the tracking store plus
         what still waits in the spool and the queue (logged before this call), so it covers the whole run across
-        resumes and outages. None when the store cannot be read now (the server is down): no partial history."""
+        resumes and outages. None when the store cannot be read now (the server is down): no partial history.
+
+        A run that continues an earlier one (a run key or id from a checkpoint) has history in the store only
+        once the delivery thread has found it: this waits up to ``timeout`` s for that, then gives None."""
         delivery = self._delivery
         pending = delivery.pending_records() if delivery is not None else []  # first: it may move to the store
         run_id = self.wait_for_run_id(timeout=0.0) if delivery is not None else self._given_run_id
+        if run_id is None and delivery is not None and (self._run_key_given or self._given_run_id):
+            run_id = self.wait_for_run_id(timeout=timeout)
+            if run_id is None:  # the earlier segments are in the store, out of reach yet: not a partial picture
+                return None
         history: dict[str, dict[int, float]] = {}
         if run_id is not None:
             try:
