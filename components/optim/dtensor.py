@@ -131,9 +131,9 @@ class DTensorMuon(Muon):
             offsets[src] += n
             scale = 1.0 if by_norm else update_scale(group["scale_mode"], block_shape(p.shape, heads[p]), None,
                                                      group["scale_hidden_size"], group["update_rms"])
-            apply_orthogonal(w, piece, scale, group["lr"], group["weight_decay"])
-            if self.telemetry:
-                stats.add(key, piece, w, scale)
+            squares = apply_orthogonal(w, piece, scale, group["lr"], group["weight_decay"], squares=self.telemetry)
+            if squares is not None:
+                stats.add_squares(key, squares[0], piece.numel(), squares[1], w.numel())
 
 
 def row_blocks(rows: int, world_size: int) -> list[tuple[int, int]]:

@@ -158,11 +158,11 @@ class Muon(torch.optim.Optimizer):
             exp_avgs.append(local(state["exp_avg"]))
             exp_avg_sqs.append(local(state["exp_avg_sq"]))
             steps.append(float(state["step"]))
-        updates = adamw_step(params, grads, exp_avgs, exp_avg_sqs, steps, group["lr"], group["weight_decay"],
+        squares = adamw_step(params, grads, exp_avgs, exp_avg_sqs, steps, group["lr"], group["weight_decay"],
                              group["adamw_betas"], group["adamw_eps"], want_update=self.telemetry)
         if self.telemetry:
-            for u, p in zip(updates, params):
-                stats.add(group_key(group), u, p)
+            n = sum(p.numel() for p in params)
+            stats.add_squares(group_key(group), squares[0].sum(), n, squares[1].sum(), n)
 
     # ----------------------------------------------------------------------------------------- gradient summary
     def _grad_codes(self) -> dict[torch.Tensor, torch.Tensor]:
@@ -287,11 +287,12 @@ def muon_matrix_step(weight: torch.Tensor, grad: torch.Tensor, momentum_buffer: 
     if not x.numel():  # a rank that holds no matrix of this stack
         return
     o, scale = orthogonal_update(x, group, stats, overwrite_input=True)
-    apply_orthogonal(weight, o, scale, group["lr"], group["weight_decay"], keep)
+    squares = apply_orthogonal(weight, o, scale, group["lr"], group["weight_decay"], keep,
+                               squares=telemetry and keep is None)
     if not telemetry:
         return
-    if keep is None:
-        stats.add(group_key(group), o, weight, scale)
+    if squares is not None:
+        stats.add_squares(group_key(group), squares[0], o.numel(), squares[1], weight.numel())
     else:
         rows = active.to(weight.device).view(weight.shape[:-2])
         stats.add(group_key(group), o[rows], weight, scale[rows] if isinstance(scale, torch.Tensor) else scale)

@@ -8,6 +8,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from components.optim.update import block_size, blocks, square_sum
+
 
 class StepStats:
     def __init__(self) -> None:
@@ -23,16 +25,19 @@ class StepStats:
 
     def add(self, key: str, update: torch.Tensor, weight: torch.Tensor, scale: float | torch.Tensor = 1.0) -> None:
         """Accumulate ||scale·update||² and ||weight||² (scale: a number or one per matrix, broadcastable)."""
-        sums = self._sums.setdefault(key, [torch.zeros((), device=update.device)] * 2)
+        size = block_size(update.device)  # a bf16 update is read in blocks: no whole-tensor fp32 copy on CPU
+        update_sq = torch.stack([square_sum(u, s) for u, s in blocks(update, scale, size=size)]).sum()
+        self.add_squares(key, update_sq, update.numel(), square_sum(weight), weight.numel())
+
+    def add_squares(self, key: str, update_sq: torch.Tensor, update_numel: int, weight_sq: torch.Tensor,
+                    weight_numel: int) -> None:
+        """Accumulate sums already taken: ||update||² over `update_numel` elements, ||weight||² over `weight_numel`."""
+        sums = self._sums.setdefault(key, [torch.zeros((), device=update_sq.device)] * 2)
         counts = self._counts.setdefault(key, [0.0, 0.0])
-        if isinstance(scale, torch.Tensor):
-            update_sq = (update.float() * scale).square().sum()
-        else:
-            update_sq = torch.linalg.vector_norm(update, dtype=torch.float32).square() * (scale * scale)
         sums[0] = sums[0] + update_sq.to(sums[0].device)
-        sums[1] = sums[1] + torch.linalg.vector_norm(weight, dtype=torch.float32).square().to(sums[1].device)
-        counts[0] += update.numel()
-        counts[1] += weight.numel()
+        sums[1] = sums[1] + weight_sq.to(sums[1].device)
+        counts[0] += update_numel
+        counts[1] += weight_numel
 
     def finish(self, process_group=None, distributed: bool = False, extra: dict | None = None) -> dict[str, float]:
         """Reduce (sum over ranks when `distributed`) and return {'<group>/update_rms', '<group>/weight_rms', ...}."""

@@ -15,6 +15,45 @@ import math
 import torch
 
 SCALE_MODES = ("moonlight", "keller", "update_norm", "baseline", "none")
+# On CPU the elementwise chains run block by block, BLOCK_ELEMENTS elements at a time: a mixed-dtype op there
+# (fp32 weight += bf16 O) first converts its operand into a temporary, and whole-tensor temporaries of hundreds of
+# MB come from fresh, page-faulted memory every step and push the chain's operands out of cache; a block's
+# temporaries are small and reused, and its whole chain runs while it is in cache (bench/optimizer_step.py). CUDA
+# runs each op on whole tensors (its allocator caches; one launch per op).
+BLOCK_ELEMENTS = 1 << 18
+
+
+def block_size(device: torch.device) -> int | None:
+    """Elements per block of the elementwise chains on `device`; None: whole tensors."""
+    return BLOCK_ELEMENTS if device.type == "cpu" else None
+
+
+def blocks(*tensors, size: int | None = BLOCK_ELEMENTS) -> list[tuple]:
+    """Matching views of `tensors`, covering them exactly, at most ~`size` elements each; elementwise ops on the
+    views write into the tensors. The first tensor sets the shape; the others have its shape or (for [..., A, B])
+    one value per matrix ([..., 1, 1], e.g. a keep mask or a per-matrix scale); non-tensors (None, a float) pass
+    through. 1-D: flat pieces. [..., A, B] (any strides, e.g. the transposed NS buffers): row ranges of each
+    matrix. One block, the tensors themselves, when `size` is None, the first is small, or a view cannot be made.
+    """
+    first = tensors[0]
+    if size is None or first.numel() <= size:
+        return [tensors]
+    if first.ndim == 1:
+        pieces = [t.split(size) if isinstance(t, torch.Tensor) else None for t in tensors]
+        n = len(pieces[0])
+        return [tuple(t[i] if t is not None else x for t, x in zip(pieces, tensors)) for i in range(n)]
+    rows, cols = first.shape[-2:]
+    try:
+        views = [t.view(-1, *t.shape[-2:]) if isinstance(t, torch.Tensor) else t for t in tensors]
+    except RuntimeError:  # not viewable as [N, A, B] without a copy
+        return [tensors]
+    step = max(1, size // cols)
+    out = []
+    for n in range(views[0].shape[0]):
+        for r in range(0, rows, step):
+            out.append(tuple(v if not isinstance(v, torch.Tensor) else v[n, r:r + step] if v.shape[-2] == rows
+                             else v[n] for v in views))
+    return out
 
 
 def momentum_step(buf: torch.Tensor, grad: torch.Tensor, momentum: float, nesterov: bool,
@@ -22,15 +61,21 @@ def momentum_step(buf: torch.Tensor, grad: torch.Tensor, momentum: float, nester
     """M ← μM + g in place; returns the NS input (μM + g with Nesterov, else M): a new tensor, or `out` filled
     (any dtype and layout: the NS input can be written straight in the NS dtype and orientation, one pass).
 
-    `keep` (bool, broadcastable) marks elements whose matrix got no gradient: their momentum stays as it was.
+    `keep` (bool, buf's shape or one per matrix) marks elements whose matrix got no gradient: their momentum
+    stays as it was. Runs block by block on CPU (`blocks`).
     """
-    if keep is None:
-        buf.mul_(momentum).add_(grad)
-    else:
-        buf.copy_(torch.where(keep, buf, buf * momentum + grad))
-    if nesterov:
-        return grad.add(buf, alpha=momentum) if out is None else torch.add(grad, buf, alpha=momentum, out=out)
-    return buf.clone() if out is None else out.copy_(buf)
+    if out is None:
+        out = torch.empty_like(buf)
+    for b, g, k, o in blocks(buf, grad, keep, out, size=block_size(buf.device)):
+        if k is None:
+            b.mul_(momentum).add_(g)
+        else:
+            b.copy_(torch.where(k, b, b * momentum + g))
+        if nesterov:
+            torch.add(g, b, alpha=momentum, out=o)
+        else:
+            o.copy_(b)
+    return out
 
 
 def update_scale(mode: str, shape: torch.Size | tuple[int, ...], orthogonal: torch.Tensor | None = None,
@@ -76,24 +121,81 @@ def apply_update(param: torch.Tensor, update: torch.Tensor, lr: float, weight_de
 
 
 def apply_orthogonal(param: torch.Tensor, orthogonal: torch.Tensor, scale: float | torch.Tensor, lr: float,
-                     weight_decay: float, keep: torch.Tensor | None = None) -> None:
+                     weight_decay: float, keep: torch.Tensor | None = None, squares: bool = False
+                     ) -> tuple[torch.Tensor, torch.Tensor] | None:
     """W ← W(1 − ηλ) − η s O. With a scalar s and nothing to keep, O (e.g. bf16) is added in place without
-    materializing s·O; otherwise through `scaled_update` + `apply_update`. Every path uses this function."""
-    if keep is None and not isinstance(scale, torch.Tensor):
-        param.mul_(1.0 - lr * weight_decay).add_(orthogonal, alpha=-lr * scale)
-    else:
-        apply_update(param, scaled_update(orthogonal, scale, param.dtype), lr, weight_decay, keep)
+    materializing s·O; otherwise through `scaled_update` + `apply_update`. Every path uses this function.
+
+    `squares` (telemetry; not with `keep`): returns (Σ(s·O)², Σ W_new²) in float32, summed block by block while
+    each block is in cache.
+    """
+    if squares and keep is not None:
+        raise ValueError("apply_orthogonal: squares=True needs keep=None (the kept matrices' O is not an update)")
+    update_sq, weight_sq = [], []
+    for w, o, s, k in blocks(param, orthogonal, scale, keep, size=block_size(param.device)):
+        if k is None and not isinstance(s, torch.Tensor):
+            w.mul_(1.0 - lr * weight_decay).add_(o, alpha=-lr * s)
+        else:
+            apply_update(w, scaled_update(o, s, w.dtype), lr, weight_decay, k)
+        if squares:
+            update_sq.append(square_sum(o, s))
+            weight_sq.append(square_sum(w))
+    if not squares:
+        return None
+    return torch.stack(update_sq).sum(), torch.stack(weight_sq).sum()
+
+
+def square_sum(t: torch.Tensor, scale: float | torch.Tensor = 1.0) -> torch.Tensor:
+    """Σ(scale·t)² in float32 (scale: a number or one per matrix, broadcastable); call it on a block on CPU."""
+    if isinstance(scale, torch.Tensor):
+        return (t.float() * scale).square().sum()
+    return torch.linalg.vector_norm(t, dtype=torch.float32).square() * (scale * scale)
 
 
 def adamw_step(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs: list[torch.Tensor],
                exp_avg_sqs: list[torch.Tensor], steps: list[float], lr: float, weight_decay: float,
-               betas: tuple[float, float], eps: float, want_update: bool = False) -> list[torch.Tensor] | None:
+               betas: tuple[float, float], eps: float, want_update: bool = False) -> torch.Tensor | None:
     """Decoupled AdamW (Loshchilov & Hutter) on lists of tensors; `steps` are the already-incremented counts.
 
-    Returns the lr-free updates m̂/(sqrt(v̂)+ε) when `want_update` (for update-RMS telemetry).
+    With `want_update`, returns (Σu², ΣW²) per parameter (two float32 vectors), u = m̂/(sqrt(v̂)+ε) the lr-free
+    update and W the updated weight, for telemetry, computed block by block (no parameter-sized update is kept). On CPU it runs on flat
+    blocks of ~BLOCK_ELEMENTS elements (small tensors share one call); elsewhere one call for all.
     """
     if not params:
-        return [] if want_update else None
+        return (torch.zeros(0), torch.zeros(0)) if want_update else None
+    size = block_size(params[0].device)
+    owners, norms = [], []
+    batch, count = [], 0
+
+    def run() -> None:
+        out = _adamw_lists(*map(list, zip(*batch)), lr, weight_decay, betas, eps, want_update)
+        if want_update:
+            norms.extend(out)
+
+    for i, tensors in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs)):
+        if all(t.is_contiguous() for t in tensors):
+            tensors = tuple(t.view(-1) for t in tensors)
+        for piece in blocks(*tensors, size=size):
+            batch.append((*piece, steps[i]))
+            owners.append(i)
+            count += piece[0].numel()
+            if size is not None and count >= size:
+                run()
+                batch, count = [], 0
+    if batch:
+        run()
+    if not want_update:
+        return None
+    index = torch.tensor(owners, device=norms[0][0].device)
+    update_norms, weight_norms = (torch.stack(n).float().square() for n in zip(*norms))
+    zeros = torch.zeros(len(params), dtype=torch.float32, device=index.device)
+    return zeros.index_add(0, index, update_norms), zeros.index_add(0, index, weight_norms)
+
+
+def _adamw_lists(params, grads, exp_avgs, exp_avg_sqs, steps, lr, weight_decay, betas, eps,
+                 want_update: bool = False) -> list[torch.Tensor] | None:
+    """The AdamW math of `adamw_step` on lists (foreach ops); with `want_update`, (‖u‖, ‖W‖) of each tensor, u
+    its lr-free update (computed in the denominator's memory: no further allocation) and W the updated weight."""
     beta1, beta2 = betas
     torch._foreach_lerp_(exp_avgs, grads, 1.0 - beta1)
     torch._foreach_mul_(exp_avg_sqs, beta2)
@@ -107,7 +209,7 @@ def adamw_step(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs: 
     torch._foreach_addcdiv_(params, exp_avgs, denom, [-lr / b for b in bias1])
     if not want_update:
         return None
-    for m, d in zip(exp_avgs, denom):  # m / d into d's memory: no second parameter-sized allocation
+    for m, d in zip(exp_avgs, denom):
         torch.div(m, d, out=d)
     torch._foreach_div_(denom, bias1)
-    return denom
+    return list(zip(torch._foreach_norm(denom), torch._foreach_norm(params)))

@@ -127,11 +127,11 @@ class ZeroOneMuon(Muon):
                     views.append((weights[s], grad[s], self._first[s], self._second[s]))
                     steps.append(float(self._steps[pc.param]))
             ps, gs, ms, vs = (list(t) for t in zip(*views)) if views else ([], [], [], [])
-            updates = adamw_step(ps, gs, ms, vs, steps, group["lr"], group["weight_decay"], group["adamw_betas"],
+            squares = adamw_step(ps, gs, ms, vs, steps, group["lr"], group["weight_decay"], group["adamw_betas"],
                                  group["adamw_eps"], want_update=self.telemetry)
             if self.telemetry:
-                for u, w in zip(updates, ps):
-                    stats.add(group_key(group), u, w)
+                n = sum(w.numel() for w in ps)
+                stats.add_squares(group_key(group), squares[0].sum(), n, squares[1].sum(), n)
 
     def _muon_shard(self, codes, grad, weights, stats) -> None:
         """Momentum on the shard, complete straddling matrices, NS, update this rank's slice (Alg. 1 lines 3–7)."""
@@ -171,9 +171,12 @@ class ZeroOneMuon(Muon):
                 o, scale = scaled_update(o, scale, weights.dtype), 1.0
             mine = o.reshape(-1)[cut]
             s = slice(a - lo, b - lo)
-            apply_orthogonal(weights[s], mine, scale, group["lr"], group["weight_decay"], keep)
-            if self.telemetry:
-                stats.add(group_key(group), mine if keep is None else mine[~keep], weights[s], scale)
+            squares = apply_orthogonal(weights[s], mine, scale, group["lr"], group["weight_decay"], keep,
+                                       squares=self.telemetry and keep is None)
+            if squares is not None:
+                stats.add_squares(group_key(group), squares[0], mine.numel(), squares[1], mine.numel())
+            elif self.telemetry:
+                stats.add(group_key(group), mine[~keep], weights[s], scale)
 
     def _complete_boundaries(self, x: torch.Tensor, lo: int, hi: int) -> tuple[torch.Tensor, int]:
         """All-to-all of the NS-input pieces neighbours need; returns the extended buffer and its start offset."""
