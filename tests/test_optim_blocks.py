@@ -92,16 +92,17 @@ def _train(model, opt, steps, rank=0, world=1):
     return stats
 
 
-def _single(monkeypatch, size):
+def _single(monkeypatch, size, ns_dtype=torch.float32):
     monkeypatch.setattr(update, "BLOCK_ELEMENTS", size)
     model = ToyMoE()
-    stats = _train(model, build_muon(model, **SETTINGS), 4)
+    stats = _train(model, build_muon(model, **{**SETTINGS, "ns_dtype": ns_dtype}), 4)
     return {n: p.detach().clone() for n, p in model.named_parameters()}, stats
 
 
-def test_tiny_blocks_equal_whole_tensors_bitwise_and_telemetry_to_reduction_order(monkeypatch):
-    whole, whole_stats = _single(monkeypatch, WHOLE)
-    tiny, tiny_stats = _single(monkeypatch, TINY)
+@pytest.mark.parametrize("ns_dtype", [torch.float32, torch.bfloat16])  # bf16 O: blocks widened into a scratch
+def test_tiny_blocks_equal_whole_tensors_bitwise_and_telemetry_to_reduction_order(ns_dtype, monkeypatch):
+    whole, whole_stats = _single(monkeypatch, WHOLE, ns_dtype)
+    tiny, tiny_stats = _single(monkeypatch, TINY, ns_dtype)
     for name, value in whole.items():
         assert torch.equal(tiny[name], value), name
     assert torch.equal(tiny["experts"][2], ToyMoE().experts.detach()[2])  # expert 2 never got a token

@@ -132,7 +132,15 @@ def apply_orthogonal(param: torch.Tensor, orthogonal: torch.Tensor, scale: float
     if squares and keep is not None:
         raise ValueError("apply_orthogonal: squares=True needs keep=None (the kept matrices' O is not an update)")
     update_sq, weight_sq = [], []
-    for w, o, s, k in blocks(param, orthogonal, scale, keep, size=block_size(param.device)):
+    size = block_size(param.device)
+    # CPU, O in another dtype: each block is widened once into one reused scratch block; fp32 += fp32 then reads
+    # it with unit stride (O from a transposed NS buffer is strided), and its square sum reads it again in cache.
+    widen = size is not None and orthogonal.dtype != param.dtype and orthogonal.numel() > size
+    largest = size if param.ndim == 1 else max(size, param.shape[-1])  # the largest block `blocks` cuts
+    scratch = param.new_empty(largest) if widen else None
+    for w, o, s, k in blocks(param, orthogonal, scale, keep, size=size):
+        if widen and o.numel() <= scratch.numel():  # (an unviewable tensor comes as one whole block)
+            o = scratch[:o.numel()].view(o.shape).copy_(o)
         if k is None and not isinstance(s, torch.Tensor):
             w.mul_(1.0 - lr * weight_decay).add_(o, alpha=-lr * s)
         else:
@@ -149,6 +157,9 @@ def square_sum(t: torch.Tensor, scale: float | torch.Tensor = 1.0) -> torch.Tens
     """Σ(scale·t)² in float32 (scale: a number or one per matrix, broadcastable); call it on a block on CPU."""
     if isinstance(scale, torch.Tensor):
         return (t.float() * scale).square().sum()
+    if t.dtype == torch.float32 and t.is_contiguous():  # a dot product: a third of vector_norm's time on CPU
+        flat = t.view(-1)
+        return torch.dot(flat, flat) * (scale * scale)
     return torch.linalg.vector_norm(t, dtype=torch.float32).square() * (scale * scale)
 
 
