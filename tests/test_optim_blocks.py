@@ -13,7 +13,7 @@ from torch.distributed.fsdp import fully_shard
 
 from components.optim import update
 from components.optim.routing import build_muon
-from components.optim.update import adamw_step, apply_orthogonal, blocks
+from components.optim.update import adamw_step, apply_orthogonal, blocks, momentum_step
 from components.optim.zero1 import ZeroOneMuon
 
 SETTINGS = dict(lr=0.05, weight_decay=0.1, ns_dtype=torch.float32)
@@ -54,6 +54,72 @@ def test_blocks_pair_each_matrix_with_its_broadcast_values_and_pass_scalars_thro
         assert none is None and torch.equal(v + g, g)
     odd = torch.empty(4, 3, 6, 5).transpose(0, 1)  # not viewable as [N, A, B]: one block, no copy
     assert blocks(odd, size=4)[0][0] is odd
+
+
+def _blocked_vs_whole(monkeypatch, fn, *tensors):
+    """fn(*clones) with tiny blocks and with whole tensors; returns both sets of clones and both results."""
+    results = []
+    for size in (TINY * 20, WHOLE):
+        monkeypatch.setattr(update, "BLOCK_ELEMENTS", size)
+        clones = [t.clone() for t in tensors]
+        results.append((clones, fn(*clones)))
+    return results
+
+
+@pytest.mark.parametrize(("w_dtype", "o_dtype"), [(torch.float32, torch.bfloat16), (torch.bfloat16, torch.float32),
+                                                  (torch.float16, torch.float32), (torch.bfloat16, torch.bfloat16)])
+@pytest.mark.parametrize("shape", [(3, 40, 30), (2500,)])
+def test_apply_orthogonal_in_blocks_is_bitwise_whole_for_every_dtype_pair(w_dtype, o_dtype, shape, monkeypatch):
+    """A narrower O is widened per block into W's dtype; a wider O (fp32 NS into bf16 W) is added as it is, so
+    W(1 - lr wd) - lr s O is computed in the wider dtype and rounded once, as on whole tensors. bf16 op bf16 on
+    CPU rounds the elements after a tensor's last full vector differently (measured: blocks of 100 moved 398 of 1M
+    results by one unit in the last place; flat blocks of 2^18, a multiple of every vector width, none)."""
+    gen = torch.Generator().manual_seed(4)
+    w = torch.randn(shape, generator=gen).to(w_dtype)
+    o = torch.randn(shape[::-1], generator=gen).to(o_dtype)
+    o = o.permute(*reversed(range(o.ndim)))  # strided, like the transposed NS output
+    (blocked, sq_b), (whole, sq_w) = _blocked_vs_whole(
+        monkeypatch, lambda w: apply_orthogonal(w, o, 0.3, 0.02, 0.1, squares=True), w)
+    if w_dtype == torch.float32 or o_dtype == torch.float32:
+        assert torch.equal(blocked[0], whole[0])
+    else:
+        ulp = torch.finfo(w_dtype).eps * whole[0].float().abs()
+        assert bool(((blocked[0].float() - whole[0].float()).abs() <= ulp).all())
+    torch.testing.assert_close(torch.stack(sq_b), torch.stack(sq_w), rtol=1e-5, atol=0)
+
+
+def test_blocks_broadcast_any_keep_or_scale_shape_like_whole_tensors(monkeypatch):
+    gen = torch.Generator().manual_seed(5)
+    w3, o3 = torch.randn(4, 30, 20, generator=gen), torch.randn(4, 30, 20, generator=gen)
+    w1, o1 = torch.randn(700, generator=gen), torch.randn(700, generator=gen)
+    cases = [(w3, o3, torch.tensor(0.5), torch.tensor([[False]])),  # 0-D scale, [1, 1] keep
+             (w3, o3, torch.rand(4, 1, 20, generator=gen), torch.rand(4, 30, 1, generator=gen) < 0.5),  # per column/row
+             (w3, o3, torch.rand(1, 1, 1, generator=gen), torch.tensor([True, False, True, False]).view(4, 1, 1)),
+             (w1, o1, torch.tensor([2.0]), torch.tensor(False)),  # 1-D with [1] and 0-D
+             (w1, o1, 1.5, torch.rand(700, generator=gen) < 0.3)]
+    for w, o, scale, keep in cases:
+        (blocked, _), (whole, _) = _blocked_vs_whole(
+            monkeypatch, lambda w: apply_orthogonal(w, o, scale, 0.02, 0.1, keep), w)
+        assert torch.equal(blocked[0], whole[0]), (w.shape, getattr(scale, "shape", scale), keep.shape)
+        assert not torch.equal(blocked[0], w)
+        (blocked, out_b), (whole, out_w) = _blocked_vs_whole(
+            monkeypatch, lambda b: momentum_step(b, o, 0.95, True, keep), w)
+        assert torch.equal(blocked[0], whole[0]) and torch.equal(out_b, out_w)
+
+
+def test_momentum_step_returns_the_nesterov_input_in_the_promoted_dtype():
+    buf, grad = torch.zeros(3, 4, dtype=torch.bfloat16), torch.ones(3, 4)
+    assert momentum_step(buf, grad, 0.9, True).dtype == torch.float32
+    assert momentum_step(buf, grad, 0.9, False).dtype == torch.bfloat16
+
+
+def test_adamw_telemetry_of_low_precision_parameters_is_summed_in_float32():
+    w = torch.full((1 << 18,), 200.0, dtype=torch.float16)  # Σw² = 1.05e10 > fp16's 65504
+    zeros = [torch.zeros_like(w) for _ in range(2)]
+    _, weight_sq = adamw_step([w], [torch.ones_like(w)], *([z] for z in zeros), [1.0], 0.0, 0.0, (0.9, 0.95), 1e-8,
+                              want_update=True)
+    assert weight_sq.dtype == torch.float32
+    torch.testing.assert_close(weight_sq[0], torch.tensor(200.0 ** 2 * (1 << 18)), rtol=1e-3, atol=0)
 
 
 def test_squares_with_kept_matrices_is_refused():

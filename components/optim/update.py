@@ -30,14 +30,17 @@ def block_size(device: torch.device) -> int | None:
 
 def blocks(*tensors, size: int | None = BLOCK_ELEMENTS) -> list[tuple]:
     """Matching views of `tensors`, covering them exactly, at most ~`size` elements each; elementwise ops on the
-    views write into the tensors. The first tensor sets the shape; the others have its shape or (for [..., A, B])
-    one value per matrix ([..., 1, 1], e.g. a keep mask or a per-matrix scale); non-tensors (None, a float) pass
-    through. 1-D: flat pieces. [..., A, B] (any strides, e.g. the transposed NS buffers): row ranges of each
-    matrix. One block, the tensors themselves, when `size` is None, the first is small, or a view cannot be made.
+    views write into the tensors. The first tensor sets the shape; the others broadcast to it (a keep mask or a
+    per-matrix scale [..., 1, 1] stays as it is; any other broadcast shape is expanded, so write only into tensors
+    of the first's shape); non-tensors (None, a float) pass through. 1-D: flat pieces. [..., A, B] (any strides,
+    e.g. the transposed NS buffers): row ranges of each matrix. One block, the tensors themselves, when `size` is
+    None, the first is small, or a view cannot be made. fp32 results are bitwise those of whole tensors; bf16 op bf16
+    may differ by one unit in the last place after a block's last full vector (torch's scalar tail rounds apart).
     """
     first = tensors[0]
     if size is None or first.numel() <= size:
         return [tensors]
+    tensors = (first, *(_broadcast_to(t, first) for t in tensors[1:]))
     if first.ndim == 1:
         pieces = [t.split(size) if isinstance(t, torch.Tensor) else None for t in tensors]
         n = len(pieces[0])
@@ -56,6 +59,15 @@ def blocks(*tensors, size: int | None = BLOCK_ELEMENTS) -> list[tuple]:
     return out
 
 
+def _broadcast_to(t, first: torch.Tensor):
+    """`t` as `blocks` can cut it beside `first`: first's shape, one value per matrix, or expanded (a view)."""
+    if not isinstance(t, torch.Tensor) or t.shape == first.shape:
+        return t
+    if first.ndim >= 2 and t.ndim == first.ndim and t.shape[:-2] == first.shape[:-2]:
+        return t  # per matrix ([..., 1, 1]), per row or per column: its rows are cut with the first's, or broadcast
+    return t.expand(first.shape)
+
+
 def momentum_step(buf: torch.Tensor, grad: torch.Tensor, momentum: float, nesterov: bool,
                   keep: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
     """M ← μM + g in place; returns the NS input (μM + g with Nesterov, else M): a new tensor, or `out` filled
@@ -64,8 +76,8 @@ def momentum_step(buf: torch.Tensor, grad: torch.Tensor, momentum: float, nester
     `keep` (bool, buf's shape or one per matrix) marks elements whose matrix got no gradient: their momentum
     stays as it was. Runs block by block on CPU (`blocks`).
     """
-    if out is None:
-        out = torch.empty_like(buf)
+    if out is None:  # the dtype `grad.add(buf)` would give with Nesterov
+        out = torch.empty_like(buf, dtype=torch.promote_types(buf.dtype, grad.dtype) if nesterov else buf.dtype)
     for b, g, k, o in blocks(buf, grad, keep, out, size=block_size(buf.device)):
         if k is None:
             b.mul_(momentum).add_(g)
@@ -135,9 +147,12 @@ def apply_orthogonal(param: torch.Tensor, orthogonal: torch.Tensor, scale: float
     size = block_size(param.device)
     # CPU, O in another dtype: each block is widened once into one reused scratch block; fp32 += fp32 then reads
     # it with unit stride (O from a transposed NS buffer is strided), and its square sum reads it again in cache.
-    widen = size is not None and orthogonal.dtype != param.dtype and orthogonal.numel() > size
-    largest = size if param.ndim == 1 else max(size, param.shape[-1])  # the largest block `blocks` cuts
-    scratch = param.new_empty(largest) if widen else None
+    # Only a narrower O (bf16 into fp32 W): W += O computes in the wider dtype, which the scratch then holds.
+    widen = (size is not None and orthogonal.dtype != param.dtype and orthogonal.numel() > size
+             and torch.promote_types(param.dtype, orthogonal.dtype) == param.dtype)
+    scratch = None
+    if widen:  # as large as the largest block `blocks` cuts
+        scratch = param.new_empty(size if param.ndim == 1 else max(size, param.shape[-1]))
     for w, o, s, k in blocks(param, orthogonal, scale, keep, size=size):
         if widen and o.numel() <= scratch.numel():  # (an unviewable tensor comes as one whole block)
             o = scratch[:o.numel()].view(o.shape).copy_(o)
@@ -223,4 +238,5 @@ def _adamw_lists(params, grads, exp_avgs, exp_avg_sqs, steps, lr, weight_decay, 
     for m, d in zip(exp_avgs, denom):
         torch.div(m, d, out=d)
     torch._foreach_div_(denom, bias1)
-    return list(zip(torch._foreach_norm(denom), torch._foreach_norm(params)))
+    norms = (torch._foreach_norm(t, dtype=torch.float32) for t in (denom, params))  # fp16 squares overflow
+    return list(zip(*norms))
