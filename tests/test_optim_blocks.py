@@ -99,11 +99,11 @@ def test_blocks_broadcast_any_keep_or_scale_shape_like_whole_tensors(monkeypatch
              (w1, o1, 1.5, torch.rand(700, generator=gen) < 0.3)]
     for w, o, scale, keep in cases:
         (blocked, _), (whole, _) = _blocked_vs_whole(
-            monkeypatch, lambda w: apply_orthogonal(w, o, scale, 0.02, 0.1, keep), w)
+            monkeypatch, lambda w, o=o, s=scale, k=keep: apply_orthogonal(w, o, s, 0.02, 0.1, k), w)
         assert torch.equal(blocked[0], whole[0]), (w.shape, getattr(scale, "shape", scale), keep.shape)
         assert not torch.equal(blocked[0], w)
         (blocked, out_b), (whole, out_w) = _blocked_vs_whole(
-            monkeypatch, lambda b: momentum_step(b, o, 0.95, True, keep), w)
+            monkeypatch, lambda b, o=o, k=keep: momentum_step(b, o, 0.95, True, k), w)
         assert torch.equal(blocked[0], whole[0]) and torch.equal(out_b, out_w)
 
 
