@@ -17,14 +17,6 @@ RUN python3 -m venv /opt/mlflow \
     && /opt/mlflow/bin/python -m pip uninstall --yes --quiet pip setuptools wheel
 
 FROM ${BASE_IMAGE}
-ARG SOURCE=unknown
-ARG REVISION=unknown
-LABEL org.opencontainers.image.title="crescent-mlflow" \
-      org.opencontainers.image.description="MLflow 3.17.2 tracking server with psycopg2 for a Postgres backend store" \
-      org.opencontainers.image.version="3.17.2" \
-      org.opencontainers.image.source="${SOURCE}" \
-      org.opencontainers.image.revision="${REVISION}" \
-      org.opencontainers.image.licenses="Apache-2.0"
 RUN groupadd --gid 10001 mlflow \
     && useradd --uid 10001 --gid 10001 --create-home --home-dir /home/mlflow --shell /usr/sbin/nologin mlflow
 COPY --from=build /opt/mlflow /opt/mlflow
@@ -36,3 +28,12 @@ USER 10001:10001
 EXPOSE 5000
 ENTRYPOINT ["mlflow"]
 CMD ["server", "--host=0.0.0.0", "--port=5000"]
+# The labels last (metadata only): a new commit changes REVISION without invalidating the venv copy above.
+ARG SOURCE=unknown
+ARG REVISION=unknown
+LABEL org.opencontainers.image.title="crescent-mlflow" \
+      org.opencontainers.image.description="MLflow 3.17.2 tracking server with psycopg2 for a Postgres backend store" \
+      org.opencontainers.image.version="3.17.2" \
+      org.opencontainers.image.source="${SOURCE}" \
+      org.opencontainers.image.revision="${REVISION}" \
+      org.opencontainers.image.licenses="Apache-2.0"

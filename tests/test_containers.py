@@ -111,6 +111,24 @@ def test_final_images_are_non_root_labelled_and_free_of_build_tools():
     assert "pip uninstall --yes --quiet pip setuptools wheel" in _runs(mlflow[1])
 
 
+def test_a_new_commit_rebuilds_only_the_layers_after_the_venv_copy():
+    """The commit (REVISION) and the sources change on every build; the venvs only with the pins. So nothing that
+    changes per commit comes before a final image's venv copy: the shared runtime stage takes no build args and
+    copies no project files, and in each final image the venv is copied first and the labels come last."""
+    stages = _stages(DOCKERFILE)
+    assert not [i for i in stages["runtime"] if i.startswith(("ARG ", "COPY "))], stages["runtime"]
+    for target in ("train", "eval"):
+        final = stages[target][1:]
+        layers = [i for i in final if i.startswith(("COPY ", "RUN ", "ADD "))]
+        assert layers[0] == f"COPY --from={target}-deps /opt/crescent /opt/crescent", layers
+        first_arg = min(n for n, i in enumerate(final) if i.startswith("ARG "))
+        assert all(not i.startswith(("COPY ", "RUN ", "ADD ")) for i in final[first_arg:]), final[first_arg:]
+        assert "org.opencontainers.image.revision" in " ".join(final[first_arg:])
+    mlflow_final = list(_stages(MLFLOW_DOCKERFILE).values())[-1]
+    venv = mlflow_final.index("COPY --from=build /opt/mlflow /opt/mlflow")
+    assert not [i for i in mlflow_final[:venv] if i.startswith(("ARG ", "LABEL "))], mlflow_final[:venv]
+
+
 def test_each_image_installs_its_roles_extra_only_and_torch_only_when_missing():
     stages = _stages(DOCKERFILE)
     deps = _runs(stages["deps"])
