@@ -40,21 +40,21 @@ $(PRETRAIN_EXPORT)/crescent.json: | setup
 
 # One pytest worker per core (pytest-xdist): most tests wait on one-thread subprocesses (training runs, servers,
 # builds), so two workers keep two cores busy. A file runs whole on one worker (--dist loadfile): module fixtures
-# (built images, trained references) are made once. xdist hands out files with the most tests first (ties in
-# collection order: tests/conftest.py puts files with slow tests first), which pairs long end-to-end files with
-# short ones. The 25 slowest tests are listed.
+# (built images, trained references) are made once. Files are handed out in tests/conftest.py's order
+# (--no-loadscope-reorder): the long serial `chain` files first, then most tests first, which pairs long end-to-end
+# files with short ones. The 25 slowest tests are listed.
 # The tests' temporary files go to RAM (/dev/shm, when it has 8 GB free): the training runs fsync every checkpoint
 # and MLflow store, and on the disk the image builds write to, each fsync waited behind the builds' writes.
 TEST_WORKERS ?= 2
 TEST_TMP ?= $(shell df -k --output=avail /dev/shm 2>/dev/null | awk 'NR==2 && $$1 > 8000000 {print "/dev/shm/crescent-tests"}')
 test: setup
 	$(BIN)/python -m compileall -q app components eval
-	@rc=0; $(BIN)/python -m pytest tests -n $(TEST_WORKERS) --dist loadfile --durations=25 \
+	@rc=0; $(BIN)/python -m pytest tests -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=25 \
 		$(if $(TEST_TMP),--basetemp=$(TEST_TMP)) $(PYTEST_ARGS) || rc=$$?; \
 	$(if $(TEST_TMP),rm -rf $(TEST_TMP);) exit $$rc
 
 test-fast: setup
-	$(BIN)/python -m pytest tests -n $(TEST_WORKERS) --dist loadfile -m "not slow" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest tests -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder -m "not slow" $(PYTEST_ARGS)
 
 lint: setup
 	$(BIN)/ruff check app components eval tests bench

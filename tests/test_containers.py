@@ -19,6 +19,8 @@ import yaml
 
 from app import images
 
+pytestmark = pytest.mark.chain  # image builds one after another (about 5 minutes on one worker): handed out first
+
 ROOT = Path(__file__).resolve().parents[1]
 DOCKERFILE = ROOT / "containers" / "Dockerfile"
 MLFLOW_DOCKERFILE = ROOT / "containers" / "mlflow.Dockerfile"

@@ -14,7 +14,7 @@ import experiment_helpers as eh
 import pytest
 import train_helpers as th
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.chain]  # one training process after another: handed out first
 
 
 @pytest.fixture(scope="module")
