@@ -117,6 +117,17 @@ def _flat(grads: dict) -> torch.Tensor:
     return torch.cat([g.flatten().double().cpu() for g in grads.values()])
 
 
+def test_a_model_built_on_cuda_has_the_cpu_builds_weights():
+    """build_model(device="cuda") (the training module and the GPU benches build this way) initializes under
+    `torch.device("cuda")`: the same seeded draws as the CPU, bitwise, and rotary tables and routing biases on CUDA."""
+    config = get_preset("tiny", vocab_size=512, num_hidden_layers=3)
+    on_cpu, on_cuda = build_model(config, device="cpu", seed=2), build_model(config, device=CUDA, seed=2)
+    for (name, p), q in zip(on_cpu.named_parameters(), on_cuda.parameters()):
+        assert q.device.type == "cuda" and torch.equal(q.cpu(), p), name
+    for (name, b), c in zip(on_cpu.named_buffers(), on_cuda.buffers()):
+        assert c.device.type == "cuda" and torch.allclose(c.cpu(), b, rtol=1e-6, atol=0), name
+
+
 def test_model_in_fp32_on_cuda_matches_the_cpu():
     """The tiny MoE model (MLA through SDPA, the experts' segment loop, the fused head) on CUDA vs the same
     weights on the CPU. Where every token chose the same experts, each gradient agrees to 1e-4 (kernels and

@@ -101,6 +101,22 @@ def test_forward_returns_expert_counts_per_moe_layer():
     assert out.loss.ndim == 0 and torch.isfinite(out.loss)
 
 
+def test_initialization_draws_the_same_values_under_another_default_device():
+    """build_model(device="cuda") initializes inside `with torch.device("cuda")`, where an unplaced torch.empty lands
+    on the GPU and refuses the CPU generator (seen on no GPU yet: a CPU run never hits it). "meta" stands in for the
+    other device here: with an unplaced draw the copy fails ("Cannot copy out of meta tensor")."""
+    model = build_model(ModelConfig(**SMALL), seed=3)
+    expected = {name: p.clone() for name, p in model.named_parameters()}
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()
+    with torch.device("meta"):
+        model.reset_parameters(3)
+    for name, p in model.named_parameters():
+        assert p.device.type == "cpu" and torch.equal(p, expected[name]), name
+    assert any(p.abs().sum() > 0 for p in expected.values() if p.ndim >= 2)
+
+
 def test_moonlight_preset_counts_match_the_paper():
     model = build_model(get_preset("moonlight-16b-a3b"), device="meta")
     counts = count_parameters(model)

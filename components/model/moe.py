@@ -117,7 +117,7 @@ def gate_scaling_factor(num_experts: int, top_k: int, iterations: int = 100_000,
     total, done, chunk = 0.0, 0, 50_000
     while done < iterations:
         n = min(chunk, iterations - done)
-        p = torch.randn(n, num_experts, generator=gen, dtype=torch.float64).sigmoid()
+        p = torch.randn(n, num_experts, generator=gen, dtype=torch.float64, device="cpu").sigmoid()
         p = p.topk(top_k, dim=-1).values
         p = p / p.sum(-1, keepdim=True)
         total += (1.0 / p.pow(2).sum(-1).sqrt()).sum().item()

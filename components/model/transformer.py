@@ -84,8 +84,10 @@ class CrescentForCausalLM(nn.Module):
             if p.ndim < 2:
                 p.fill_(1.0)  # the only 1-D parameters are RMSNorm weights
                 continue
+            # Drawn on the CPU whatever the device: under `torch.device("cuda")` (build_model) an unplaced
+            # torch.empty lands on CUDA and refuses a CPU generator; the values match on every device.
             gen = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
-            full = torch.empty(p.shape, dtype=torch.float32).normal_(0.0, std, generator=gen)
+            full = torch.empty(p.shape, dtype=torch.float32, device="cpu").normal_(0.0, std, generator=gen)
             _copy_global_slice(p, full)
         self.init_buffers()
 

@@ -15,7 +15,7 @@ communication: `ZeroOneMuon` (zero1.py, ZeRO-1 over DDP) and `DTensorMuon` (dten
 """
 from __future__ import annotations
 
-import time
+import contextlib
 
 import torch
 from torch.distributed.tensor import DTensor
@@ -319,14 +319,11 @@ def orthogonalize(x: torch.Tensor, group: dict, stats: StepStats | None = None,
                   overwrite_input: bool = False) -> torch.Tensor:
     """O = NS(x) in the group's NS dtype (steps, coefficients, eps), timed into `stats`; `overwrite_input` lets NS
     start in x's memory (a private NS input from `ns_input_buffer`)."""
-    start = time.perf_counter()
     ns_dtype = resolve_dtype(group["ns_dtype"])
-    o = newton_schulz(x, steps=group["ns_steps"], coefficients=group["ns_coefficients"], dtype=ns_dtype,
-                      eps=group["ns_eps"], out_dtype=ns_dtype, method=group["ns_method"],
-                      overwrite_input=overwrite_input)
-    if stats is not None:
-        stats.ns_seconds += time.perf_counter() - start
-    return o
+    with stats.timing_ns(x.device) if stats is not None else contextlib.nullcontext():
+        return newton_schulz(x, steps=group["ns_steps"], coefficients=group["ns_coefficients"], dtype=ns_dtype,
+                             eps=group["ns_eps"], out_dtype=ns_dtype, method=group["ns_method"],
+                             overwrite_input=overwrite_input)
 
 
 def group_key(group: dict) -> str:

@@ -1,9 +1,14 @@
 """Per-step optimizer telemetry: update RMS and weight RMS per parameter group, time in Newton–Schulz.
 
 Sums are kept as tensors and read back once per step (one host sync, one small all-reduce when distributed).
+NS time is wall time on the CPU; on CUDA it is the GPU's time between CUDA events around each NS call (a host
+clock would measure only the kernel launches), read at the step's end.
 Algorithm 1 of Moonlight returns sqrt(mean(u²)) for logging; with scale_mode='moonlight' it should sit near 0.2.
 """
 from __future__ import annotations
+
+import contextlib
+import time
 
 import torch
 import torch.distributed as dist
@@ -15,8 +20,32 @@ class StepStats:
     def __init__(self) -> None:
         self._sums: dict[str, list[torch.Tensor]] = {}
         self._counts: dict[str, list[float]] = {}
-        self.ns_seconds = 0.0
+        self._ns_host_seconds = 0.0
+        self._ns_events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
         self.reduced_bytes = 0  # payload of the telemetry all-reduce, for the communication counters
+
+    @contextlib.contextmanager
+    def timing_ns(self, device: torch.device):
+        """Times the block into `ns_seconds`: CUDA events on a CUDA device, the host clock elsewhere."""
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            yield
+            end.record()
+            self._ns_events.append((start, end))
+            return
+        t0 = time.perf_counter()
+        yield
+        self._ns_host_seconds += time.perf_counter() - t0
+
+    @property
+    def ns_seconds(self) -> float:
+        """Seconds in Newton–Schulz this step (on CUDA this waits for the last timed NS to finish)."""
+        if self._ns_events:
+            self._ns_events[-1][1].synchronize()
+            self._ns_host_seconds += sum(a.elapsed_time(b) for a, b in self._ns_events) / 1000.0
+            self._ns_events.clear()
+        return self._ns_host_seconds
 
     def ensure(self, key: str, device: torch.device) -> None:
         """Register `key` even if this rank updates nothing in it (distributed reductions need equal layouts)."""
