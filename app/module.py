@@ -357,13 +357,16 @@ class CrescentModule(pl.LightningModule):
         was_training = self.model.training
         self.model.eval()
         total = torch.zeros(2)
-        for batch in loader:
-            n = loss_weight(batch)
-            if n == 0:
-                continue
-            out = self.model(batch["input_ids"].to(self.device), targets=batch["targets"].to(self.device),
-                             **packed_inputs(batch, self.device))
-            total += torch.stack([out.loss.float().cpu() * n, torch.tensor(float(n))])
+        # The validation loop's precision (bf16 autocast under bf16-mixed): Lightning applies it only inside its
+        # own step calls, and this also runs from on_train_start/on_train_end — one val/loss curve, one precision.
+        with self.trainer.precision_plugin.val_step_context():
+            for batch in loader:
+                n = loss_weight(batch)
+                if n == 0:
+                    continue
+                out = self.model(batch["input_ids"].to(self.device), targets=batch["targets"].to(self.device),
+                                 **packed_inputs(batch, self.device))
+                total += torch.stack([out.loss.float().cpu() * n, torch.tensor(float(n))])
         self.model.train(was_training)
         total = self._all_reduce(total, "sum")
         return (total[0] / total[1]).item() if total[1] > 0 else float("nan")

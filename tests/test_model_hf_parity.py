@@ -87,3 +87,25 @@ def test_load_hf_names_a_missing_tensor(tmp_path):
     save_file(tensors, path)
     with pytest.raises(KeyError, match="model.layers.1.self_attn.o_proj.weight"):
         load_hf(tmp_path / "hf")
+
+
+def test_a_bf16_load_keeps_rotary_frequencies_and_routing_biases_in_fp32(tmp_path):
+    """load_hf(dtype=bf16) (what `crescent eval --dtype bfloat16` runs) and model.to(bf16) cast the weights only: a
+    bf16 rotary table would drift the RoPE phase by radians at long positions, a bf16 bias would round the learned
+    routing bias (and in bf16-true training swallow each 1e-3 update)."""
+    ref = _reference("q_lora_none_dense_first", seed=6)
+    ref.save_pretrained(tmp_path / "hf")
+    fp32 = load_hf(tmp_path / "hf")
+    biases = {n: b for n, b in fp32.named_buffers() if n.endswith("e_score_correction_bias")}
+    assert biases
+    with torch.no_grad():  # biases with digits bf16 cannot hold, saved and loaded again
+        for b in biases.values():
+            b.copy_(torch.linspace(0.1, 0.1 + 1e-3, b.numel()))
+    save_hf(fp32, tmp_path / "trained")
+    fp32 = load_hf(tmp_path / "trained")
+    for model in (load_hf(tmp_path / "trained", dtype=torch.bfloat16), load_hf(tmp_path / "trained").to(torch.bfloat16)):
+        assert model.lm_head.weight.dtype == torch.bfloat16
+        expected = dict(fp32.named_buffers())
+        for name, buffer in model.named_buffers():
+            assert buffer.dtype == torch.float32 and torch.equal(buffer, expected[name]), name
+        assert len({b.dtype for b in model.buffers()}) == 1 and len(expected) == len(dict(model.named_buffers()))

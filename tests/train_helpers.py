@@ -110,9 +110,11 @@ def poison_forward(module, poisoned, poison=lambda loss: loss * float("nan")) ->
     module.model.forward = poisoned_forward
 
 
-def fit_in_process(corpus: dict, callback, max_steps: int, **module_args):
+def fit_in_process(corpus: dict, callback, max_steps: int, trainer_args: dict | None = None,
+                   data_args: dict | None = None, **module_args):
     """A real Lightning fit in this process on the CPU: the tiny model (2 layers) over `corpus`, two micro-batches
-    of 4 a step, `callback` watching; returns the module."""
+    of 4 a step, `callback` watching (`trainer_args`, `data_args`: more pl.Trainer and CrescentDataModule
+    arguments); returns the module."""
     import lightning.pytorch as pl
 
     from app.datamodule import CrescentDataModule
@@ -123,10 +125,10 @@ def fit_in_process(corpus: dict, callback, max_steps: int, **module_args):
                                                             "max_position_embeddings": 128},
                             schedule=steps, ns_dtype="float32", **module_args)
     data = CrescentDataModule(shards=corpus["shards"], tokenizer=corpus["tokenizer"], micro_batch_size=4,
-                              num_workers=0, num_streams=96, schedule=steps)
+                              num_workers=0, num_streams=96, schedule=steps, **(data_args or {}))
     trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=max_steps, logger=False, callbacks=[callback],
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                         limit_val_batches=0, num_sanity_val_steps=0)
+                         limit_val_batches=0, num_sanity_val_steps=0, **(trainer_args or {}))
     trainer.fit(module, datamodule=data)
     return module
 

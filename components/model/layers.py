@@ -6,6 +6,22 @@ import torch.nn.functional as F
 from torch import nn
 
 
+class Fp32Buffers(nn.Module):
+    """A module whose floating buffers stay fp32 when the module is cast (`model.to(torch.bfloat16)`, `.half()`,
+    Lightning's bf16-true): the rotary frequencies and the routing biases are read in fp32, and a bf16 copy would
+    lose what they hold (the RoPE phase drifts by radians at long positions; bias updates of 1e-3 round away).
+    Moves between devices apply as usual. (nn.Module.to has no per-buffer dtype; torch's RNNs override _apply too.)"""
+
+    def _apply(self, fn, recurse=True):
+        kept = {name: b for name, b in self._buffers.items() if b is not None and b.dtype == torch.float32}
+        super()._apply(fn, recurse)
+        for name, before in kept.items():
+            after = self._buffers[name]
+            if after is not None and after.dtype != torch.float32:  # a cast: the fp32 values, where `fn` put them
+                self._buffers[name] = before.to(device=after.device)
+        return self
+
+
 class RMSNorm(nn.Module):
     """y = w · x / sqrt(mean(x²) + eps), computed in fp32 and cast back (as DeepSeek-V3 does)."""
 
@@ -34,7 +50,7 @@ class SwiGLU(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
-class RotaryEmbedding(nn.Module):
+class RotaryEmbedding(Fp32Buffers):
     """cos/sin tables for the decoupled RoPE part of MLA (RoFormer; DeepSeek-V2 §2.1.3)."""
 
     def __init__(self, dim: int, theta: float):

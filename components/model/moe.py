@@ -16,10 +16,10 @@ from torch import nn
 
 from components.model.config import ModelConfig
 from components.model.kernels import autocast_inputs, dispatch_to_slots, expert_swiglu, permute_rows
-from components.model.layers import SwiGLU
+from components.model.layers import Fp32Buffers, SwiGLU
 
 
-class Router(nn.Module):
+class Router(Fp32Buffers):
     """Token → (expert indices, weights). The bias only chooses experts; the weights use the unbiased scores."""
 
     def __init__(self, config: ModelConfig):
