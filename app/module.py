@@ -341,11 +341,12 @@ class CrescentModule(pl.LightningModule):
 
     # -------------------------------------------------------------------------------------------- validation
     def validation_step(self, batch, batch_idx):
-        n = loss_weight(batch)  # rows; a chat batch's targets
-        if n == 0:  # every sample of this micro-batch was lost to bad data
-            return None
+        # Every micro-batch runs the forward, an empty one too (samples lost to bad data, or this rank's padding at
+        # the end of the held-out set): under FSDP2 each forward all-gathers, and every rank must take part.
         out = self.model(batch["input_ids"], targets=batch["targets"], **packed_inputs(batch))
-        self._val += torch.stack([out.loss.detach().float().cpu() * n, torch.tensor(float(n))])
+        n = loss_weight(batch)  # rows; a chat batch's targets
+        if n > 0:  # an empty batch's loss is undefined (NaN) and weighs nothing
+            self._val += torch.stack([out.loss.detach().float().cpu() * n, torch.tensor(float(n))])
         return out.loss
 
     @torch.no_grad()
@@ -360,13 +361,12 @@ class CrescentModule(pl.LightningModule):
         # The validation loop's precision (bf16 autocast under bf16-mixed): Lightning applies it only inside its
         # own step calls, and this also runs from on_train_start/on_train_end — one val/loss curve, one precision.
         with self.trainer.precision_plugin.val_step_context():
-            for batch in loader:
-                n = loss_weight(batch)
-                if n == 0:
-                    continue
+            for batch in loader:  # every micro-batch runs, an empty one too (see validation_step)
                 out = self.model(batch["input_ids"].to(self.device), targets=batch["targets"].to(self.device),
                                  **packed_inputs(batch, self.device))
-                total += torch.stack([out.loss.float().cpu() * n, torch.tensor(float(n))])
+                n = loss_weight(batch)
+                if n > 0:
+                    total += torch.stack([out.loss.float().cpu() * n, torch.tensor(float(n))])
         self.model.train(was_training)
         total = self._all_reduce(total, "sum")
         return (total[0] / total[1]).item() if total[1] > 0 else float("nan")

@@ -2,6 +2,7 @@
 import functools
 import http.server
 import io
+import math
 import os
 import tarfile
 import threading
@@ -151,6 +152,28 @@ def test_truncated_shard_streams_to_the_end_and_counts_exactly_the_lost(data, tm
     assert sum(int(b["bad_shards"]) for b in batches) >= 1  # counted once per load of the shard
     assert len(yielded) == stream.stop_samples - lost
     assert len({(s, k) for _, s, k in yielded}) == manifest["samples"] - lost // 2
+
+
+@pytest.mark.parametrize("world,workers,consumed", [(2, 0, 0), (3, 2, 3)])
+def test_a_bounded_stream_gives_every_rank_the_same_number_of_micro_batches(data, world, workers, consumed):
+    """17 held-out samples over ranks of micro-batches of 4: rank 0's share is the longest; the others end with
+    empty micro-batches (an FSDP2 forward all-gathers, so every rank must run as many). Each sample once."""
+    stop, b = 17, 4
+    loaders = [StreamLoader(MixtureStream(sets_of(data), {"english": 1.0}, rank=r, world_size=world,
+                                          num_workers=workers, micro_batch_size=b, num_streams=24,
+                                          consumed_samples=consumed, stop_samples=stop)) for r in range(world)]
+    batches = [list(loader) for loader in loaders]
+    total = math.ceil(math.ceil((stop - consumed) / world) / b)  # the first index's rank: 9 (world 2) or 5 samples
+    assert [len(rank) for rank in batches] == [total] * world
+    assert loaders[1].stream.micro_batches_per_rank() == total
+    assert sorted(i for rank in batches for i, _, _ in identities(rank)) == list(range(consumed, stop))
+    padding = [m for rank in batches for m in rank if len(m["index"]) == 0]
+    assert padding, "this layout has a rank with a shorter share"
+    reference = batches[0][0]
+    for m in padding:
+        assert m.keys() == reference.keys()
+        assert m["input_ids"].shape == (0, SEQ) and m["input_ids"].dtype == reference["input_ids"].dtype
+        assert m["targets"].shape == (0, SEQ) and int(m["lost_samples"]) == int(m["bad_shards"]) == 0
 
 
 def test_resume_stays_exact_across_lost_samples(data, tmp_path):

@@ -37,6 +37,8 @@ def test_pinned_batches_equal_unpinned_ones_and_reach_the_gpu_intact(shard_set, 
     assert len(plain) == len(pinned) == 24
     for a, b in zip(plain, pinned):
         assert b["input_ids"].is_pinned() and b["targets"].is_pinned()
+        # contiguous: a strided pinned view is gathered into pageable memory first, and its copy is synchronous
+        assert b["input_ids"].is_contiguous() and b["targets"].is_contiguous()
         assert not a["input_ids"].is_pinned()
         for key in ("input_ids", "targets", "index", "sample_id"):
             assert torch.equal(a[key], b[key]), key

@@ -225,6 +225,18 @@ def test_the_shard_format_records_segments_and_mask_and_the_loader_yields_them(c
     assert targets == m["chat"]["target_tokens"]  # every sample once, every target counted once
 
 
+def test_a_ranks_shorter_chat_share_ends_with_empty_micro_batches_of_the_same_fields(chat_set):
+    """9 held-out samples on 2 ranks of micro-batches of 4: rank 0 reads 5 (2 micro-batches), rank 1 reads 4 and
+    ends with an empty one, with every chat field and no targets, so both run 2 forwards (FSDP2)."""
+    ranks = [list(StreamLoader(_stream(chat_set["set"], stop_samples=9, rank=r, world_size=2))) for r in range(2)]
+    assert [[len(b["index"]) for b in rank] for rank in ranks] == [[4, 1], [4, 0]]
+    empty, full = ranks[1][1], ranks[1][0]
+    assert empty.keys() == full.keys()
+    for key in ("input_ids", "targets", "position_ids", "segment_ids"):
+        assert empty[key].shape == (0, 127) and empty[key].dtype == full[key].dtype, key
+    assert empty["chat_tokens"].tolist() == [0, 0]
+
+
 def test_epochs_are_exact_reshuffled_as_a_pure_function_of_seed_and_epoch(chat_set):
     n = chat_set["manifest"]["samples"]
     ids = [int(s["sample_id"]) for s in _stream(chat_set["set"], stop_samples=3 * n)]

@@ -14,6 +14,8 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 SEQ_LEN = 64
 VOCAB = 512
+# Held-out sequences: not a multiple of ranks x micro-batch (4), so ranks' shares differ (rank 0 reads one more).
+VAL_SAMPLES = 17
 
 
 def build_corpus(root: Path) -> dict:
@@ -75,7 +77,7 @@ def write_config(path: Path, corpus: dict, run_dir: Path, tracking_uri: str, tot
                                                         "max_position_embeddings": 128},
                   "optimizer": "muon", "schedule": schedule(total_tokens), "ns_dtype": "float32"},
         "data": {"shards": corpus["shards"], "val_shards": corpus["val"], "tokenizer": corpus["tokenizer"],
-                 "micro_batch_size": 4, "num_workers": 0, "val_samples": 16, "num_streams": 96},
+                 "micro_batch_size": 4, "num_workers": 0, "val_samples": VAL_SAMPLES, "num_streams": 96},
         "trainer": {"accelerator": "cpu", "devices": 1, "precision": "32-true", "val_check_interval": 8,
                     "limit_val_batches": 2, "log_every_n_steps": 1, "enable_model_summary": False,
                     "enable_progress_bar": False},

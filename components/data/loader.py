@@ -1,13 +1,16 @@
 """`StreamLoader`: the DataLoader to train from a `MixtureStream`; it knows the global resume point.
 
 Each batch it yields is one micro-batch of this rank: `input_ids` and `targets` IntTensor[n, seq_len] (int32: two
-views of one [n, seq_len + 1] tensor, targets are the next tokens; `nn.Embedding` takes int32 indices, and the
-model's loss widens its targets), `index`, `set_id`, `sample_id` LongTensor[n], and `lost_samples`, `bad_shards`
-LongTensor[1] (data errors behind this batch, met by the worker that read it); from chat sets also `position_ids`
-and `segment_ids` IntTensor[n, seq_len] (packed sets), masked `targets` and `chat_tokens` LongTensor[2] (non-padding
-inputs, targets). n is `micro_batch_size` except
-where samples were lost to bad data (then smaller, possibly 0: every micro-batch of the data order is yielded, so
-the other samples keep their places and a consumer that counts micro-batches knows the position).
+views of one [n, seq_len + 1] tensor, or two contiguous pinned tensors with `pin_memory`; targets are the next
+tokens; `nn.Embedding` takes int32 indices, and the model's loss widens its targets), `index`, `set_id`, `sample_id`
+LongTensor[n], and `lost_samples`, `bad_shards` LongTensor[1] (data errors behind this batch, met by the worker that
+read it); from chat sets also `position_ids` and `segment_ids` IntTensor[n, seq_len] (packed sets), masked `targets`
+and `chat_tokens` LongTensor[2] (non-padding inputs, targets). n is `micro_batch_size` except where samples were
+lost to bad data (then smaller, possibly 0: every micro-batch of the data order is yielded, so the other samples
+keep their places and a consumer that counts micro-batches knows the position). A bounded stream (`stop_samples`,
+the validation set) yields the same number of micro-batches on every rank (`MixtureStream.micro_batches_per_rank`):
+a rank whose share is shorter ends with empty ones, so that a model-sharded forward (FSDP2 all-gathers in each)
+never waits for a rank that has stopped.
 
 How it is fast (see packing.py): workers write groups of micro-batches straight into a ring of shared-memory
 buffers created once per iteration and send only (worker, slot, count); tokens travel in the shards' own integer
@@ -25,7 +28,7 @@ from __future__ import annotations
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
-from .packing import group_size, iter_groups, row_width, shared_ring, unpack_group
+from .packing import group_size, iter_groups, padding_group, row_width, shared_ring, unpack_group
 from .stream import MixtureStream
 
 
@@ -84,5 +87,11 @@ class StreamLoader(DataLoader):
                 while next_ordinal in pending:
                     yield pending.pop(next_ordinal)
                     next_ordinal += 1
+            total = stream.micro_batches_per_rank()
+            if total is not None and next_ordinal < total:  # this rank's share ended early: pad (see the stream)
+                padding = padding_group(range(next_ordinal, total), b, row_width(stream.sample_width,
+                                                                                 stream.token_dtype), first, W)
+                for _, batch in unpack_group(padding, stream.seq_len, stream.token_dtype, first, W, chat=stream.chat):
+                    yield batch
         finally:
             self.dataset.ring = None  # the workers hold their own references until they exit

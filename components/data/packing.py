@@ -16,8 +16,9 @@ training process then faults in every page of it: on a 2-core host that cost mor
 - The training process reads the headers as numpy, puts micro-batches back into rank order by their ordinal,
   drops lost and padding rows, and widens the group's tokens to int32 in one numpy copy (single-threaded on
   purpose: torch's intra-op threads spin on a small copy and take the CPU the workers need). `input_ids` and
-  `targets` are two views ([:, :-1] and [:, 1:]) of one micro-batch's rows. Chat rows become the model's fields
-  (masked targets, positions, segments; `chat.model_fields`) in the same numpy pass over the group.
+  `targets` are two views ([:, :-1] and [:, 1:]) of one micro-batch's rows; with `pin` (for a GPU) they are two
+  contiguous pinned tensors instead, so that their copies to the device are asynchronous. Chat rows become the
+  model's fields (masked targets, positions, segments; `chat.model_fields`) in the same numpy pass over the group.
 """
 from __future__ import annotations
 
@@ -85,6 +86,18 @@ def iter_groups(stream, group: int, ring: torch.Tensor | None = None):
         yield buffer if ring is None else (worker, slot, len(parts))
 
 
+def padding_group(ordinals: range, micro_batch_size: int, width: int, first: int, world_size: int) -> torch.Tensor:
+    """A packed group of empty micro-batches (every row PADDING) at these ordinals of this rank, for `unpack_group`:
+    each micro-batch's first row carries the global index its ordinal starts at, which is all unpack_group reads
+    of a row it drops."""
+    b = micro_batch_size
+    buffer = torch.zeros((len(ordinals), b, width), dtype=torch.uint8)
+    headers = buffer.numpy()[:, :, :HEADER_BYTES].view(np.int64)  # [g, b, META]
+    headers[:, :, 1] = PADDING
+    headers[:, 0, 0] = first + np.asarray(ordinals, dtype=np.int64) * b * world_size
+    return buffer
+
+
 def unpack_group(packed: torch.Tensor, seq_len: int, token_dtype: np.dtype, first: int, world_size: int,
                  pin: bool = False, chat: str | None = None) -> list[tuple[int, dict]]:
     """Per micro-batch of a packed group: (ordinal on this rank, the collated dict of the samples that were read,
@@ -106,12 +119,22 @@ def unpack_group(packed: torch.Tensor, seq_len: int, token_dtype: np.dtype, firs
     nbytes = values * np.dtype(token_dtype).itemsize
     # numpy, single-threaded: torch's intra-op threads would spin on this small copy and take the CPU the
     # workers need (measured: twice the main process's CPU time on 2 cores).
-    wide = torch.empty((g, b, values), dtype=torch.int32, pin_memory=pin and chat is None)
-    np.copyto(wide.numpy(), packed.numpy()[:, :, HEADER_BYTES:HEADER_BYTES + nbytes].view(token_dtype),
-              casting="unsafe")
-    if chat is None:
+    stored = packed.numpy()[:, :, HEADER_BYTES:HEADER_BYTES + nbytes].view(token_dtype)
+    if chat is None and pin:
+        # For the GPU: inputs and targets each contiguous in pinned memory (two widening copies), so that the
+        # non-blocking host-to-device copies are asynchronous DMA — a strided view would first be gathered into a
+        # pageable temporary and copied from there.
+        pair = torch.empty((2, g, b, seq_len), dtype=torch.int32, pin_memory=True)
+        np.copyto(pair[0].numpy(), stored[:, :, :-1], casting="unsafe")
+        np.copyto(pair[1].numpy(), stored[:, :, 1:], casting="unsafe")
+        per_row = {"input_ids": pair[0], "targets": pair[1]}
+    elif chat is None:
+        wide = torch.empty((g, b, values), dtype=torch.int32)
+        np.copyto(wide.numpy(), stored, casting="unsafe")
         per_row = {"input_ids": wide[:, :, :-1], "targets": wide[:, :, 1:]}
     else:
+        wide = torch.empty((g, b, values), dtype=torch.int32)
+        np.copyto(wide.numpy(), stored, casting="unsafe")
         per_row = {k: torch.from_numpy(v) for k, v in model_fields(wide.numpy(), seq_len, chat == "packed").items()}
         if pin:
             per_row = {k: v.pin_memory() for k, v in per_row.items()}

@@ -178,6 +178,17 @@ class MixtureStream(IterableDataset):
                 yield parts
             return
 
+    def micro_batches_per_rank(self) -> int | None:
+        """How many micro-batches every rank's loader yields from `consumed_samples` to `stop_samples` (None when
+        endless): the most any rank has, i.e. the rank holding the first global index. A rank with fewer samples
+        (stop_samples not a multiple of world_size × micro_batch_size) ends with empty micro-batches
+        (`StreamLoader`), so every rank runs the same number of forward passes — under FSDP2 each forward
+        all-gathers parameters, and a rank that stopped one batch early would leave the others waiting forever."""
+        if self.stop_samples is None:
+            return None
+        samples = max(0, -(-(self.stop_samples - self.consumed_samples) // self.world_size))
+        return -(-samples // self.micro_batch_size)
+
     def chunks(self, group: int = 1):
         """(reader, [global indices of each micro-batch]) for up to `group` micro-batches of this (rank, worker)
         at a time: they are located and read together (fewer, larger numpy calls; same result). Must run in the

@@ -152,8 +152,9 @@ class ZeroOneMuon(Muon):
             k0, k1 = (a - pc.offset) // mn, math.ceil((b - pc.offset) / mn)
             keep = None
             if not bool(active[k0:k1].all()):
-                per_elem = (~active).repeat_interleave(mn).to(grad.device)
-                keep = per_elem[a - pc.offset:b - pc.offset]
+                # only this rank's matrices, expanded on the gradient's device
+                per_elem = (~active[k0:k1]).to(grad.device).repeat_interleave(mn)
+                keep = per_elem[a - pc.offset - k0 * mn:b - pc.offset - k0 * mn]
             s = slice(a - lo, b - lo)
             momentum_step(self._first[s], grad[s], group["momentum"], group["nesterov"], keep, out=x[s])
             tasks.append((pc, a, b, k0, k1, keep))
