@@ -16,8 +16,10 @@ Usage: python -m bench.optimizer_step [--preset small] [--device cpu|cuda] [--ro
 from __future__ import annotations
 
 import argparse
+import platform
 import time
 from collections import Counter
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -58,6 +60,31 @@ def timed(fn, device) -> float:
     return time.perf_counter() - start
 
 
+def matmul_rates(device: torch.device, n: int = 1024) -> str:
+    """fp32 and bf16 GEMM rates of this machine (n x n, best of 3): NS is bf16 products, so the step's ratio
+    depends on them (with a fast bf16 GEMM both NS implementations run near its peak and the step ratio is near
+    the elementwise part's)."""
+    rates = []
+    for dtype in (torch.float32, torch.bfloat16):
+        a = torch.randn(n, n, device=device).to(dtype)
+        best = min(timed(lambda a=a: a @ a, device) for _ in range(4))
+        rates.append(f"{dtype}".removeprefix("torch.") + f" {2 * n**3 / best / 1e9:.0f} GFLOP/s")
+    return ", ".join(rates)
+
+
+def cpu_model() -> str:
+    """The CPU's model name and its bf16 instruction sets (what makes a bf16 GEMM fast on CPU)."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor() or "unknown CPU"
+    name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")),
+                "unknown CPU")
+    flags = next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), [])
+    bf16 = [f for f in ("avx512_bf16", "amx_bf16") if f in flags]
+    return f"{name} ({', '.join(bf16) if bf16 else 'no bf16 instructions'})"
+
+
 def step_all(optimizers) -> None:
     for opt in optimizers:
         opt.step()
@@ -93,8 +120,11 @@ def compare_steps(preset: str, device: torch.device, rounds: int, ns_method: str
     print(f"{'optimizer':<22} {'step s':>9} {'x AdamW':>8}  all rounds")
     for name, t in times.items():
         print(f"{name:<22} {best[name]:>9.3f} {best[name] / adamw:>8.2f}  {' '.join(f'{x:.2f}' for x in t)}")
-    print(f"ours: time in Newton-Schulz {ours.last_stats['ns_seconds']:.3f} s (last step), "
+    ns = ours.last_stats["ns_seconds"]
+    print(f"ours: time in Newton-Schulz {ns:.3f} s of the last step's {times['ours: Muon+AdamW'][-1]:.3f} s, "
           f"update RMS muon {ours.last_stats.get('muon/update_rms', float('nan')):.3f}")
+    machine = cpu_model() if device.type == "cpu" else torch.cuda.get_device_name(device)
+    print(f"machine: {machine}; {matmul_rates(device)}")
     return best
 
 
