@@ -128,6 +128,30 @@ def test_a_model_built_on_cuda_has_the_cpu_builds_weights():
         assert c.device.type == "cuda" and torch.allclose(c.cpu(), b, rtol=1e-6, atol=0), name
 
 
+@pytest.mark.parametrize("packed", [False, True], ids=["causal-sdpa", "packed-flex"])
+def test_an_empty_micro_batch_runs_forward_and_backward_under_cuda_bf16_autocast(packed):
+    """A micro-batch with no rows (lost samples; a rank's padding at the end of the held-out set, which FSDP2 needs
+    every rank to run) through the kernels CUDA picks: grouped_mm experts, SDPA or FlexAttention, the fused head.
+    Its loss is NaN (nothing to average) and every parameter that a full batch reaches gets a zero gradient."""
+    model = build_model(get_preset("tiny", vocab_size=512, num_hidden_layers=2), device=CUDA, seed=0)
+    ids = torch.randint(0, 512, (2, 129), generator=torch.Generator().manual_seed(3)).to(CUDA)
+    segments = torch.ones(2, 128, dtype=torch.long, device=CUDA)
+    segments[:, 64:] = 2
+    grads = []
+    for rows in (2, 0):
+        # 'auto' is FlexAttention on CUDA; the full reference batch takes SDPA (no new flex compile in the suite)
+        model.attention_backend = "sdpa" if rows else "auto"
+        model.zero_grad(set_to_none=True)
+        extra = {"segment_ids": segments[:rows]} if packed else {}
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(ids[:rows, :-1], targets=ids[:rows, 1:], **extra).loss
+        loss.backward()
+        torch.cuda.synchronize()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+    assert torch.isnan(loss) and grads[1].keys() == grads[0].keys()
+    assert all(torch.count_nonzero(g) == 0 for g in grads[1].values())
+
+
 def test_model_in_fp32_on_cuda_matches_the_cpu():
     """The tiny MoE model (MLA through SDPA, the experts' segment loop, the fused head) on CUDA vs the same
     weights on the CPU. Where every token chose the same experts, each gradient agrees to 1e-4 (kernels and

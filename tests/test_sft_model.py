@@ -80,6 +80,29 @@ def test_packed_logits_equal_each_conversation_alone(encoder, backend):
     assert worst < 1e-5
 
 
+@pytest.mark.parametrize("backend", ["sdpa", "flex"])
+def test_an_empty_packed_micro_batch_runs_and_gives_every_parameter_a_zero_gradient(encoder, backend):
+    """A micro-batch with no rows (every sample lost, or a rank's padding at the end of the held-out set) runs the
+    forward and backward like any other (FSDP2: every rank all-gathers and reduce-scatters the same parameters):
+    flex's block mask refused a batch of 0. Its loss is undefined (NaN) and each parameter's gradient is zero."""
+    model = _model().train()
+    convs = _conversations(encoder)
+    full = _packed(convs, sum(len(ids) for ids, _ in convs) + 5)
+    empty = {k: v[:0] for k, v in full.items()}
+    grads = []
+    for batch, attention in ((full, "sdpa"), (empty, backend)):  # flex has no backward on CPU: sdpa for a full one
+        model.attention_backend = attention
+        model.zero_grad(set_to_none=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # flex on CPU runs eagerly and says so
+            out = model(batch["input_ids"], targets=batch["targets"], segment_ids=batch["segment_ids"],
+                        position_ids=batch["position_ids"])
+            out.loss.backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+    assert torch.isnan(out.loss) and grads[1].keys() == grads[0].keys()
+    assert all(torch.count_nonzero(g) == 0 for g in grads[1].values())
+
+
 @pytest.mark.parametrize("preset,tolerance", [("tiny-dense", 0.0), ("tiny", 1e-6)])
 def test_changing_one_conversation_never_changes_another(encoder, preset, tolerance):
     """Dense: bitwise. MoE: no information crosses either, but the experts' batched matmuls see other rows, so

@@ -108,7 +108,12 @@ class MultiHeadLatentAttention(nn.Module):
 
         if self.track_max_logit:
             self.max_logit = head_max_logits(q, k, c.softmax_scale, mask)
-        if isinstance(mask, DocumentMask):
+        if b == 0:
+            # An empty micro-batch (samples lost to bad data, a rank's padding at the end of the held-out set) still
+            # runs, so FSDP2's collectives stay in step; no kernel sees it (flex's block mask refuses a batch of 0,
+            # as fused SDPA kernels have), and the result stays in the graph so every parameter gets its zero grad.
+            out = v + 0 * (q.sum() + k.sum())
+        elif isinstance(mask, DocumentMask):
             out = mask.attend(q, k, v, c.softmax_scale)
         elif mask is None:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=s > 1 and k.shape[2] == s, scale=c.softmax_scale)

@@ -43,7 +43,7 @@ def expert_swiglu(xs: torch.Tensor, counts: torch.Tensor, gate: torch.Tensor, up
                   down: torch.Tensor) -> torch.Tensor:
     """down_e(silu(gate_e(x)) · up_e(x)) for rows xs sorted by expert, counts[e] rows for expert e; weights are
     stacked [experts, out, in]."""
-    if grouped_mm_supported(xs):
+    if grouped_mm_supported(xs) and xs.shape[0] > 0:  # no rows at all (an empty micro-batch): the segment loop
         offs = counts.cumsum(0).to(torch.int32)
         a = torch._grouped_mm(xs, gate.transpose(-2, -1), offs=offs)
         u = torch._grouped_mm(xs, up.transpose(-2, -1), offs=offs)
