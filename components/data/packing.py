@@ -128,16 +128,16 @@ def unpack_group(packed: torch.Tensor, seq_len: int, token_dtype: np.dtype, firs
         np.copyto(pair[0].numpy(), stored[:, :, :-1], casting="unsafe")
         np.copyto(pair[1].numpy(), stored[:, :, 1:], casting="unsafe")
         per_row = {"input_ids": pair[0], "targets": pair[1]}
-    elif chat is None:
-        wide = torch.empty((g, b, values), dtype=torch.int32)
-        np.copyto(wide.numpy(), stored, casting="unsafe")
-        per_row = {"input_ids": wide[:, :, :-1], "targets": wide[:, :, 1:]}
     else:
         wide = torch.empty((g, b, values), dtype=torch.int32)
         np.copyto(wide.numpy(), stored, casting="unsafe")
-        per_row = {k: torch.from_numpy(v) for k, v in model_fields(wide.numpy(), seq_len, chat == "packed").items()}
-        if pin:
-            per_row = {k: v.pin_memory() for k, v in per_row.items()}
+        if chat is None:
+            per_row = {"input_ids": wide[:, :, :-1], "targets": wide[:, :, 1:]}
+        else:
+            per_row = {k: torch.from_numpy(v) for k, v in model_fields(wide.numpy(), seq_len,
+                                                                        chat == "packed").items()}
+            if pin:
+                per_row = {k: v.pin_memory() for k, v in per_row.items()}
     per_row.update(index=fields[0], set_id=fields[1], sample_id=fields[2])
     names = list(per_row)
     columns = zip(*(per_row[k].unbind(0) for k in names), small[:, 0:1].unbind(0), small[:, 1:2].unbind(0))
