@@ -1,10 +1,13 @@
 """One run per run directory: an exclusive lock file held for the run's lifetime, safe on a shared volume.
 
-`RUN_DIR/run.lock` holds JSON {host, pid, since, heartbeat, token}. It is taken atomically: the holder's record is
+`RUN_DIR/run.lock` holds JSON {host, pid, start, since, heartbeat, token}. It is taken atomically: the holder's record is
 written to a unique file and hard-linked to the lock name (`link()` fails if the name exists, also on NFS, where
 O_EXCL has not always been reliable). A thread rewrites the heartbeat every `heartbeat_s` (write a temp file, rename
 over the lock: the lock never disappears). A lock is stale when its holder is on this host and no longer runs, or
 when its heartbeat is older than `stale_after_s` (a holder on another host that died); a stale lock is taken over.
+"No longer runs" compares the process, not just the pid: `start` is the holder's boot id and start time. A Job's
+replacement pod has the dead pod's hostname and a fresh PID namespace, so its trainer often gets the dead trainer's
+pid; without the start time the new process would find "its" pid alive and refuse its own run directory.
 fcntl/flock locks are not used: they are not reliable over NFS and vanish silently when a client loses its lease.
 
 Under torchrun only global rank 0 takes the lock (`train_from_cli` asks `trainer.is_global_zero`).
@@ -32,6 +35,29 @@ def _now_iso(t: float) -> str:
     return datetime.fromtimestamp(t, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
+def _process_start(pid: int) -> str | None:
+    """`<boot id>:<start time in clock ticks>` of a process: unique on a host across pid reuse; None off Linux."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            boot = f.read().strip()
+        with open(f"/proc/{pid}/stat") as f:
+            return f"{boot}:{f.read().rsplit(')', 1)[1].split()[19]}"  # field 22 (starttime), after comm
+    except (OSError, IndexError):
+        return None
+
+
+def _holder_running(record: dict) -> bool:
+    """Whether the process that wrote a lock record on this host still runs (not a newer one with its pid)."""
+    pid = int(record.get("pid", -1))
+    if not _pid_running(pid):
+        return False
+    start = record.get("start")
+    if start is None:  # a record without a start time (an older writer): the pid is all there is,
+        return pid != os.getpid()  # and this process, which holds no lock of its own, is not that holder
+    now = _process_start(pid)
+    return now is None or now == start
+
+
 def _pid_running(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -55,6 +81,7 @@ class RunLock:
         self.path = Path(run_dir) / LOCK_NAME
         self.heartbeat_s, self.stale_after_s = heartbeat_s, stale_after_s
         self.host, self.pid, self.token = socket.gethostname(), os.getpid(), uuid.uuid4().hex
+        self.start = _process_start(self.pid)
         self.since: float | None = None
         self.took_over: dict | None = None  # the stale holder replaced, if any
         self.lost = False  # set when the lock file stopped naming us (someone broke it)
@@ -63,8 +90,8 @@ class RunLock:
 
     # ---- the record ------------------------------------------------------------------------------------
     def _record(self) -> bytes:
-        return json.dumps({"host": self.host, "pid": self.pid, "since": self.since, "heartbeat": time.time(),
-                           "token": self.token}).encode()
+        return json.dumps({"host": self.host, "pid": self.pid, "start": self.start, "since": self.since,
+                           "heartbeat": time.time(), "token": self.token}).encode()
 
     def holder(self) -> dict | None:
         """The lock file's record, None when there is none (an unreadable one counts as stale, heartbeat 0)."""
@@ -78,7 +105,7 @@ class RunLock:
     def is_stale(self, record: dict) -> bool:
         if time.time() - float(record.get("heartbeat") or 0) > self.stale_after_s:
             return True
-        return record.get("host") == self.host and not _pid_running(int(record.get("pid", -1)))
+        return record.get("host") == self.host and not _holder_running(record)
 
     def describe(self, record: dict) -> str:
         age = time.time() - float(record.get("heartbeat") or 0)

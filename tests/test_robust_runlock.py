@@ -67,6 +67,40 @@ def test_the_lock_of_a_killed_process_on_this_host_is_taken_over_at_once(tmp_pat
     assert not (tmp_path / LOCK_NAME).exists()
 
 
+def test_a_lock_whose_pid_now_runs_another_process_is_taken_over_at_once(tmp_path):
+    # A Job's replacement pod: the dead pod's hostname, a fresh PID namespace, so the new trainer often has the old
+    # trainer's pid. The record's start (boot id and start time) tells the dead holder from the live newcomer.
+    sleeper = subprocess.Popen(["sleep", "60"])
+    try:
+        live = {"host": socket.gethostname(), "since": time.time() - 5, "heartbeat": time.time(), "token": "x"}
+        cases = [({**live, "pid": os.getpid(), "start": "another-boot:12345"}, True),  # this pid, older process
+                 ({**live, "pid": sleeper.pid, "start": "another-boot:12345"}, True),
+                 ({**live, "pid": os.getpid()}, True),  # an older record without a start naming this process
+                 ({**live, "pid": sleeper.pid}, False)]  # without a start: a live pid still holds
+        for record, stale in cases:
+            (tmp_path / LOCK_NAME).write_text(json.dumps(record))
+            if stale:
+                lock = RunLock(tmp_path).acquire()
+                assert lock.took_over == record
+                lock.release()
+            else:
+                with pytest.raises(RunDirInUse, match=f"in use by pid {sleeper.pid} on host"):
+                    RunLock(tmp_path).acquire()
+        # The sleeper's own start: the holder it names is that very process, alive.
+        with open(f"/proc/{sleeper.pid}/stat") as f:
+            ticks = f.read().rsplit(")", 1)[1].split()[19]
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        (tmp_path / LOCK_NAME).write_text(json.dumps({**live, "pid": sleeper.pid, "start": f"{boot}:{ticks}"}))
+        with pytest.raises(RunDirInUse, match=f"in use by pid {sleeper.pid} on host"):
+            RunLock(tmp_path).acquire()
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    lock = RunLock(tmp_path).acquire()  # the holder is gone now
+    assert lock.took_over["pid"] == sleeper.pid and lock.holder()["start"] == lock.start is not None
+    lock.release()
+
+
 def test_a_lock_from_another_host_holds_until_its_heartbeat_is_stale(tmp_path):
     record = {"host": "other-node-7", "pid": 1, "since": time.time() - 600, "heartbeat": time.time(), "token": "x"}
     (tmp_path / LOCK_NAME).write_text(json.dumps(record))
