@@ -1,16 +1,19 @@
 """Resumable checkpoint files: written whole or not at all, verified before a resume, one naming scheme, a full
-disk said in one line. Real files, a real DCP save and a real (small) tmpfs; training end to end is in
-test_robust_train.py."""
+disk said in one line; a resumed run saves each periodic checkpoint once, at the end of its step. Real files, a
+real DCP save, a real (small) tmpfs and real in-process fits; training end to end is in test_robust_train.py."""
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
+import lightning.pytorch as pl
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
+import train_helpers as th
 from robust_helpers import tmpfs
 
+from app.callbacks.checkpointing import resumable_checkpoint
 from app.checkpoint_io import LAST, list_checkpoints, save_sharded, verify_checkpoint, write_checkpoint
 from app.run import latest_checkpoint, read_checkpoint_meta
 from components.durable import InsufficientSpaceError, write_file
@@ -97,3 +100,45 @@ def test_a_sharded_checkpoint_folder_is_published_whole_and_a_truncated_shard_is
     assert verify_checkpoint(final).startswith(f"shard {shard.name} is truncated (")
     (final / "meta.pt").unlink()
     assert verify_checkpoint(final) == "meta.pt is missing"
+
+
+class _Saves(pl.Callback):
+    """The checkpoints written (global step, Lightning's count of completed micro-batches in it) and the global
+    steps validation ran at."""
+
+    def __init__(self):
+        self.saves, self.validations = [], []
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
+        loop = checkpoint["loops"]["fit_loop"]["epoch_loop.batch_progress"]["total"]
+        self.saves.append((trainer.global_step, loop["completed"]))
+
+    def on_validation_start(self, trainer, pl_module) -> None:
+        self.validations.append(trainer.global_step)
+
+
+def test_a_resumed_run_saves_each_periodic_checkpoint_once_at_the_end_of_its_step(tmp_path_factory, tmp_path):
+    # Two micro-batches a step, a checkpoint every 2 steps, validation every 4 micro-batches. The old callback,
+    # resumed from step-2, wrote step-2 again on the first micro-batch (mid-step, one micro-batch later in
+    # Lightning's loop count), and a run resumed from that copy validated one micro-batch early, at step 3.
+    corpus = th.build_corpus(tmp_path_factory.mktemp("corpus"))
+
+    def fit(directory: Path, max_steps: int, resume: Path | None = None) -> _Saves:
+        saves = _Saves()
+        th.fit_in_process(corpus, [saves, resumable_checkpoint(directory, every_n_steps=2, keep_last=5)], max_steps,
+                          trainer_args={"val_check_interval": 4, "limit_val_batches": 1},
+                          data_args={"val_shards": corpus["val"], "val_samples": 8}, ckpt_path=resume)
+        return saves
+
+    whole = fit(tmp_path / "whole", 6)
+    assert [step for step, _ in whole.saves] == [2, 4, 6] and whole.validations == [2, 4, 6]
+    parts = tmp_path / "parts"
+    runs = [fit(parts, 2)]
+    step2 = parts / "step-00000002.ckpt"
+    written = step2.stat()
+    runs.append(fit(parts, 4, step2))
+    runs.append(fit(parts, 6, parts / "step-00000004.ckpt"))
+    assert [s for run in runs for s in run.saves] == whole.saves
+    assert [v for run in runs for v in run.validations] == whole.validations
+    assert (step2.stat().st_mtime_ns, step2.stat().st_ino) == (written.st_mtime_ns, written.st_ino)
+    assert fit(parts, 6, parts / "step-00000006.ckpt").saves == []  # a finished run run again writes nothing

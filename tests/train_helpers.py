@@ -113,10 +113,10 @@ def poison_forward(module, poisoned, poison=lambda loss: loss * float("nan")) ->
 
 
 def fit_in_process(corpus: dict, callback, max_steps: int, trainer_args: dict | None = None,
-                   data_args: dict | None = None, **module_args):
+                   data_args: dict | None = None, ckpt_path: str | Path | None = None, **module_args):
     """A real Lightning fit in this process on the CPU: the tiny model (2 layers) over `corpus`, two micro-batches
-    of 4 a step, `callback` watching (`trainer_args`, `data_args`: more pl.Trainer and CrescentDataModule
-    arguments); returns the module."""
+    of 4 a step, `callback` (one or a list) watching (`trainer_args`, `data_args`: more pl.Trainer and
+    CrescentDataModule arguments; `ckpt_path`: resume from it); returns the module."""
     import lightning.pytorch as pl
 
     from app.datamodule import CrescentDataModule
@@ -128,10 +128,13 @@ def fit_in_process(corpus: dict, callback, max_steps: int, trainer_args: dict | 
                             schedule=steps, ns_dtype="float32", **module_args)
     data = CrescentDataModule(shards=corpus["shards"], tokenizer=corpus["tokenizer"], micro_batch_size=4,
                               num_workers=0, num_streams=96, schedule=steps, **(data_args or {}))
-    trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=max_steps, logger=False, callbacks=[callback],
-                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                         limit_val_batches=0, num_sanity_val_steps=0, **(trainer_args or {}))
-    trainer.fit(module, datamodule=data)
+    callbacks = callback if isinstance(callback, list) else [callback]
+    checkpointing = any(isinstance(c, pl.callbacks.ModelCheckpoint) for c in callbacks)
+    trainer = pl.Trainer(**{"accelerator": "cpu", "devices": 1, "max_steps": max_steps, "logger": False,
+                            "callbacks": callbacks, "enable_checkpointing": checkpointing,
+                            "enable_progress_bar": False, "enable_model_summary": False, "limit_val_batches": 0,
+                            "num_sanity_val_steps": 0, **(trainer_args or {})})
+    trainer.fit(module, datamodule=data, ckpt_path=None if ckpt_path is None else str(ckpt_path))
     return module
 
 

@@ -19,6 +19,19 @@ class ResumableCheckpoint(ModelCheckpoint):
     `AtomicCheckpointIO` (app/checkpoint_io.py), so it also follows preemption checkpoints.
     """
 
+    def on_train_start(self, trainer, pl_module) -> None:
+        super().on_train_start(trainer, pl_module)
+        # A resumed run starts where its checkpoint was saved: that is this step's save. (Lightning starts from 0,
+        # so the first micro-batch after a resume, still at the checkpoint's global step, wrote it again mid-step.)
+        self._last_global_step_saved = trainer.global_step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        # Only at the end of an optimizer step (never mid-accumulation), and not when this step's preemption
+        # checkpoint was just written (PreemptionCheckpoint runs first: Lightning puts checkpoint callbacks last).
+        if step_report(outputs) is None or pl_module.stop_reason == "preempted":
+            return
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+
     def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
         # Runs for every save, before the file is written: the metrics logged so far (this step's included) go to
         # the loggers' on-disk journal first, so a kill right after the checkpoint loses none of them.
