@@ -9,6 +9,7 @@ lives in `components/`.
 """
 from __future__ import annotations
 
+import sys
 from collections.abc import Mapping
 
 import lightning.pytorch as pl
@@ -372,6 +373,12 @@ class CrescentModule(pl.LightningModule):
         return (total[0] / total[1]).item() if total[1] > 0 else float("nan")
 
     def on_train_start(self) -> None:
+        if self.trainer.global_step > 0:  # resumed: the optimizer state is the checkpoint's, its settings the config's
+            optimizer = self.optimizers()
+            changes = getattr(optimizer, "optimizer", optimizer).use_constructed_settings()
+            if changes and self.trainer.is_global_zero:
+                print("crescent train: resumed with the config's optimizer settings, not the checkpoint's: "
+                      + "; ".join(changes), file=sys.stderr)
         if self.init_from is not None and self.trainer.is_global_zero:
             for logger in self.trainer.loggers:
                 if hasattr(logger, "set_tags"):

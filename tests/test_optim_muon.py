@@ -112,6 +112,26 @@ def test_a_state_dict_saved_without_update_rms_loads_with_the_default():
     assert [g["update_rms"] for g in fresh.param_groups] == [0.2] * len(fresh.param_groups)
 
 
+def test_after_a_load_the_constructed_settings_come_back_and_the_run_state_stays():
+    p = _params()
+    opt = Muon(p, lr=0.01, weight_decay=0.1, momentum=0.95)
+    _run(opt, p, 2)
+    saved = opt.state_dict()
+    saved["param_groups"][0]["skipped_steps"] = 3  # a run counter: the checkpoint's value must stay
+    resumed = Muon(p, lr=0.02, weight_decay=0.0, momentum=0.9, ns_steps=4)  # the changed config
+    resumed.load_state_dict(saved)
+    assert resumed.param_groups[0]["weight_decay"] == 0.1  # torch's way: the saved settings
+    changes = resumed.use_constructed_settings()
+    group = resumed.param_groups[0]
+    assert (group["weight_decay"], group["momentum"], group["ns_steps"]) == (0.0, 0.9, 4)
+    assert (group["lr"], group["skipped_steps"]) == (0.01, 3)
+    assert changes == ["group 0 weight_decay: 0.1 -> 0.0", "group 0 momentum: 0.95 -> 0.9",
+                       "group 0 ns_steps: 5 -> 4"]
+    for q in p:
+        assert torch.equal(resumed.state[q]["momentum_buffer"], opt.state[q]["momentum_buffer"])
+    assert resumed.use_constructed_settings() == []
+
+
 def test_one_step_is_the_papers_equation_4_with_fp32_ns():
     p = nn.Parameter(torch.randn(12, 20, generator=torch.Generator().manual_seed(1)))
     w0 = p.detach().clone()

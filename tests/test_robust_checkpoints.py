@@ -142,3 +142,25 @@ def test_a_resumed_run_saves_each_periodic_checkpoint_once_at_the_end_of_its_ste
     assert [v for run in runs for v in run.validations] == whole.validations
     assert (step2.stat().st_mtime_ns, step2.stat().st_ino) == (written.st_mtime_ns, written.st_ino)
     assert fit(parts, 6, parts / "step-00000006.ckpt").saves == []  # a finished run run again writes nothing
+
+
+class _Groups(pl.Callback):
+    def on_train_end(self, trainer, pl_module) -> None:
+        self.groups = {g["name"]: g for g in pl_module.optimizers().optimizer.param_groups}
+
+
+def test_a_run_resumed_with_changed_optimizer_settings_trains_with_them_and_says_so(tmp_path_factory, tmp_path,
+                                                                                    capfd):
+    # torch's load_state_dict puts the checkpoint's weight decay and momentum back; the run's MLflow record says
+    # the config changed them (param_changed.*), so the config's must be what the resumed steps use.
+    corpus = th.build_corpus(tmp_path_factory.mktemp("corpus"))
+    th.fit_in_process(corpus, [resumable_checkpoint(tmp_path, every_n_steps=2)], 2, weight_decay=0.1)
+    capfd.readouterr()
+    groups = _Groups()
+    th.fit_in_process(corpus, [groups, resumable_checkpoint(tmp_path, every_n_steps=2)], 3,
+                      ckpt_path=tmp_path / "step-00000002.ckpt", weight_decay=0.0, momentum=0.9)
+    assert groups.groups["muon"]["weight_decay"] == groups.groups["adamw"]["weight_decay"] == 0.0
+    assert groups.groups["muon"]["momentum"] == 0.9
+    err = capfd.readouterr().err
+    assert "crescent train: resumed with the config's optimizer settings, not the checkpoint's: " in err
+    assert "group muon weight_decay: 0.1 -> 0.0" in err and "group muon momentum: 0.95 -> 0.9" in err

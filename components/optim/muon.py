@@ -71,6 +71,7 @@ class Muon(torch.optim.Optimizer):
                         scale_mode=scale_mode, update_rms=update_rms,
                         scale_hidden_size=scale_hidden_size, adamw_betas=tuple(adamw_betas), adamw_eps=adamw_eps,
                         algorithm="muon", skipped_steps=0)
+        self._constructed: list[dict] = []  # each group's settings as built (add_param_group appends)
         super().__init__(params, defaults)
         self.nonfinite = nonfinite
         self.telemetry = telemetry
@@ -84,6 +85,21 @@ class Muon(torch.optim.Optimizer):
         super().add_param_group(param_group)
         validate_group(self.param_groups[-1])
         self._check_placement(self.param_groups[-1])
+        self._constructed.append(_settings(self.param_groups[-1]))
+
+    def use_constructed_settings(self) -> list[str]:
+        """Every group's hyperparameters back to what this optimizer was built with, keeping the run's state
+        (`GROUP_STATE_KEYS`). `load_state_dict` takes the saved groups' settings, as torch's optimizers do; a
+        trainer that resumes with a changed config calls this after loading, so the config's weight decay,
+        momentum, NS steps, ... take effect. Returns one 'group NAME key: saved -> now' per change."""
+        changes = []
+        for i, (group, settings) in enumerate(zip(self.param_groups, self._constructed)):
+            for key, value in settings.items():
+                if key not in group or group[key] != value:
+                    changes.append(f"group {settings.get('name', i)} {key}: {group.get(key, '(none)')!r} -> "
+                                   f"{value!r}")
+            group.update(settings)
+        return changes
 
     def _check_placement(self, group: dict) -> None:
         """Plain tensors only: a DTensor's local shard is not a whole matrix, so NS on it would be wrong."""
@@ -250,6 +266,14 @@ class Muon(torch.optim.Optimizer):
         if stats.reduced_bytes:
             self.comm.count("all_reduce_telemetry", sent_bytes("all_reduce", stats.reduced_bytes,
                                                                self.comm.world_size))
+
+
+# Group entries that are the run's state, not its settings: what a checkpoint restores and a config does not set.
+GROUP_STATE_KEYS = ("params", "param_names", "lr", "skipped_steps")
+
+
+def _settings(group: dict) -> dict:
+    return {k: v for k, v in group.items() if k not in GROUP_STATE_KEYS}
 
 
 # Group settings added after checkpoints were first written, with the value every step used before they existed.
