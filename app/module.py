@@ -147,6 +147,13 @@ class CrescentModule(pl.LightningModule):
         return self.consumed_samples * self.seq_len
 
     def setup(self, stage: str) -> None:
+        limit = self.trainer.limit_train_batches
+        if stage == "fit" and not (limit is None or (isinstance(limit, float) and limit == 1.0)):  # 1 (int): 1 batch
+            # An epoch that ends re-iterates the loader from where this process started (mid-step too): samples
+            # would repeat while consumed_samples advances, and a resume would no longer match.
+            raise ConfigError(f"trainer.limit_train_batches={limit!r} is not supported: the training stream is one "
+                              "pass in global sample order with no epochs; bound the run with trainer.max_steps or "
+                              "the schedule's tokens instead")
         if self.init_from is not None:
             try:
                 self.init_from.check_tokenizer(self.trainer.datamodule.data_fingerprints())

@@ -139,6 +139,8 @@ def test_two_gloo_processes_match_single_process_losses(strategy, corpus, refere
     (("--model.preset", "huge"), "model preset 'huge'"),
     (("--model.lr_scale", "-1"), "model.lr_scale=-1.0"),
     (("--data.micro_batch_size", "3"), "batch_size=16 is not divisible by data.micro_batch_size"),
+    (("--trainer.limit_train_batches", "3"), "trainer.limit_train_batches=3 is not supported: the training stream "
+                                             "is one pass in global sample order with no epochs"),
 ])
 def test_bad_config_stops_before_training_naming_the_key(override, key, corpus, tmp_path):
     config = th.write_config(tmp_path / "config.yaml", corpus, tmp_path / "run", f"sqlite:///{tmp_path}/m.db", TOKENS)
