@@ -349,6 +349,8 @@ class CrescentModule(pl.LightningModule):
 
     # -------------------------------------------------------------------------------------------- validation
     def validation_step(self, batch, batch_idx):
+        if self._final_val_step == self.trainer.global_step:
+            return None  # the pass Lightning adds after stop(): the whole set's loss at this step is logged already
         # Every micro-batch runs the forward, an empty one too (samples lost to bad data, or this rank's padding at
         # the end of the held-out set): under FSDP2 each forward all-gathers, and every rank must take part.
         out = self.model(batch["input_ids"], targets=batch["targets"], **packed_inputs(batch))
@@ -412,6 +414,8 @@ class CrescentModule(pl.LightningModule):
         self._val = torch.zeros(2)
 
     def on_validation_epoch_end(self) -> None:
+        if self._final_val_step == self.trainer.global_step:
+            return  # (see validation_step) its limit_val_batches subset must not replace the whole set's val/loss
         total = self._all_reduce(self._val, "sum")
         if total[1] > 0:
             self.val_loss = (total[0] / total[1]).item()

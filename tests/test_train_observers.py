@@ -81,3 +81,26 @@ def test_a_truncated_shard_streams_through_training_and_mlflow_counts_the_lost_s
     assert lost and lost[0][1] > 0 and min(bad) >= 1  # logged on the steps they happened, from the first one
     assert [v for _, v in lost] == sorted(v for _, v in lost)  # running totals of the whole job
     assert lost[-1][1] < STEPS * 16  # samples of that one shard only
+
+
+def test_a_completed_schedule_logs_one_final_val_loss_the_whole_held_out_sets(corpus, tmp_path):
+    # 16 steps of 8 sequences, 8 held-out sequences, Lightning's validation limited to one micro-batch of 4. At
+    # the step the schedule completes the module logs the loss over the whole set; the pass Lightning adds after a
+    # stop used to log its 4-sequence subset at the same step, after it (what a reader taking the last value got).
+    import lightning.pytorch as pl
+    from lightning.pytorch.loggers import CSVLogger
+
+    logger = CSVLogger(tmp_path, name="csv", version=0)
+    final = {}
+
+    class Final(pl.Callback):
+        def on_train_end(self, trainer, pl_module) -> None:
+            final["whole set"] = pl_module.held_out_loss()
+
+    module = th.fit_in_process(corpus, Final(), 20, total_tokens=16 * 8 * th.SEQ_LEN,
+                               trainer_args={"logger": logger, "limit_val_batches": 1, "val_check_interval": 100},
+                               data_args={"val_shards": corpus["val"], "val_samples": 8})
+    logger.finalize("success")
+    rows = [r for r in csv.DictReader(open(tmp_path / "csv" / "version_0" / "metrics.csv")) if r.get("val/loss")]
+    assert [int(r["step"]) for r in rows] == [0, 16] and module.stop_reason == "schedule_complete"
+    assert float(rows[-1]["val/loss"]) == pytest.approx(final["whole set"], abs=1e-6) == module.val_loss

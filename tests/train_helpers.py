@@ -113,16 +113,17 @@ def poison_forward(module, poisoned, poison=lambda loss: loss * float("nan")) ->
 
 
 def fit_in_process(corpus: dict, callback, max_steps: int, trainer_args: dict | None = None,
-                   data_args: dict | None = None, ckpt_path: str | Path | None = None, **module_args):
+                   data_args: dict | None = None, ckpt_path: str | Path | None = None, total_tokens: int = 200_000,
+                   **module_args):
     """A real Lightning fit in this process on the CPU: the tiny model (2 layers) over `corpus`, two micro-batches
     of 4 a step, `callback` (one or a list) watching (`trainer_args`, `data_args`: more pl.Trainer and
-    CrescentDataModule arguments; `ckpt_path`: resume from it); returns the module."""
+    CrescentDataModule arguments; `ckpt_path`: resume from it; `total_tokens`: the schedule's); returns the module."""
     import lightning.pytorch as pl
 
     from app.datamodule import CrescentDataModule
     from app.module import CrescentModule
 
-    steps = schedule(200_000, batch_size=8)
+    steps = schedule(total_tokens, batch_size=8)
     module = CrescentModule(preset="tiny", model_overrides={"vocab_size": VOCAB, "num_hidden_layers": 2,
                                                             "max_position_embeddings": 128},
                             schedule=steps, ns_dtype="float32", **module_args)
