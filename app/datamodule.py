@@ -17,7 +17,7 @@ from app.module import ConfigError
 from components.data.epochs import EpochSchedule, resolve_training_schedule
 from components.data.loader import StreamLoader
 from components.data.shards import read_manifest
-from components.data.stream import MixtureStream
+from components.data.stream import MixtureStream, data_order
 from components.schedule import StageSchedule
 
 
@@ -109,6 +109,12 @@ class CrescentDataModule(pl.LightningDataModule):
         if len(names) > 1:
             raise ValueError(f"the training chat sets use different chat templates: {sorted(map(str, names))}")
         return names.pop() if names else None
+
+    def data_order(self, consumed_samples: int) -> dict:
+        """What places each of the first `consumed_samples` training samples (saved in checkpoints, compared on
+        resume; components/data/stream.py `data_order`)."""
+        return data_order(self.shards, self.schedule, seq_len=self.schedule.seq_len, num_streams=self.num_streams,
+                          seed=self.seed, consumed_samples=consumed_samples)
 
     def _fingerprint(self) -> str | None:
         if not self.tokenizer_dir:

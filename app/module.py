@@ -19,7 +19,7 @@ import torch.distributed as dist
 from app.sft import ChatTokens, InitFrom, loss_weight, packed_inputs
 from app.step import StepReport
 from components.data.epochs import EpochSchedule, resolve_training_schedule
-from components.data.stream import check_stream_layout
+from components.data.stream import check_stream_layout, data_order_changes
 from components.model.attention_stats import take_max_logits
 from components.model.balancing import update_routing_biases
 from components.model.config import ModelConfig, get_preset
@@ -435,7 +435,13 @@ class CrescentModule(pl.LightningModule):
             "mlflow": mlflow.state_dict() if mlflow is not None else {},
             "stage": self.schedule.at(self.tokens_seen).stage_name,
             "model_config": self.model_config.to_dict(),
+            "data_order": self._data_order(),
         }
+
+    def _data_order(self) -> dict | None:
+        """The data order of the samples consumed so far (components/data/stream.py `data_order`)."""
+        datamodule = getattr(self.trainer, "datamodule", None)
+        return datamodule.data_order(self.consumed_samples) if hasattr(datamodule, "data_order") else None
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         state = checkpoint.get("crescent", {})
@@ -444,3 +450,11 @@ class CrescentModule(pl.LightningModule):
         self.nonfinite_in_a_row = int(state.get("nonfinite_in_a_row", 0))
         self.lost_samples = int(state.get("lost_samples", 0))
         self.bad_shards = int(state.get("bad_shards", 0))
+        saved, now = state.get("data_order"), self._data_order()
+        changes = data_order_changes(saved, now) if saved is not None and now is not None else []
+        if changes:
+            raise ConfigError(
+                f"the configuration orders the checkpoint's {self.consumed_samples} consumed samples differently, so "
+                f"a resume would repeat some and skip others: {'; '.join(changes)}. Resume with the checkpoint's "
+                "data settings (later stages may change), or start a new run (another run.dir, model.init_from "
+                "an export)")

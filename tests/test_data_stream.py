@@ -366,3 +366,46 @@ def test_memory_maps_are_capped_and_the_rest_is_read(tmp_path, monkeypatch):
     capped, most_capped = run()
     assert most_unlimited > 2 and most_capped <= 2
     assert torch.equal(capped, unlimited)
+
+
+def test_the_data_order_is_equal_exactly_when_the_consumed_samples_come_out_the_same(data):
+    # What a checkpoint records about its consumed samples (components/data/stream.data_order) against the truth:
+    # the first n samples each configuration's stream yields. A resume compares the two records.
+    from components.data.stream import data_order, data_order_changes
+
+    n, boundary = 40, 30 * SEQ  # the second stage starts at sample 30: inside the consumed samples
+
+    def schedule(first, second, cooldown_start=50 * SEQ):
+        return StageSchedule([Stage("main", boundary, "constant", 1.0, 1.0, 8, first),
+                              Stage("mix", cooldown_start, "constant", 1.0, 1.0, 8, second),
+                              Stage("cooldown", 10_000, "constant", 1.0, 1.0, 8, {"code": 1.0})], seq_len=SEQ)
+
+    base = {"sets": sets_of(data), "mixture": schedule({"english": 1.0}, {"english": 0.6, "code": 0.4}),
+            "num_streams": 48, "seed": 7}
+    variants = {
+        "unchanged": {},
+        "a later stage's mixture": {"mixture": schedule({"english": 1.0}, {"english": 0.6, "code": 0.4},
+                                                        cooldown_start=60 * SEQ)},
+        "the current stage's mixture": {"mixture": schedule({"english": 1.0}, {"english": 0.5, "code": 0.5})},
+        "the sets' order": {"sets": dict(reversed(list(sets_of(data).items())))},
+        "num_streams": {"num_streams": 96},
+        "seed": {"seed": 8},
+    }
+
+    def first_samples(config):
+        stream = MixtureStream(config["sets"], config["mixture"], num_streams=config["num_streams"],
+                               seed=config["seed"], stop_samples=n)
+        return [it["input_ids"].tolist() for it in stream]
+
+    def order(config):
+        return data_order(config["sets"], config["mixture"], seq_len=SEQ, num_streams=config["num_streams"],
+                          seed=config["seed"], consumed_samples=n)
+
+    reference, reference_order = first_samples(base), order(base)
+    for what, change in variants.items():
+        config = {**base, **change}
+        same_samples = first_samples(config) == reference
+        assert same_samples == (what in ("unchanged", "a later stage's mixture")), what
+        assert (order(config) == reference_order) == same_samples, what
+        assert bool(data_order_changes(reference_order, order(config))) == (not same_samples), what
+    assert data_order_changes(reference_order, order({**base, "num_streams": 96})) == ["data.num_streams: 48 -> 96"]

@@ -164,3 +164,18 @@ def test_a_run_resumed_with_changed_optimizer_settings_trains_with_them_and_says
     err = capfd.readouterr().err
     assert "crescent train: resumed with the config's optimizer settings, not the checkpoint's: " in err
     assert "group muon weight_decay: 0.1 -> 0.0" in err and "group muon momentum: 0.95 -> 0.9" in err
+
+
+@pytest.mark.parametrize("change,named", [({"num_streams": 192}, "data.num_streams: 96 -> 192"),
+                                          ({"seed": 5}, "data.seed: 0 -> 5")])
+def test_a_resume_that_would_reorder_the_consumed_samples_is_refused_naming_the_change(change, named,
+                                                                                      tmp_path_factory, tmp_path):
+    from app.module import ConfigError
+
+    corpus = th.build_corpus(tmp_path_factory.mktemp("corpus"))
+    th.fit_in_process(corpus, [resumable_checkpoint(tmp_path, every_n_steps=2)], 2)
+    with pytest.raises(ConfigError) as err:
+        th.fit_in_process(corpus, [resumable_checkpoint(tmp_path, every_n_steps=2)], 3,
+                          ckpt_path=tmp_path / "step-00000002.ckpt", data_args=change)
+    assert str(err.value).startswith("the configuration orders the checkpoint's 16 consumed samples differently, "
+                                     f"so a resume would repeat some and skip others: {named}. Resume with the ")

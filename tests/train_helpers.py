@@ -127,8 +127,8 @@ def fit_in_process(corpus: dict, callback, max_steps: int, trainer_args: dict | 
     module = CrescentModule(preset="tiny", model_overrides={"vocab_size": VOCAB, "num_hidden_layers": 2,
                                                             "max_position_embeddings": 128},
                             schedule=steps, ns_dtype="float32", **module_args)
-    data = CrescentDataModule(shards=corpus["shards"], tokenizer=corpus["tokenizer"], micro_batch_size=4,
-                              num_workers=0, num_streams=96, schedule=steps, **(data_args or {}))
+    data = CrescentDataModule(**{"shards": corpus["shards"], "tokenizer": corpus["tokenizer"], "micro_batch_size": 4,
+                                 "num_workers": 0, "num_streams": 96, "schedule": steps, **(data_args or {})})
     callbacks = callback if isinstance(callback, list) else [callback]
     checkpointing = any(isinstance(c, pl.callbacks.ModelCheckpoint) for c in callbacks)
     trainer = pl.Trainer(**{"accelerator": "cpu", "devices": 1, "max_steps": max_steps, "logger": False,

@@ -84,6 +84,19 @@ class MixturePlan:
             return cls(set_names, [(start, s.mixture) for s, start in zip(mixture.stages, mixture.starts)], seq_len)
         return cls(set_names, [(0, dict(mixture))], seq_len)
 
+    def prefix(self, n: int) -> list:
+        """The mixture of global samples [0, n): [first, end, [[set, weight], ...]] per stage that starts below n
+        (weights normalized, sets in the order `choose` uses, zero weights left out). Two plans with equal prefixes
+        choose the same set for every one of those samples."""
+        out = []
+        for k, start in enumerate(self.starts.tolist()):
+            if start >= n and k > 0:
+                break
+            end = int(self.starts[k + 1]) if k + 1 < len(self.starts) else n
+            weights = np.diff(np.concatenate([[0.0], np.minimum(self.cum[k], 1.0)]))
+            out.append([start, min(end, n), [[name, float(w)] for name, w in zip(self.set_names, weights) if w > 0]])
+        return out
+
     def choose(self, seed: int, index: np.ndarray) -> np.ndarray:
         """The shard set (its position in `set_names`) of each global sample index."""
         index = np.asarray(index, dtype=np.int64)

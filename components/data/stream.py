@@ -99,6 +99,33 @@ def check_stream_layout(num_streams: int, world_size: int, num_workers: int, mic
             " has one owner; choose num_streams as a multiple of every layout the job may resume on")
 
 
+def data_order(sets: Mapping[str, str], mixture, *, seq_len: int, num_streams: int, seed: int,
+               consumed_samples: int) -> dict:
+    """What decides which sample sits at each of the global indices [0, consumed_samples): the virtual streams,
+    the seed, the mixture of those samples and the shard layout of every set they draw from. A resume continues
+    exactly (nothing repeated or skipped) only when this is equal for the checkpoint and the configuration."""
+    plan = MixturePlan.from_mixture(list(sets), mixture, seq_len)
+    prefix = plan.prefix(consumed_samples)
+    used = sorted({name for _, _, weights in prefix for name, _ in weights})
+    return {"num_streams": num_streams, "seed": seed, "mixture": prefix,
+            "shard_samples": {name: [int(s["samples"]) for s in read_manifest(sets[name])["shards"]] for name in used}}
+
+
+def data_order_changes(saved: dict, now: dict) -> list[str]:
+    """One 'what: checkpoint -> configuration' per difference of two `data_order` results."""
+    changes = [f"data.{key}: {saved.get(key)!r} -> {now.get(key)!r}" for key in ("num_streams", "seed")
+               if saved.get(key) != now.get(key)]
+    if saved.get("mixture") != now.get("mixture"):
+        changes.append(f"the mixture of the consumed samples ([first, end, [[set, weight]]] per stage): "
+                       f"{saved.get('mixture')} -> {now.get('mixture')}")
+    before, after = saved.get("shard_samples", {}), now.get("shard_samples", {})
+    for name in sorted(set(before) & set(after)):
+        if before[name] != after[name]:
+            changes.append(f"shard set {name!r}: {len(before[name])} shards of {sum(before[name])} samples -> "
+                           f"{len(after[name])} shards of {sum(after[name])} samples")
+    return changes
+
+
 class MixtureStream(IterableDataset):
     """Infinite (or `stop_samples`-bounded) stream of packed samples from several shard sets.
 
