@@ -289,6 +289,8 @@ class CrescentModule(pl.LightningModule):
             stats = dict(getattr(opt.optimizer, "last_stats", {}) or {})
             if stats.get("nonfinite"):  # the optimizer found a non-finite gradient and updated nothing
                 skip_reason = "gradient"
+        else:  # skipped through the optimizer, so the step is counted (global_step) as a gradient skip is
+            opt.step(skip=True)
         opt.zero_grad(set_to_none=True)
         counts = self._window_counts
         if counts is not None and self.trainer.world_size > 1:

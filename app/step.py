@@ -15,7 +15,7 @@ import torch
 
 @dataclass(frozen=True)
 class StepReport:
-    step: int                 # optimizer steps taken, this one included (the trainer's global step)
+    step: int                 # optimizer steps taken or skipped, this one included (the trainer's global step)
     tokens: int               # tokens seen after this step (the schedule's clock)
     consumed_samples: int     # the data position after this step (global samples)
     loss: float               # mean training loss of the step's finite micro-batches (nan when none was)

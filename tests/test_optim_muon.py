@@ -132,6 +132,22 @@ def test_after_a_load_the_constructed_settings_come_back_and_the_run_state_stays
     assert resumed.use_constructed_settings() == []
 
 
+def test_a_step_the_caller_skips_updates_nothing_and_counts_as_skipped():
+    p = _params()
+    opt = Muon(p, lr=0.01)
+    _run(opt, p, 1)
+    weights = [q.detach().clone() for q in p]
+    buffers = [opt.state[q]["momentum_buffer"].clone() for q in p]
+    for q in p:
+        q.grad = torch.full_like(q, float("nan"))  # what a non-finite loss leaves
+    opt.step(skip=True)
+    assert all(torch.equal(q, w) for q, w in zip(p, weights))
+    assert all(torch.equal(opt.state[q]["momentum_buffer"], b) for q, b in zip(p, buffers))
+    assert opt.last_stats["nonfinite"] == 1.0 and opt.param_groups[0]["skipped_steps"] == 1
+    _run(opt, p, 1, start=1)
+    assert opt.last_stats["nonfinite"] == 0.0 and not all(torch.equal(q, w) for q, w in zip(p, weights))
+
+
 def test_one_step_is_the_papers_equation_4_with_fp32_ns():
     p = nn.Parameter(torch.randn(12, 20, generator=torch.Generator().manual_seed(1)))
     w0 = p.detach().clone()

@@ -48,7 +48,7 @@ def test_off_and_infinite_threshold_train_bitwise_alike_and_off_tracks_nothing(c
 
 def test_every_updating_step_clips_and_a_skipped_step_does_not(corpus):
     # Micro-batch 3 is the second half of step 2's window: that step is skipped.
-    clipped = _fit(corpus, 3, poisoned={3}, qk_clip_threshold=TAU)
+    clipped = _fit(corpus, 4, poisoned={3}, qk_clip_threshold=TAU)
     reports = clipped.reports
     assert [r.skip_reason for r in reports] == [None, "loss", None, None]
     assert reports[0].qk_clipped_heads.tolist() == [4, 4]  # every head's max logit started above τ

@@ -60,11 +60,13 @@ def _nan_gradient(weight):
 def test_a_nan_window_is_skipped_and_training_goes_on(corpus):
     # Batch 8 of micro-batch 4: two micro-batches a step. Micro-batch 3 is the second half of step 2's window.
     callback = PoisonLoss(lambda micro: micro == 3)
-    module = fit_in_process(corpus, callback, max_steps=4)
+    module = fit_in_process(corpus, callback, max_steps=5)
     skipped = [s for s, _, _, _, _ in callback.after_step]
-    assert skipped == [0, 1, 1, 1, 1] and module.skipped_steps == 1  # 4 real steps, 1 skipped in between
+    assert skipped == [0, 1, 1, 1, 1] and module.skipped_steps == 1  # 5 steps, the second one skipped
     assert [c for _, c, _, _, _ in callback.after_step] == [8, 16, 24, 32, 40]  # the poisoned data is consumed
     assert [r.skip_reason for r in callback.reports] == [None, "loss", None, None, None]
+    # The skipped step has its own number, as a gradient skip does: one value per metric and step in the store.
+    assert [r.step for r in callback.reports] == [1, 2, 3, 4, 5]
     (_, _, before, state_before, _), (_, _, after, state_after, _) = callback.after_step[0], callback.after_step[1]
     for a, b in zip(before, after):  # the skipped step left every weight exactly as it was
         assert torch.equal(a, b)

@@ -129,12 +129,18 @@ class Muon(torch.optim.Optimizer):
 
     # ----------------------------------------------------------------------------------------- the step
     @torch.no_grad()
-    def step(self, closure=None):
-        """The gradient summary (a non-finite gradient skips the step or raises), the update, the telemetry."""
+    def step(self, closure=None, skip: bool = False):
+        """The gradient summary (a non-finite gradient skips the step or raises), the update, the telemetry.
+        `skip=True`: the caller has found the step must not update (a non-finite loss, agreed by every rank):
+        nothing is read or updated, no collective runs, and the step counts as skipped as one with a non-finite
+        gradient does (so a trainer's step counter advances the same way for both)."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if skip:
+            self._count_skipped()
+            return loss
         if self.comm is not None:
             self.comm.new_step()
         codes = self._grad_codes()
@@ -240,11 +246,14 @@ class Muon(torch.optim.Optimizer):
         if self.nonfinite == "raise":
             raise FloatingPointError(f"Muon: non-finite gradient in {len(bad)} parameter(s), e.g. {where}; "
                                      "nothing was updated (set nonfinite='skip' to skip such steps)")
+        self._count_skipped()
+        return True
+
+    def _count_skipped(self) -> None:
         for group in self.param_groups:
             group["skipped_steps"] += 1
         self.last_stats = {"skipped_steps": float(self.param_groups[0]["skipped_steps"]), "nonfinite": 1.0,
                            "ns_seconds": 0.0}
-        return True
 
     def _param_names(self) -> dict:
         out = {}
