@@ -191,10 +191,20 @@ def _train(cli, run: RunOptions) -> int:
     trainer, module, datamodule = cli.trainer, cli.model, cli.datamodule
     logger = mlflow_logger(trainer.loggers)
     ckpt = resume_checkpoint(run, announce=trainer.is_global_zero)
+    branch_tags = {}
     if ckpt is not None:
         meta = read_checkpoint_meta(ckpt)
-        if meta.get("mlflow"):
+        if meta.get("mlflow") and Path(ckpt).resolve().is_relative_to(run.path.resolve()):
             logger.load_state_dict(meta["mlflow"], resume_step=meta["global_step"])
+        elif meta.get("mlflow"):
+            # Another run's checkpoint (run.resume naming it from a new run.dir): a branch. Continuing that run
+            # would splice this one's steps into its history; it gets a run of its own, which says where it began.
+            # (Its run id may be unknown: a checkpoint written before the run was created names it by run key.)
+            source = meta["mlflow"]
+            branch_tags = {"crescent.resumed_from_run_key": source.get("run_key"),
+                           "crescent.resumed_from_step": meta["global_step"],
+                           "crescent.resumed_from_checkpoint": str(Path(ckpt).resolve()),
+                           **({"crescent.resumed_from_run_id": source["run_id"]} if source.get("run_id") else {})}
         if trainer.is_global_zero:
             print(f"crescent train: resuming from {ckpt} ({meta.get('tokens_seen', 0):,} tokens seen)", file=sys.stderr)
     try:
@@ -211,6 +221,8 @@ def _train(cli, run: RunOptions) -> int:
         for each in trainer.loggers:
             each.log_hyperparams(params)
         logger.log_artifact(str(run.path / "config.yaml"))
+        if branch_tags and logger is not None:
+            logger.set_tags(branch_tags)
     status = "success"
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt) if ckpt else None)

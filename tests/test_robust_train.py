@@ -191,3 +191,26 @@ def test_an_unreadable_explicit_resume_checkpoint_is_one_line_naming_the_file(co
         "checkpoint")
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_a_run_resumed_from_another_runs_checkpoint_gets_its_own_mlflow_run_naming_where_it_began(corpus, tmp_path):
+    # run.resume naming run A's checkpoint from a new run.dir is a branch: it used to continue A's MLflow run, whose
+    # history then lost the branch's steps A already had and gained the rest.
+    uri = f"sqlite:///{tmp_path}/mlruns.db"
+    config = th.write_config(tmp_path / "a.yaml", corpus, tmp_path / "a", uri, TOKENS)
+    th.crescent("train", "--config", str(config), "--trainer.max_steps", "4", cwd=tmp_path)
+    client = MlflowClient(uri)
+    (run_a,) = client.search_runs([client.get_experiment_by_name("test").experiment_id])
+    history_a = [(m.step, m.value) for m in client.get_metric_history(run_a.info.run_id, "train/loss")]
+    start = tmp_path / "a" / "checkpoints" / "step-00000002.ckpt"
+    th.crescent("train", "--config", str(config), "--run.dir", str(tmp_path / "b"), "--run.resume", str(start),
+                "--model.lr_scale", "0.5", "--trainer.max_steps", "5", cwd=tmp_path)
+    runs = {r.info.run_id: r for r in client.search_runs([client.get_experiment_by_name("test").experiment_id])}
+    assert len(runs) == 2
+    (run_b,) = [r for run_id, r in runs.items() if run_id != run_a.info.run_id]
+    assert [(m.step, m.value) for m in client.get_metric_history(run_a.info.run_id, "train/loss")] == history_a
+    assert [m.step for m in client.get_metric_history(run_b.info.run_id, "train/loss")] == [3, 4, 5]
+    assert run_b.data.tags["crescent.resumed_from_run_key"] == run_a.data.tags["crescent.run_key"]
+    assert run_b.data.tags["crescent.resumed_from_step"] == "2"
+    assert run_b.data.tags["crescent.resumed_from_checkpoint"] == str(start.resolve())
+    assert run_b.data.params["model.lr_scale"] == "0.5" and run_b.info.status == "FINISHED"
