@@ -191,6 +191,10 @@ def test_resume_stays_exact_across_lost_samples(data, tmp_path):
     resumed = take(loader(11 * 4), 19)  # the position after 11 micro-batches of 4
     assert identities(resumed) == identities(straight[11:])
     assert sum(len(b["index"]) for b in straight) < 30 * 4  # some samples were lost on the way
+    # Each micro-batch counts its own lost samples (a worker's read-ahead used to put a whole group's on its first
+    # micro-batch: reported steps early, and a resume counted again what the checkpoint already held).
+    assert [int(b["lost_samples"]) for b in straight] == [4 - len(b["index"]) for b in straight]
+    assert [int(b["lost_samples"]) for b in resumed] == [4 - len(b["index"]) for b in straight[11:]]
 
 
 def test_wrong_length_sample_and_missing_shard_are_counted(data, tmp_path):

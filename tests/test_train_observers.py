@@ -78,7 +78,9 @@ def test_a_truncated_shard_streams_through_training_and_mlflow_counts_the_lost_s
         range(1, STEPS + 1))  # training went on
     lost = sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, "data/lost_samples"))
     bad = [m.value for m in client.get_metric_history(run.info.run_id, "data/bad_shards")]
-    assert lost and lost[0][1] > 0 and min(bad) >= 1  # logged on the steps they happened, from the first one
+    # Logged at the steps they happened: the failed read (read-ahead: a step or more before its samples are due),
+    # then each step whose micro-batches miss samples (tests/test_data_stream.py checks each micro-batch's count).
+    assert lost and lost[-1][1] > 0 and min(bad) >= 1
     assert [v for _, v in lost] == sorted(v for _, v in lost)  # running totals of the whole job
     assert lost[-1][1] < STEPS * 16  # samples of that one shard only
 

@@ -3,8 +3,8 @@
 Each batch it yields is one micro-batch of this rank: `input_ids` and `targets` IntTensor[n, seq_len] (int32: two
 views of one [n, seq_len + 1] tensor, or two contiguous pinned tensors with `pin_memory`; targets are the next
 tokens; `nn.Embedding` takes int32 indices, and the model's loss widens its targets), `index`, `set_id`, `sample_id`
-LongTensor[n], and `lost_samples`, `bad_shards` LongTensor[1] (data errors behind this batch, met by the worker that
-read it); from chat sets also `position_ids` and `segment_ids` IntTensor[n, seq_len] (packed sets), masked `targets`
+LongTensor[n], and `lost_samples`, `bad_shards` LongTensor[1] (this batch's samples lost to bad data; the shard reads
+that failed while its worker read it); from chat sets also `position_ids` and `segment_ids` IntTensor[n, seq_len] (packed sets), masked `targets`
 and `chat_tokens` LongTensor[2] (non-padding inputs, targets). n is `micro_batch_size` except where samples were
 lost to bad data (then smaller, possibly 0: every micro-batch of the data order is yielded, so the other samples
 keep their places and a consumer that counts micro-batches knows the position). A bounded stream (`stop_samples`,

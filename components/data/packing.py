@@ -6,7 +6,7 @@ training process then faults in every page of it: on a 2-core host that cost mor
 - A worker packs up to `group` of its micro-batches (about 2 MB, less with many workers so that the whole ring
   stays within `StreamLoader.RING_BYTES`; the first groups of an iteration are 1, 2, 4, ... micro-batches so the
   first batch comes quickly) into one byte block [group, b, width]. Per row: five int64
-  header fields (global index, set_id or LOST / PADDING, sample_id, lost_samples, bad_shards), then the sample's
+  header fields (global index, set_id or LOST / PADDING, sample_id, unused, bad_shards), then the sample's
   stored row (seq_len + 1 tokens; a chat set's row also holds one flag per token) in the shards' own integer type
   (uint16 up to 65536 tokens: a quarter of int64's bytes), padded to a multiple of 8 bytes.
 - With workers the blocks live in a ring [workers, slots, group, b, width] that `StreamLoader` creates in shared
@@ -82,7 +82,7 @@ def iter_groups(stream, group: int, ring: torch.Tensor | None = None):
         headers[dest, 0] = index
         headers[dest, 1] = np.where(sample_ids >= 0, set_ids, LOST)
         headers[dest, 2] = sample_ids
-        headers[0, 3:5] = reader.take_counters()
+        headers[0, 4] = reader.take_counters()[1]  # lost samples are the micro-batches' own LOST rows
         yield buffer if ring is None else (worker, slot, len(parts))
 
 
@@ -111,7 +111,9 @@ def unpack_group(packed: torch.Tensor, seq_len: int, token_dtype: np.dtype, firs
     g, b, _ = packed.shape
     headers = packed.numpy()[:, :, :HEADER_BYTES].view(np.int64)  # [g, b, META]
     ordinals = (headers[:, 0, 0] - first) // world_size // b
-    counters = np.ascontiguousarray(headers[:, :, 3:5].sum(axis=1))  # [g, 2]: lost samples, bad shards
+    # [g, 2]: lost samples (each micro-batch's own LOST rows: counted on the step they belong to, and a resumed run
+    # counts none of an earlier process's), bad shards (the reads that failed while reading the micro-batch).
+    counters = np.stack([(headers[:, :, 1] == LOST).sum(axis=1), headers[:, :, 4].sum(axis=1)], axis=1)
     # A copy, always: for g * b == 1 numpy would call the transposed view contiguous and hand back the ring itself.
     fields = torch.from_numpy(np.array(headers[:, :, :3].transpose(2, 0, 1), copy=True))  # [3, g, b]
     small = torch.from_numpy(counters)
