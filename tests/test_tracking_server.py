@@ -126,3 +126,43 @@ def test_server_outage_loses_nothing(tmp_path, monkeypatch):
         logger.finalize_timeout_s = 1.0  # no-op when already finalized
         logger.finalize("failed")
         server.stop()
+
+
+def test_a_hung_server_does_not_stall_training_steps_while_the_periodic_plots_wait_for_it(tmp_path, monkeypatch):
+    # Plots every step; after step 1 the server is frozen (SIGSTOP: connections queue, nothing answers). The plots'
+    # history read then waits for the HTTP timeout (5 s here); in the training thread every step did.
+    import lightning.pytorch as pl
+    import train_helpers as th
+
+    from app.callbacks.plots import TrainingPlots
+    from app.step import step_report
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
+    server = MlflowServer.sqlite(f"sqlite:///{tmp_path}/server.db", str(tmp_path / "artifacts"), _free_port(),
+                                 str(tmp_path / "server.log"))
+    server.start()
+    logger = CrescentMLflowLogger(experiment_name="hung", tracking_uri=server.url, spool_dir=str(tmp_path / "spool"),
+                                  poll_interval_s=0.1, max_backoff_s=1.0)
+    logger.finalize_timeout_s = 2.0
+
+    class Freeze(pl.Callback):
+        ends: list[float] = []
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+            report = step_report(outputs)
+            if report is None:
+                return
+            self.ends.append(time.monotonic())
+            if report.step == 1:
+                assert logger.flush(timeout=60)  # the run exists; its plots of step 1 can be read
+                os.killpg(server.process.pid, signal.SIGSTOP)
+
+    corpus = th.build_corpus(tmp_path / "corpus")
+    try:
+        th.fit_in_process(corpus, [TrainingPlots(every_n_steps=1), Freeze()], 5, trainer_args={"logger": logger})
+    finally:
+        os.killpg(server.process.pid, signal.SIGCONT)
+        server.stop()
+    steps = [b - a for a, b in zip(Freeze.ends, Freeze.ends[1:])]
+    assert len(steps) == 4 and max(steps) < 3.0, steps
