@@ -8,7 +8,8 @@
 Chat: an export fine-tuned with a chat template (its crescent.json names it; `chat_template=NAME` sets one for
 another export) implements lm-eval's chat-template interface (`apply_chat_template`, `chat_template`,
 `tokenizer_name`), so `--apply_chat_template` renders prompts as the model was trained; the template's special
-tokens in a prompt encode to their ids and its end-of-turn token also stops generation.
+tokens in a prompt encode to their ids and its end-of-turn token also stops generation (and, like EOS, is not
+part of the returned answer).
 
 Requests follow lm-eval's conventions exactly (tokenization of context/continuation pairs through `TemplateLM`,
 left truncation to the model's context, rolling windows for perplexity, stop sequences including EOS), so scores
@@ -218,7 +219,10 @@ class CrescentLM(TemplateLM):
                                    stop_ids=self._stop_ids(), should_stop=self._stop_check(until),
                                    sampling=sampling, use_cache=self.use_cache, pad_id=self.eot_token_id,
                                    generator=self.generator)
+                stop_ids = self._stop_ids()
                 for i, tokens in zip(chunk, outputs):
+                    if tokens and tokens[-1] in stop_ids:  # EOS / end of turn ends the answer, not part of it
+                        tokens = tokens[:-1]  # (lm-eval's hf model decodes with skip_special_tokens=True)
                     text = postprocess_generated_text(self.tok_decode(tokens), stop=until, think_end_token=None)
                     results[i] = text
                     self.cache_hook.add_partial("generate_until", requests[i].args, text)

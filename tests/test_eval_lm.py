@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from lm_eval.api.instance import Instance
-from test_eval_fixtures import corpus_text, write_export, write_gsm8k, write_tokenizer
+from test_eval_fixtures import corpus_text, tiny_config, write_export, write_gsm8k, write_tokenizer
 
 from eval.generation import SamplingConfig, generate
 from eval.lm import CrescentLM
@@ -174,3 +174,36 @@ def test_logits_budget_shrinks_batches_without_changing_scores(export, ours):
     a = ours.loglikelihood(reqs, disable_tqdm=True)
     b = small.loglikelihood(reqs, disable_tqdm=True)
     assert max(abs(x[0] - y[0]) for x, y in zip(a, b)) < 1e-4
+
+
+def test_a_chat_answer_ending_at_the_end_of_turn_token_is_returned_without_it(tmp_path):
+    """The end-of-turn token stops generation but is not part of the answer (lm-eval's hf model decodes with
+    skip_special_tokens=True): a HumanEval completion must not end in `<|im_end|>` when `until` lacks it."""
+    from components.checkpoint import save_export
+    from components.data.chat import get_template
+    from components.data.tokenizer import train_bpe
+    from components.model.transformer import build_model
+
+    template = get_template("moonlight")
+    tok_dir = tmp_path / "tok"
+    tok = train_bpe([corpus_text()], vocab_size=1024, out_dir=tok_dir, special_tokens=template.special_tokens)
+    prompt, answer = "def f():\n", "    return 1"
+    end = tok.special_token_id("<|im_end|>")
+    chain = tok.encode(prompt)[-1:] + tok.encode(answer) + [end]
+    assert len(set(chain)) == len(chain)
+    # A model that continues the prompt with the answer, then the end of turn: every block's output is zeroed, so
+    # the last hidden state is the current token's embedding, a one-hot that the LM head maps to the next token.
+    model = build_model(tiny_config(), seed=0)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim >= 2:
+                p.zero_()
+        for k, (current, following) in enumerate(zip(chain, chain[1:])):
+            model.model.embed_tokens.weight[current, k] = 1.0
+            model.lm_head.weight[following, k] = 10.0
+    export = save_export(model, tmp_path / "sft", step=1, tokenizer_dir=tok_dir, chat_template="moonlight")
+    lm = CrescentLM(pretrained=str(export), max_gen_toks=16)
+    assert generate(lm.model, [lm.tok_encode(prompt)], 16, stop_ids=lm._stop_ids())[0] == chain[1:]  # ends <|im_end|>
+    humaneval = {"until": ["\nclass", "\ndef", "\n#", "\nif", "\nprint"], "max_gen_toks": 16, "do_sample": False}
+    got = lm.generate_until([Instance("generate_until", {}, (prompt, humaneval), 0)], disable_tqdm=True)
+    assert got == [answer]
