@@ -90,16 +90,28 @@ def _run(args) -> int:
     output.write_text(json.dumps(doc, indent=2, default=str) + "\n")
     print(f"results: {output}")
     if not args.no_mlflow:
+        from mlflow.exceptions import MlflowException
+
+        from eval.tracking import TrackingFailed, describe_error
+
         uri = resolve_tracking_uri(args.tracking_uri, metadata)
-        tracker = EvalTracker(uri)
-        run_id = tracker.target_run(metadata, checkpoint)
-        statuses = tracker.task_statuses(run_id, doc["step"])
-        tracker.log_results(run_id, doc)
-        for task in doc["tasks"]:
-            tracker.mark_task(run_id, doc["step"], task, "done")
-        for task, reason in doc["skipped"].items():
-            tracker.mark_task(run_id, doc["step"], task, f"skipped: {reason}")
-        tracker.record_failures(run_id, doc["step"], doc["failed"], statuses)
+        started = False
+        try:
+            tracker = EvalTracker(uri)
+            run_id = tracker.target_run(metadata, checkpoint)
+            statuses = tracker.task_statuses(run_id, doc["step"])
+            started = True
+            tracker.log_results(run_id, doc)
+            for task in doc["tasks"]:
+                tracker.mark_task(run_id, doc["step"], task, "done")
+            for task, reason in doc["skipped"].items():
+                tracker.mark_task(run_id, doc["step"], task, f"skipped: {reason}")
+            tracker.record_failures(run_id, doc["step"], doc["failed"], statuses)
+        except MlflowException as err:
+            what = "publishing stopped part way" if started else "nothing was published"
+            raise TrackingFailed(f"MLflow tracking store {uri} failed: {describe_error(err)}; the checkpoint was "
+                                 f"evaluated (results in {output}) but {what}: run it again when the store is "
+                                 "back") from err
         print(f"mlflow: {uri} run {run_id} step {doc['step']}")
     return 1 if doc["failed"] or not doc["tasks"] else 0
 
@@ -155,8 +167,15 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=os.environ.get("CRESCENT_LOG_LEVEL", "WARNING"),
                         format="%(levelname)s %(name)s: %(message)s")
+    from mlflow.exceptions import MlflowException
+
+    from eval.tracking import describe_error
+
     try:
         return {"data": _data, "run": _run, "watch": _watch}[args.command](args)
     except (PermissionError, ValueError, FileNotFoundError, RuntimeError) as err:
         print(f"crescent eval {args.command}: {err}", file=sys.stderr)
+        return 2
+    except MlflowException as err:  # one the commands do not describe themselves
+        print(f"crescent eval {args.command}: MLflow failed: {describe_error(err)}", file=sys.stderr)
         return 2

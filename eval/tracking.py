@@ -55,6 +55,16 @@ def metric_key(task: str, metric: str) -> str:
     return re.sub(r"[^A-Za-z0-9_\-. :/]", "_", f"eval/{task}/{metric}".replace("@", "_at_"))
 
 
+class TrackingFailed(RuntimeError):
+    """The MLflow store failed; the message names it and says what was (not) evaluated and published."""
+
+
+def describe_error(err: MlflowException, limit: int = 400) -> str:
+    """An MLflow error's message on one line (a REST failure's message carries the whole response)."""
+    text = " ".join(str(err.message if hasattr(err, "message") else err).split())
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
 class EvalTracker:
     def __init__(self, tracking_uri: str):
         self.uri = tracking_uri
@@ -68,7 +78,9 @@ class EvalTracker:
             try:
                 self.client.get_run(run_id)
                 return run_id
-            except MlflowException:
+            except MlflowException as err:
+                if err.error_code != "RESOURCE_DOES_NOT_EXIST":
+                    raise  # the store failed (503, timeout, server down): the run may well be there
                 log.warning("run %s (from %s) is not in tracking store %s; logging into experiment %r instead",
                             run_id, checkpoint, self.uri, EVAL_EXPERIMENT)
         path = str(Path(checkpoint).resolve())

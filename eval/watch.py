@@ -12,6 +12,9 @@ While a watcher evaluates a checkpoint it holds an exclusive, non-blocking `fcnt
 MLflow again, so work finished by another watcher in the meantime is not redone. While it works the checkpoint's tag
 says `running:HOST:PID:UNIXTIME`; watchers on other machines (where a file lock on a shared volume may not hold)
 skip such a checkpoint until the marker is older than `stale_after_s` (a crashed watcher).
+
+An MLflow store that fails (down, 503, timeout) stops the watch with `TrackingFailed` naming the store and what was
+done so far: results are never moved elsewhere because the training run could not be read.
 """
 from __future__ import annotations
 
@@ -25,9 +28,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from mlflow.exceptions import MlflowException
+
 from components.checkpoint import export_step, list_exports, read_metadata
 from eval.runner import EvalRequest, check_code_execution, check_task_names, evaluate_checkpoint, format_table
-from eval.tracking import EvalTracker, failed_attempts, resolve_tracking_uri
+from eval.tracking import EvalTracker, TrackingFailed, describe_error, failed_attempts, resolve_tracking_uri
 
 log = logging.getLogger(__name__)
 LOCK_DIR = ".eval-locks"
@@ -81,27 +86,39 @@ def watch(checkpoints_dir: str | Path, request: EvalRequest, *, tracking_uri: st
         except (OSError, ValueError) as err:
             metadata = {"step": step, "unreadable": str(err)}
         uri = resolve_tracking_uri(tracking_uri, metadata)
-        tracker = trackers.setdefault(uri, EvalTracker(uri))
-        with checkpoint_lock(root, path.name) as held:
-            # Under the lock: the run lookup (it may create the checkpoint's `eval` run) and the status check.
-            run_id = tracker.target_run(metadata, path) if held else None
-            if not held or _running_elsewhere(tracker.status(run_id, step), stale_after_s):
-                report.skipped.append(step)
-                continue
-            statuses = tracker.task_statuses(run_id, step)
-            todo = [t for t in request.tasks if _left_to_do(statuses.get(t), retry_failed, max_attempts)]
-            specs = replace(request, tasks=todo).specs() if todo else []
-            for spec in specs:
-                if spec.skip and statuses.get(spec.name) != f"skipped: {spec.skip}":
-                    log.warning("%s: %s skipped: %s", path.name, spec.name, spec.skip)
-                    tracker.mark_task(run_id, step, spec.name, f"skipped: {spec.skip}")
-            runnable = [s.name for s in specs if not s.skip]
-            if not runnable:
-                report.skipped.append(step)
-                continue
-            _evaluate(tracker, run_id, path, step, metadata, replace(request, tasks=runnable), statuses, report,
-                      results_dir)
+        try:
+            _watch_checkpoint(root, path, step, metadata, trackers.setdefault(uri, EvalTracker(uri)), request,
+                              report, results_dir, retry_failed, stale_after_s, max_attempts)
+        except MlflowException as err:
+            done = (f"checkpoints evaluated and published so far: {report.evaluated}" if report.evaluated
+                    else "nothing was evaluated or published")
+            raise TrackingFailed(f"MLflow tracking store {uri} failed at {path.name}: {describe_error(err)}; "
+                                 f"stopped ({done}): the next watch continues from there") from err
     return report
+
+
+def _watch_checkpoint(root: Path, path: Path, step: int, metadata: dict, tracker: EvalTracker,
+                      request: EvalRequest, report: WatchReport, results_dir: str | Path | None, retry_failed: bool,
+                      stale_after_s: float, max_attempts: int) -> None:
+    with checkpoint_lock(root, path.name) as held:
+        # Under the lock: the run lookup (it may create the checkpoint's `eval` run) and the status check.
+        run_id = tracker.target_run(metadata, path) if held else None
+        if not held or _running_elsewhere(tracker.status(run_id, step), stale_after_s):
+            report.skipped.append(step)
+            return
+        statuses = tracker.task_statuses(run_id, step)
+        todo = [t for t in request.tasks if _left_to_do(statuses.get(t), retry_failed, max_attempts)]
+        specs = replace(request, tasks=todo).specs() if todo else []
+        for spec in specs:
+            if spec.skip and statuses.get(spec.name) != f"skipped: {spec.skip}":
+                log.warning("%s: %s skipped: %s", path.name, spec.name, spec.skip)
+                tracker.mark_task(run_id, step, spec.name, f"skipped: {spec.skip}")
+        runnable = [s.name for s in specs if not s.skip]
+        if not runnable:
+            report.skipped.append(step)
+            return
+        _evaluate(tracker, run_id, path, step, metadata, replace(request, tasks=runnable), statuses, report,
+                  results_dir)
 
 
 def _evaluate(tracker: EvalTracker, run_id: str, path: Path, step: int, metadata: dict, request: EvalRequest,

@@ -334,3 +334,68 @@ def test_the_cronjobs_exact_command_evaluates_a_checkpoint_directory(workspace, 
     assert tags["eval.humaneval.limit"] == "None"  # the whole task, as the CronJob runs it
     for key in ("eval/mmlu_dev/acc", "eval/humaneval/pass_at_1"):
         assert [m.step for m in client.get_metric_history(run_id, key)] == [100], key
+
+
+def test_a_transient_mlflow_error_does_not_move_the_results_to_the_eval_experiment(workspace, store, tmp_path,
+                                                                                   capsys, monkeypatch):
+    """Only "no such run" sends results to the `eval` experiment: a 503 from a restarting server stops the watch
+    (one line, nothing evaluated) and the next watch puts the results on the training run."""
+    from mlflow.exceptions import MlflowException
+
+    root, tok = workspace
+    uri, client, run_id = store
+    exports = _export_steps(tmp_path / "exports", tok, store, [100])
+    real_get_run, failures = MlflowClient.get_run, [1]
+
+    def get_run_failing_once(self, run_id):  # what the REST client raises for a 503 from the server
+        if failures:
+            failures.pop()
+            raise MlflowException("API request to endpoint /api/2.0/mlflow/runs/get failed with error code 503 != 200",
+                                  error_code="TEMPORARILY_UNAVAILABLE")
+        return real_get_run(self, run_id)
+
+    monkeypatch.setattr(MlflowClient, "get_run", get_run_failing_once)
+    args = _watch_args(exports, "gsm8k", root / "data", 1)
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err == (f"crescent eval watch: MLflow tracking store {uri} failed at step-00000100: API request to endpoint "
+                   "/api/2.0/mlflow/runs/get failed with error code 503 != 200; stopped (nothing was evaluated or "
+                   "published): the next watch continues from there\n")
+    experiment = client.get_experiment_by_name("eval")
+    if experiment is not None:
+        assert client.search_runs([experiment.experiment_id], filter_string="tags.`crescent.checkpoint` = "
+                                  f"'{(exports / 'step-00000100').resolve()}'") == []
+    assert main(args) == 0
+    assert [m.step for m in client.get_metric_history(run_id, "eval/gsm8k/exact_match/strict-match")] == [100]
+
+
+def test_a_tracking_server_that_is_down_is_named_in_one_line_and_run_keeps_its_results(workspace, tmp_path, capsys,
+                                                                                       monkeypatch):
+    import socket
+
+    root, tok = workspace
+    with socket.socket() as s:  # a port nothing listens on: the tracking server is down
+        s.bind(("127.0.0.1", 0))
+        uri = f"http://127.0.0.1:{s.getsockname()[1]}"
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    exports = tmp_path / "exports"
+    for step in (100, 200):
+        write_export(exports, tok, step=step, run_id="0" * 32, tracking_uri=uri)
+    assert main(_watch_args(exports, "gsm8k", root / "data", 1, "--results-dir", str(tmp_path / "results"))) == 2
+    out, err = capsys.readouterr()
+    assert err.startswith(f"crescent eval watch: MLflow tracking store {uri} failed at step-00000100: API request to ")
+    assert err.endswith("; stopped (nothing was evaluated or published): the next watch continues from there\n")
+    assert err.count("\n") == 1 and "Traceback" not in err and "watch:" not in out
+    assert not (tmp_path / "results").exists()
+    output = tmp_path / "r.json"
+    assert main(["run", "--checkpoint", str(exports / "step-00000100"), "--tasks", "gsm8k", "--limit", "1",
+                 "--data-dir", str(root / "data"), "--output", str(output)]) == 2
+    err = capsys.readouterr().err  # lm-eval's progress bars, then the one line
+    line = err.splitlines()[-1]
+    assert line.startswith(f"crescent eval run: MLflow tracking store {uri} failed: API request to ")
+    assert line.endswith(f"; the checkpoint was evaluated (results in {output}) but nothing was published: run it "
+                         "again when the store is back")
+    assert "Traceback" not in err and err.count("crescent eval run:") == 1
+    assert json.loads(output.read_text())["tasks"]["gsm8k"]["documents"] == 1
