@@ -3,7 +3,8 @@
 One lm-eval call per task so each keeps its own few-shot count (MMLU 5, GSM8K 4, HumanEval 0 by default), and a
 failure is per task: a task that raises is recorded in `doc["failed"]` and the others still run; a task with no
 data here is never attempted (`doc["skipped"]`, with the reason). `on_result(name, doc)` is called after each task,
-so a caller can publish results before the next task starts. Generated code is executed only when the request
+so a caller can publish results before the next task starts; a publishing error is recorded as that task's
+failure (its results stay in the document). Generated code is executed only when the request
 allows it (then in `eval/sandbox.py`); otherwise a run that includes HumanEval is refused before anything is loaded.
 """
 from __future__ import annotations
@@ -61,7 +62,19 @@ def task_manager(specs: list[TaskSpec], include: str | Path):
 
     manager = TaskManager(include_path=str(include), include_defaults=any(s.source == "hub" for s in specs))
     check_known(specs, manager.all_tasks)
+    check_not_tags(specs, manager)
     return manager
+
+
+def check_not_tags(specs: list[TaskSpec], manager) -> None:
+    """An lm-eval tag (e.g. `ai2_arc`) names a set of tasks scored separately, with no result of its own: refused
+    (a ValueError naming its tasks) rather than evaluated and then found to have no score."""
+    tags = set(manager.all_tags)
+    for spec in specs:
+        if spec.source == "hub" and spec.lm_eval_name in tags:
+            members = sorted(manager.task_index[spec.lm_eval_name].tags or ())
+            raise ValueError(f"--tasks: {spec.name!r} is an lm-eval tag (a set of tasks with no score of its own), "
+                             f"not a task or group: name its tasks instead ({', '.join(members)})")
 
 
 def check_task_names(request: EvalRequest) -> None:
@@ -97,15 +110,22 @@ def evaluate_checkpoint(path: str | Path, request: EvalRequest,
             log.info("evaluating %s (%s, %s-shot) on %s", spec.name, spec.lm_eval_name, spec.num_fewshot, path)
             try:
                 out = _evaluate_task(lm, manager, spec, request)
+                entry = _task_entry(spec, out, request)
             except Exception as err:  # noqa: BLE001 - one task's failure must not discard the others
                 log.error("%s on %s failed: %s: %s", spec.name, path, type(err).__name__, err)
                 doc["failed"][spec.name] = f"{type(err).__name__}: {err}"
                 continue
-            doc["tasks"][spec.name] = _task_entry(spec, out, request)
+            doc["tasks"][spec.name] = entry
             doc["lm_eval"][spec.name] = {k: out.get(k) for k in ("results", "groups", "n-shot", "n-samples",
                                                                   "versions", "higher_is_better")}
-            if on_result is not None:
+            if on_result is None:
+                continue
+            try:
                 on_result(spec.name, doc)
+            except Exception as err:  # noqa: BLE001 - the results stay in the doc; the task is tried again later
+                log.error("%s on %s: publishing its results failed: %s: %s", spec.name, path, type(err).__name__,
+                          err)
+                doc["failed"][spec.name] = f"publishing its results failed: {type(err).__name__}: {err}"
     doc["seconds"] = round(time.monotonic() - started, 2)
     return doc
 
@@ -142,6 +162,9 @@ def _evaluate_task(lm, manager, spec: TaskSpec, request: EvalRequest, seed: int 
 
 
 def _task_entry(spec: TaskSpec, out: dict, request: EvalRequest) -> dict:
+    if spec.lm_eval_name not in out.get("results", {}):
+        raise ValueError(f"task {spec.name!r}: lm-eval returned no result under that name (it has "
+                         f"{', '.join(sorted(out.get('results', {}))) or 'none'}): name a task or a group")
     result = out["results"][spec.lm_eval_name]
     metrics = {}
     for key, value in result.items():

@@ -125,7 +125,7 @@ class EvalTracker:
             self.mark_task(run_id, step, task, f"failed:{failed_attempts(statuses.get(task)) + 1}: {error}")
 
     def log_results(self, run_id: str, doc: dict, tasks: list[str] | None = None) -> None:
-        """Metrics at the checkpoint's step, per-task tags, and each task's results JSON as an artifact, for
+        """Per-task tags, each task's results JSON as an artifact, then the metrics at the checkpoint's step, for
         `tasks` (default: every task in `doc`)."""
         step, now = doc["step"], int(time.time() * 1000)
         chosen = {t: doc["tasks"][t] for t in (tasks if tasks is not None else doc["tasks"])}
@@ -133,8 +133,6 @@ class EvalTracker:
         metrics = [Metric(metric_key(task, name), value, now, step, model_id=model_id, dataset_name=task,
                           dataset_digest=eval_set_digest(entry, doc["lm_eval"].get(task)))
                    for task, entry in chosen.items() for name, value in entry["metrics"].items()]
-        if metrics:
-            self.client.log_batch(run_id, metrics=metrics)
         for task, entry in chosen.items():
             for key in ("split", "num_fewshot", "limit", "source"):
                 self.client.set_tag(run_id, f"eval.{task}.{key}", str(entry[key]))
@@ -145,6 +143,8 @@ class EvalTracker:
                 record.update(task=task, result=entry, lm_eval=doc["lm_eval"].get(task))
                 path.write_text(json.dumps(record, indent=2, default=str) + "\n")
                 self.client.log_artifact(run_id, str(path), artifact_path=f"eval/{export_dir_name(step)}")
+        if metrics:  # last: a task whose tags or artifact failed is evaluated again without a duplicate metric
+            self.client.log_batch(run_id, metrics=metrics)
 
 
     def logged_model(self, run_id: str, doc: dict) -> str:

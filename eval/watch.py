@@ -126,9 +126,12 @@ def _evaluate(tracker: EvalTracker, run_id: str, path: Path, step: int, metadata
     """Run the checkpoint's remaining tasks, logging each one's results as soon as it is done."""
     tracker.mark(run_id, step, f"running:{os.uname().nodename}:{os.getpid()}:{int(time.time())}")
 
+    published: list[str] = []
+
     def publish(task: str, doc: dict) -> None:
         tracker.log_results(run_id, doc, [task])
         tracker.mark_task(run_id, step, task, "done")
+        published.append(task)
 
     try:
         if "unreadable" in metadata:
@@ -137,21 +140,21 @@ def _evaluate(tracker: EvalTracker, run_id: str, path: Path, step: int, metadata
         failed = doc["failed"]
     except Exception as err:  # noqa: BLE001 - a bad checkpoint must not block the rest
         log.error("evaluation of %s failed: %s", path, err)
-        doc, failed = None, {task: f"{type(err).__name__}: {err}" for task in request.tasks}
-    tracker.record_failures(run_id, step, failed, statuses)
+        doc, failed = None, {task: f"{type(err).__name__}: {err}" for task in request.tasks if task not in published}
+    done = [task for task in published if task not in failed]
     if doc is not None:
         print(format_table(doc), flush=True)
         if results_dir is not None:
             out = Path(results_dir)
             out.mkdir(parents=True, exist_ok=True)
             (out / f"{path.name}.json").write_text(json.dumps(doc, indent=2, default=str) + "\n")
-    done = list(doc["tasks"]) if doc is not None else []
-    tracker.mark(run_id, step, "; ".join([f"done {','.join(done)}"] * bool(done)
-                                         + [f"failed {','.join(failed)}"] * bool(failed)))
     if done:
         report.evaluated.append(step)
     if failed:
         report.failed.append(step)
+    tracker.record_failures(run_id, step, failed, statuses)
+    tracker.mark(run_id, step, "; ".join([f"done {','.join(done)}"] * bool(done)
+                                         + [f"failed {','.join(failed)}"] * bool(failed)))
 
 
 def _left_to_do(status: str | None, retry_failed: bool, max_attempts: int) -> bool:

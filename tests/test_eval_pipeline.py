@@ -399,3 +399,47 @@ def test_a_tracking_server_that_is_down_is_named_in_one_line_and_run_keeps_its_r
                          "again when the store is back")
     assert "Traceback" not in err and err.count("crescent eval run:") == 1
     assert json.loads(output.read_text())["tasks"]["gsm8k"]["documents"] == 1
+
+
+def test_a_publishing_error_fails_only_its_task_and_keeps_the_results(workspace, store, tmp_path, capsys):
+    """gsm8k's results JSON cannot be stored (a directory is in its place): mmlu_dev, published before, stays
+    `done` and is not evaluated again, gsm8k is retried alone without a duplicate metric, and --results-dir gets
+    both tasks' results."""
+    from urllib.parse import urlparse
+
+    root, tok = workspace
+    _, client, run_id = store
+    exports = _export_steps(tmp_path / "exports", tok, store, [100])
+    artifacts = Path(urlparse(client.get_run(run_id).info.artifact_uri).path)
+    blocker = artifacts / "eval" / "step-00000100" / "gsm8k.json"
+    blocker.mkdir(parents=True)
+    args = _watch_args(exports, "mmlu_dev,gsm8k", root / "data", 1, "--results-dir", str(tmp_path / "results"))
+    assert main(args) == 1
+    assert "evaluated [100], failed [100], skipped []" in capsys.readouterr().out
+    tags = client.get_run(run_id).data.tags
+    assert tags["crescent.eval.step-00000100.mmlu_dev"] == "done"
+    assert tags["crescent.eval.step-00000100.gsm8k"].startswith(
+        "failed:1: publishing its results failed: IsADirectoryError: ")
+    assert tags["crescent.eval.step-00000100"] == "done mmlu_dev; failed gsm8k"
+    saved = json.loads((tmp_path / "results" / "step-00000100.json").read_text())
+    assert sorted(saved["tasks"]) == ["gsm8k", "mmlu_dev"] and list(saved["failed"]) == ["gsm8k"]
+    assert client.get_metric_history(run_id, "eval/gsm8k/exact_match/strict-match") == []
+    blocker.rmdir()
+    assert main(args) == 0
+    assert "evaluated [100], failed [], skipped []" in capsys.readouterr().out
+    assert client.get_run(run_id).data.tags["crescent.eval.step-00000100.gsm8k"] == "done"
+    assert [m.step for m in client.get_metric_history(run_id, "eval/mmlu_dev/acc")] == [100]
+    assert [m.step for m in client.get_metric_history(run_id, "eval/gsm8k/exact_match/strict-match")] == [100]
+
+
+def test_an_lm_eval_tag_is_refused_naming_its_tasks(workspace, tmp_path, capsys, monkeypatch):
+    """`ai2_arc` is a tag (arc_easy + arc_challenge, no score of its own): refused before the model is loaded."""
+    root, tok = workspace
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    export = write_export(tmp_path / "exports", tok, step=7)
+    assert main(["run", "--checkpoint", str(export), "--tasks", "gsm8k,ai2_arc", "--limit", "1", "--no-mlflow",
+                 "--data-dir", str(root / "data"), "--output", str(tmp_path / "r.json")]) == 2
+    assert capsys.readouterr().err == ("crescent eval run: --tasks: 'ai2_arc' is an lm-eval tag (a set of tasks with no "
+                                       "score of its own), not a task or group: name its tasks instead (arc_challenge, "
+                                       "arc_easy)\n")
+    assert not (tmp_path / "r.json").exists()
