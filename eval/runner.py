@@ -44,6 +44,11 @@ class EvalRequest:
             raise ValueError("--tasks: name at least one task (e.g. mmlu,gsm8k,humaneval)")
         if self.limit is not None and self.limit < 1:
             raise ValueError(f"--limit={self.limit!r} must be a positive number of documents per task")
+        # Run-wide settings are checked here, before any checkpoint is touched: found after a model load they
+        # would count as a failed attempt of every checkpoint's tasks.
+        for flag, value in (("--batch-size", self.batch_size), ("--sandbox-workers", self.sandbox_workers)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{flag}={value!r} must be a positive integer")
 
     def specs(self) -> list[TaskSpec]:
         return resolve_tasks(self.tasks, self.data_dir, source=self.task_source, fewshot=self.fewshot)

@@ -443,3 +443,18 @@ def test_an_lm_eval_tag_is_refused_naming_its_tasks(workspace, tmp_path, capsys,
                                        "score of its own), not a task or group: name its tasks instead (arc_challenge, "
                                        "arc_easy)\n")
     assert not (tmp_path / "r.json").exists()
+
+
+@pytest.mark.parametrize("flag", ["--batch-size", "--sandbox-workers"])
+def test_a_bad_run_wide_argument_is_refused_before_any_checkpoint_is_touched(workspace, store, tmp_path, capsys,
+                                                                              flag):
+    """Found only after a model load, it counted as a failed attempt on every checkpoint (given up after three)."""
+    root, tok = workspace
+    _, client, run_id = store
+    exports = _export_steps(tmp_path / "exports", tok, store, (100, 200))
+    assert main(_watch_args(exports, "gsm8k", root / "data", 1, flag, "0")) == 2
+    assert capsys.readouterr().err == f"crescent eval watch: {flag}=0 must be a positive integer\n"
+    assert [k for k in client.get_run(run_id).data.tags if k.startswith("crescent.eval")] == []
+    assert main(["run", "--checkpoint", str(exports / "step-00000100"), "--tasks", "gsm8k", flag, "-1", "--no-mlflow",
+                 "--data-dir", str(root / "data"), "--output", str(tmp_path / "r.json")]) == 2
+    assert capsys.readouterr().err == f"crescent eval run: {flag}=-1 must be a positive integer\n"
