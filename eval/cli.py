@@ -122,7 +122,7 @@ def _watch(args) -> int:
     report = watch(args.checkpoints, _request(args), tracking_uri=args.tracking_uri,
                    results_dir=args.results_dir, retry_failed=args.retry_failed,
                    stale_after_s=args.stale_after_hours * 3600, max_attempts=args.max_attempts)
-    print(f"watch: evaluated {report.evaluated}, failed {report.failed}, skipped {report.skipped}")
+    print(report.note or f"watch: evaluated {report.evaluated}, failed {report.failed}, skipped {report.skipped}")
     return 1 if report.failed else 0
 
 

@@ -13,6 +13,8 @@ MLflow again, so work finished by another watcher in the meantime is not redone.
 says `running:HOST:PID:UNIXTIME`; watchers on other machines (where a file lock on a shared volume may not hold)
 skip such a checkpoint until the marker is older than `stale_after_s` (a crashed watcher).
 
+A checkpoints folder that does not exist yet (training creates it at its first export) is nothing to do (rc 0).
+
 An MLflow store that fails (down, 503, timeout) stops the watch with `TrackingFailed` naming the store and what was
 done so far: results are never moved elsewhere because the training run could not be read.
 """
@@ -43,6 +45,7 @@ class WatchReport:
     evaluated: list[int] = field(default_factory=list)  # at least one task evaluated and logged
     failed: list[int] = field(default_factory=list)  # at least one task failed (recorded, retried later)
     skipped: list[int] = field(default_factory=list)  # nothing left to do, or locked by another watcher
+    note: str | None = None  # why there was nothing to look at (the exports folder is not there yet)
 
 
 @contextmanager
@@ -74,10 +77,13 @@ def watch(checkpoints_dir: str | Path, request: EvalRequest, *, tracking_uri: st
     if not isinstance(max_attempts, int) or max_attempts < 1:
         raise ValueError(f"--max-attempts={max_attempts!r} must be an integer >= 1")
     root = Path(checkpoints_dir)
-    if not root.is_dir():
+    if root.exists() and not root.is_dir():
         raise ValueError(f"--checkpoints={str(root)!r} is not a directory")
     check_task_names(request)
     report = WatchReport()
+    if not root.exists():  # training creates its exports folder at its first export
+        report.note = f"watch: {str(root)!r} does not exist yet: no exports to evaluate"
+        return report
     trackers: dict[str, EvalTracker] = {}
     for path in list_exports(root):
         step = export_step(path)

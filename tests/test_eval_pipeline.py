@@ -458,3 +458,15 @@ def test_a_bad_run_wide_argument_is_refused_before_any_checkpoint_is_touched(wor
     assert main(["run", "--checkpoint", str(exports / "step-00000100"), "--tasks", "gsm8k", flag, "-1", "--no-mlflow",
                  "--data-dir", str(root / "data"), "--output", str(tmp_path / "r.json")]) == 2
     assert capsys.readouterr().err == f"crescent eval run: {flag}=-1 must be a positive integer\n"
+
+
+def test_watch_before_the_first_export_has_nothing_to_do(workspace, tmp_path, capsys):
+    """Training creates its exports folder at its first export: until then a CronJob's watch succeeds quietly."""
+    root, _ = workspace
+    exports = tmp_path / "run" / "exports"
+    assert main(_watch_args(exports, "gsm8k", root / "data", 1)) == 0
+    assert capsys.readouterr().out == f"watch: {str(exports)!r} does not exist yet: no exports to evaluate\n"
+    assert not exports.exists()
+    (tmp_path / "file").write_text("")
+    assert main(_watch_args(tmp_path / "file", "gsm8k", root / "data", 1)) == 2
+    assert capsys.readouterr().err == f"crescent eval watch: --checkpoints={str(tmp_path / 'file')!r} is not a directory\n"
