@@ -94,3 +94,21 @@ def test_gsm8k_without_train_file_never_shows_a_question_its_own_answer(tmp_path
     for doc in task.test_docs():
         prompt = task.fewshot_context(doc, num_fewshot=4)
         assert prompt.count("Question:") == 5 and prompt.count(doc["question"]) == 1
+
+
+def test_humaneval_generates_with_lm_eval_humaneval_settings(tasks):
+    """Same stop sequences and token budget as lm-eval's own humaneval task (a shorter budget cut programs off)."""
+    from pathlib import Path
+
+    import lm_eval.tasks
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    Loader.add_multi_constructor("!", lambda loader, suffix, node: None)  # lm-eval's `!function` tags
+    theirs = yaml.load((Path(lm_eval.tasks.__file__).parent / "humaneval" / "humaneval.yaml").read_text(), Loader)
+    manager, _ = tasks
+    (task,) = _leaf_tasks(manager, "crescent_humaneval").values()
+    assert theirs["generation_kwargs"]["max_gen_toks"] == 1024
+    assert task.config.generation_kwargs == theirs["generation_kwargs"]
+
