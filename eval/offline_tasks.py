@@ -136,7 +136,7 @@ def render_tasks(specs: list[TaskSpec], data_dir: str | Path, out_dir: str | Pat
         files = {"test": str(data / spec.name / "test.jsonl")}
         config = {"include": str(TEMPLATES / f"{spec.name}.template.yaml"), "task": spec.lm_eval_name,
                   "num_fewshot": spec.num_fewshot}
-        if spec.name == "gsm8k" and (data / "gsm8k" / "train.jsonl").exists():
+        if spec.name == "gsm8k" and manifest["gsm8k"].get("train"):  # not a train.jsonl left by an earlier build
             files["train"] = str(data / "gsm8k" / "train.jsonl")
             config["fewshot_split"] = "train"
         elif spec.name == "gsm8k":

@@ -112,3 +112,15 @@ def test_humaneval_generates_with_lm_eval_humaneval_settings(tasks):
     assert theirs["generation_kwargs"]["max_gen_toks"] == 1024
     assert task.config.generation_kwargs == theirs["generation_kwargs"]
 
+
+def test_gsm8k_ignores_a_train_file_left_by_an_earlier_build(tmp_path):
+    """Rebuilt without --gsm8k-train, the manifest says there is no train split: the old file is not the pool."""
+    build_eval_data(tmp_path / "data", gsm8k_test=write_gsm8k(tmp_path / "test.jsonl"),
+                    gsm8k_train=write_gsm8k(tmp_path / "train.jsonl"))
+    manifest = build_eval_data(tmp_path / "data", gsm8k_test=write_gsm8k(tmp_path / "test.jsonl"))
+    assert "train" not in manifest["tasks"]["gsm8k"] and (tmp_path / "data" / "gsm8k" / "train.jsonl").exists()
+    specs = resolve_tasks(["gsm8k"], tmp_path / "data")
+    render_tasks(specs, tmp_path / "data", tmp_path / "include")
+    rendered = yaml.safe_load((tmp_path / "include" / "crescent_gsm8k.yaml").read_text())
+    assert rendered["fewshot_split"] == "test" and list(rendered["dataset_kwargs"]["data_files"]) == ["test"]
+    assert specs[0].note == "no train file: few-shot examples are other test questions"
