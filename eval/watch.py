@@ -11,7 +11,10 @@ While a watcher evaluates a checkpoint it holds an exclusive, non-blocking `fcnt
 `DIR/.eval-locks/step-N.lock`; a second watcher skips that checkpoint, and after taking a lock a watcher reads
 MLflow again, so work finished by another watcher in the meantime is not redone. While it works the checkpoint's tag
 says `running:HOST:PID:UNIXTIME`; watchers on other machines (where a file lock on a shared volume may not hold)
-skip such a checkpoint until the marker is older than `stale_after_s` (a crashed watcher).
+skip such a checkpoint until the marker is older than `stale_after_s` (a crashed watcher), and say so. A watcher
+that is interrupted (Ctrl-C, or SIGTERM, which raises `SystemExit(143)` while `watch` runs) replaces its marker with
+`interrupted (...)` on the way out; and a marker that names this host with a process that is gone (or this very
+process) is taken over at once by the watcher holding the checkpoint's lock.
 
 A checkpoints folder that does not exist yet (training creates it at its first export) is nothing to do (rc 0).
 
@@ -24,6 +27,8 @@ import fcntl
 import json
 import logging
 import os
+import signal
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -84,6 +89,30 @@ def watch(checkpoints_dir: str | Path, request: EvalRequest, *, tracking_uri: st
     if not root.exists():  # training creates its exports folder at its first export
         report.note = f"watch: {str(root)!r} does not exist yet: no exports to evaluate"
         return report
+    with _sigterm_exits():
+        _watch_all(root, request, report, tracking_uri, results_dir, retry_failed, stale_after_s, max_attempts)
+    return report
+
+
+@contextmanager
+def _sigterm_exits() -> Iterator[None]:
+    """SIGTERM (a pod being stopped) raises SystemExit(143), so the running marker is reset on the way out."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _watch_all(root: Path, request: EvalRequest, report: WatchReport, tracking_uri: str | None,
+               results_dir: str | Path | None, retry_failed: bool, stale_after_s: float, max_attempts: int) -> None:
     trackers: dict[str, EvalTracker] = {}
     for path in list_exports(root):
         step = export_step(path)
@@ -100,7 +129,6 @@ def watch(checkpoints_dir: str | Path, request: EvalRequest, *, tracking_uri: st
                     else "nothing was evaluated or published")
             raise TrackingFailed(f"MLflow tracking store {uri} failed at {path.name}: {describe_error(err)}; "
                                  f"stopped ({done}): the next watch continues from there") from err
-    return report
 
 
 def _watch_checkpoint(root: Path, path: Path, step: int, metadata: dict, tracker: EvalTracker,
@@ -108,8 +136,14 @@ def _watch_checkpoint(root: Path, path: Path, step: int, metadata: dict, tracker
                       stale_after_s: float, max_attempts: int) -> None:
     with checkpoint_lock(root, path.name) as held:
         # Under the lock: the run lookup (it may create the checkpoint's `eval` run) and the status check.
-        run_id = tracker.target_run(metadata, path) if held else None
-        if not held or _running_elsewhere(tracker.status(run_id, step), stale_after_s):
+        if not held:
+            log.info("%s: skipped: another watcher on this machine holds its lock", path.name)
+            report.skipped.append(step)
+            return
+        run_id = tracker.target_run(metadata, path)
+        busy = _running_elsewhere(tracker.status(run_id, step), stale_after_s)
+        if busy:
+            log.warning("%s: skipped: %s", path.name, busy)
             report.skipped.append(step)
             return
         statuses = tracker.task_statuses(run_id, step)
@@ -129,10 +163,26 @@ def _watch_checkpoint(root: Path, path: Path, step: int, metadata: dict, tracker
 
 def _evaluate(tracker: EvalTracker, run_id: str, path: Path, step: int, metadata: dict, request: EvalRequest,
               statuses: dict[str, str], report: WatchReport, results_dir: str | Path | None) -> None:
-    """Run the checkpoint's remaining tasks, logging each one's results as soon as it is done."""
+    """Run the checkpoint's remaining tasks, logging each one's results as soon as it is done; interrupted, the
+    running marker is replaced by `interrupted (...)` so that a restart evaluates what is left at once."""
     tracker.mark(run_id, step, f"running:{os.uname().nodename}:{os.getpid()}:{int(time.time())}")
-
     published: list[str] = []
+    try:
+        _evaluate_marked(tracker, run_id, path, step, metadata, request, statuses, report, results_dir, published)
+    except BaseException as err:
+        reason = "Ctrl-C" if isinstance(err, KeyboardInterrupt) else (
+            f"exit {err.code}" if isinstance(err, SystemExit) else type(err).__name__)
+        status = f"interrupted ({reason})" + (f"; done {','.join(published)}" if published else "")
+        try:
+            tracker.mark(run_id, step, status)
+        except Exception as mark_err:  # noqa: BLE001 - the original error is what the user must see
+            log.warning("%s: could not reset its running marker: %s", path.name, mark_err)
+        raise
+
+
+def _evaluate_marked(tracker: EvalTracker, run_id: str, path: Path, step: int, metadata: dict, request: EvalRequest,
+                     statuses: dict[str, str], report: WatchReport, results_dir: str | Path | None,
+                     published: list[str]) -> None:
 
     def publish(task: str, doc: dict) -> None:
         tracker.log_results(run_id, doc, [task])
@@ -171,12 +221,34 @@ def _left_to_do(status: str | None, retry_failed: bool, max_attempts: int) -> bo
     return status != "done"
 
 
-def _running_elsewhere(status: str | None, stale_after_s: float) -> bool:
-    """Whether another watcher marked the checkpoint running, recently enough to trust it is still alive."""
+def _running_elsewhere(status: str | None, stale_after_s: float) -> str | None:
+    """Why the checkpoint is left alone: another watcher marked it running, recently enough to trust it is still
+    alive; None to evaluate it. Called with the checkpoint's lock held, so a marker of this host whose process is
+    gone (or is this one) is a watcher that was killed: taken over."""
     if status is None or not status.startswith("running:"):
-        return False
+        return None
     try:
-        started = float(status.rsplit(":", 1)[1])
+        _, host, pid, started = status.split(":")
+        pid, started = int(pid), float(started)
     except ValueError:
+        return None
+    age = time.time() - started
+    if age >= stale_after_s:
+        log.warning("taking over a checkpoint marked %r %.1f h ago (older than --stale-after-hours)", status,
+                    age / 3600)
+        return None
+    if host == os.uname().nodename and (pid == os.getpid() or not _alive(pid)):
+        log.warning("taking over a checkpoint marked %r: that process on this host is gone", status)
+        return None
+    return (f"marked running by {host} pid {pid} {age / 60:.0f} min ago; taken over when that marker is "
+            f"{stale_after_s / 3600:g} h old (--stale-after-hours)")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
         return False
-    return time.time() - started < stale_after_s
+    except PermissionError:
+        return True
+    return True

@@ -470,3 +470,53 @@ def test_watch_before_the_first_export_has_nothing_to_do(workspace, tmp_path, ca
     (tmp_path / "file").write_text("")
     assert main(_watch_args(tmp_path / "file", "gsm8k", root / "data", 1)) == 2
     assert capsys.readouterr().err == f"crescent eval watch: --checkpoints={str(tmp_path / 'file')!r} is not a directory\n"
+
+
+def test_a_watcher_stopped_by_sigterm_resets_its_marker_and_a_restart_evaluates_at_once(workspace, store, tmp_path,
+                                                                                        capsys):
+    """A pod being stopped gets SIGTERM mid-evaluation: its `running:` marker must not hold the checkpoint back
+    for --stale-after-hours (6 h) with nothing said."""
+    import signal
+    import time
+
+    root, tok = workspace
+    _, client, run_id = store
+    exports = _export_steps(tmp_path / "exports", tok, store, [100])
+    args = _watch_args(exports, "mmlu_dev,gsm8k", root / "data", 2)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-m", "app.cli", "eval", *args], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not client.get_run(run_id).data.tags.get("crescent.eval.step-00000100", "").startswith("running:"):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err
+    marker = client.get_run(run_id).data.tags["crescent.eval.step-00000100"]
+    assert marker == "interrupted (exit 143)" or marker.startswith("interrupted (exit 143); done "), marker
+    assert main(args) == 0
+    assert "evaluated [100], failed [], skipped []" in capsys.readouterr().out
+    tags = client.get_run(run_id).data.tags
+    assert [tags[f"crescent.eval.step-00000100.{t}"] for t in ("mmlu_dev", "gsm8k")] == ["done", "done"]
+    assert [m.step for m in client.get_metric_history(run_id, "eval/mmlu_dev/acc")] == [100]
+
+
+def test_a_marker_left_by_a_dead_watcher_on_this_host_is_taken_over(workspace, store, tmp_path, capsys, caplog):
+    import time
+
+    root, tok = workspace
+    _, client, run_id = store
+    exports = _export_steps(tmp_path / "exports", tok, store, (100, 200))
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    now = int(time.time())
+    client.set_tag(run_id, "crescent.eval.step-00000100", f"running:{os.uname().nodename}:{gone.pid}:{now}")
+    client.set_tag(run_id, "crescent.eval.step-00000200", f"running:other-pod:7:{now - 600}")
+    assert main(_watch_args(exports, "gsm8k", root / "data", 1)) == 0
+    assert "evaluated [100], failed [], skipped [200]" in capsys.readouterr().out
+    assert client.get_run(run_id).data.tags["crescent.eval.step-00000100.gsm8k"] == "done"
+    assert ("step-00000200: skipped: marked running by other-pod pid 7 10 min ago; taken over when that marker is "
+            "6 h old (--stale-after-hours)") in caplog.messages
+    assert (f"taking over a checkpoint marked 'running:{os.uname().nodename}:{gone.pid}:{now}': that process on "
+            "this host is gone") in caplog.messages
