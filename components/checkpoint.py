@@ -4,6 +4,7 @@ Layout of one export, `ROOT/step-00000100/`:
     config.json, model.safetensors (or sharded + index)   the HF DeepseekV3 layout (`components.model.hf.save_hf`)
     tokenizer.json, tokenizer_config.json, ...            copied from the run's tokenizer directory, if given
     crescent.json                                         {format_version, step, run_id, tracking_uri, created, ...}
+                                                          (training adds run_tags: tags that find its MLflow run)
 
 A fine-tuned model's export also names its chat template (`chat_template` in crescent.json) and writes it as Jinja
 into tokenizer_config.json, so transformers' `apply_chat_template` gives the ids training used. `resolve_export`

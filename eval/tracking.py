@@ -72,8 +72,10 @@ class EvalTracker:
         self._models: dict[tuple[str, int], str] = {}
 
     def target_run(self, metadata: dict, checkpoint: str | Path) -> str:
-        """The run that receives this checkpoint's results (created in `eval` when there is none)."""
-        run_id = metadata.get("run_id")
+        """The run that receives this checkpoint's results (created in `eval` when there is none): the export's
+        `run_id`, or the run its `run_tags` identify (an export written before training's run was created, e.g.
+        while the tracking server was unreachable, names the run by its run key)."""
+        run_id = metadata.get("run_id") or self._run_with_tags(metadata.get("run_tags"))
         if run_id:
             try:
                 self.client.get_run(run_id)
@@ -96,6 +98,14 @@ class EvalTracker:
         run = self.client.create_run(experiment_id, tags=tags)
         self.client.set_terminated(run.info.run_id)
         return run.info.run_id
+
+    def _run_with_tags(self, tags: dict | None) -> str | None:
+        if not tags:
+            return None
+        experiments = [e.experiment_id for e in self.client.search_experiments()]
+        query = " and ".join(f"tags.`{key}` = '{value}'" for key, value in sorted(tags.items()))
+        found = self.client.search_runs(experiments, filter_string=query, max_results=1) if experiments else []
+        return found[0].info.run_id if found else None
 
     def _create_experiment(self) -> str:
         try:

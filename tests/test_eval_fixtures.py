@@ -37,7 +37,7 @@ def tiny_config(**overrides):
 
 
 def write_export(root: Path, tokenizer_dir: Path, *, step: int = 100, seed: int = 0, run_id=None,
-                 tracking_uri=None, spread: float | None = None, always_eos: bool = False,
+                 tracking_uri=None, spread: float | None = None, always_eos: bool = False, run_tags=None,
                  **config_overrides) -> Path:
     """A random tiny export; `spread` widens the weights (and routing bias) so that predictions are far from
     uniform and score differences between implementations would show. `always_eos` zeroes the LM head: every
@@ -62,7 +62,8 @@ def write_export(root: Path, tokenizer_dir: Path, *, step: int = 100, seed: int 
         with torch.no_grad():
             model.lm_head.weight.zero_()
     return save_export(model, root, step=step, tokenizer_dir=tokenizer_dir, run_id=run_id,
-                       tracking_uri=tracking_uri, extra={"tokens_seen": step * 1024})
+                       tracking_uri=tracking_uri,
+                       extra={"tokens_seen": step * 1024, **({"run_tags": run_tags} if run_tags else {})})
 
 
 GSM8K = [

@@ -127,6 +127,17 @@ def test_run_without_run_id_goes_to_the_eval_experiment(workspace, store, tmp_pa
     assert [m.step for m in client.get_metric_history(runs[0].info.run_id, "eval/gsm8k/exact_match/strict-match")] == [30]
 
 
+def test_an_export_without_run_id_finds_the_training_run_by_its_run_tags(workspace, store, tmp_path):
+    # Training exports before MLflow created its run (the server unreachable) carry no run id, only the run key.
+    root, tok = workspace
+    uri, client, run_id = store
+    client.set_tag(run_id, "crescent.run_key", "key-of-the-training-run")
+    export = write_export(tmp_path / "exports", tok, step=150, run_tags={"crescent.run_key": "key-of-the-training-run"})
+    assert main(["run", "--checkpoint", str(export), "--tasks", "gsm8k", "--limit", "2", "--tracking-uri", uri,
+                 "--data-dir", str(root / "data"), "--output", str(tmp_path / "r.json")]) == 0
+    assert [m.step for m in client.get_metric_history(run_id, "eval/gsm8k/exact_match/strict-match")] == [150]
+
+
 def test_humaneval_is_refused_without_allow_code_execution(workspace, tmp_path, capsys):
     root, tok = workspace
     export = write_export(tmp_path / "exports", tok, step=1)

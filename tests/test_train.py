@@ -2,6 +2,7 @@
 bad configuration. Each run is a real subprocess (the DDP/FSDP ones launch real gloo processes)."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -51,6 +52,9 @@ def test_run_logs_params_metrics_and_plots_to_mlflow(reference_run):
     export = {a.path for a in client.list_artifacts(run.info.run_id, f"export/step-{STEPS:08d}")}
     assert {f"export/step-{STEPS:08d}/{f}" for f in ("config.json", "model.safetensors", "crescent.json")} <= export
     assert run.data.tags["crescent.export"].endswith(f"exports/step-{STEPS:08d}")
+    meta = json.loads((Path(run.data.tags["crescent.export"]) / "crescent.json").read_text())
+    assert meta["run_id"] == run.info.run_id  # and the key that finds the run before it has an id (eval/tracking)
+    assert meta["run_tags"] == {"crescent.run_key": run.data.tags["crescent.run_key"]}
 
 
 def test_stages_drive_lr_mixture_and_bias_rate(reference_run):

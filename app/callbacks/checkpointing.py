@@ -8,6 +8,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 from app.step import step_report
 from app.tracking import logged_model_record, mlflow_logger
+from app.tracking.store import RUN_KEY_TAG
 from components.checkpoint import save_export
 
 
@@ -89,7 +90,9 @@ class ExportCheckpoint(pl.Callback):
         self.last_export = save_export(
             pl_module.model, self.dirpath, step=step, tokenizer_dir=tokenizer_dir,
             run_id=getattr(logger, "run_id", None), tracking_uri=getattr(logger, "tracking_uri", None),
-            extra={"tokens_seen": pl_module.tokens_seen, **position},
+            # The run key names the run also before MLflow created it (run_id None: the server was unreachable).
+            extra={"tokens_seen": pl_module.tokens_seen, **position,
+                   **({"run_tags": {RUN_KEY_TAG: logger.run_key}} if hasattr(logger, "run_key") else {})},
             chat_template=getattr(trainer.datamodule, "chat_template", None))
         self._last_step = step
         if logger is not None and trainer.is_global_zero:
