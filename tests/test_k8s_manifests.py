@@ -203,6 +203,7 @@ def test_eval_pods_may_reach_only_mlflow_and_dns(config_file):
                             ({"k8s-app": "kube-dns"}, [53, 53])]
     cron = find(objects, "CronJob", "crescent-eval")
     assert cron["spec"]["concurrencyPolicy"] == "Forbid"
+    assert cron["spec"]["jobTemplate"]["spec"]["backoffLimit"] == 0  # the next scheduled run retries a failed task
     eval_labels = cron["spec"]["jobTemplate"]["spec"]["template"]["metadata"]["labels"]
     assert eval_labels["app.kubernetes.io/component"] == "eval"
     mlflow = find(objects, "Deployment", "mlflow")["spec"]["template"]["metadata"]["labels"]
