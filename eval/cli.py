@@ -39,6 +39,8 @@ def _parser() -> argparse.ArgumentParser:
                            help="evaluate failed tasks again even after --max-attempts failures")
             p.add_argument("--max-attempts", type=int, default=3,
                            help="a failed task is tried again on later runs until it failed this often (default 3)")
+            p.add_argument("--lock-dir", help="where the checkpoints' locks go (default CHECKPOINTS/.eval-locks); "
+                                              "another folder lets the checkpoints be mounted read-only")
             p.add_argument("--stale-after-hours", type=float, default=6.0,
                            help="take over a checkpoint marked running longer ago than this (default 6)")
         p.add_argument("--tasks", default="mmlu,gsm8k,humaneval",
@@ -121,7 +123,8 @@ def _watch(args) -> int:
 
     report = watch(args.checkpoints, _request(args), tracking_uri=args.tracking_uri,
                    results_dir=args.results_dir, retry_failed=args.retry_failed,
-                   stale_after_s=args.stale_after_hours * 3600, max_attempts=args.max_attempts)
+                   stale_after_s=args.stale_after_hours * 3600, max_attempts=args.max_attempts,
+                   lock_dir=args.lock_dir)
     print(report.note or f"watch: evaluated {report.evaluated}, failed {report.failed}, skipped {report.skipped}")
     return 1 if report.failed else 0
 

@@ -54,10 +54,9 @@ class WatchReport:
 
 
 @contextmanager
-def checkpoint_lock(checkpoints_dir: Path, name: str) -> Iterator[bool]:
-    """Yields True when this process holds the checkpoint's lock, False when another process does."""
-    lock_dir = checkpoints_dir / LOCK_DIR
-    lock_dir.mkdir(exist_ok=True)
+def checkpoint_lock(lock_dir: Path, name: str) -> Iterator[bool]:
+    """Yields True when this process holds the checkpoint's lock (in `lock_dir`), False when another process does."""
+    lock_dir.mkdir(parents=True, exist_ok=True)
     fd = os.open(lock_dir / f"{name}.lock", os.O_RDWR | os.O_CREAT, 0o644)
     try:
         try:
@@ -77,7 +76,9 @@ def checkpoint_lock(checkpoints_dir: Path, name: str) -> Iterator[bool]:
 
 def watch(checkpoints_dir: str | Path, request: EvalRequest, *, tracking_uri: str | None = None,
           results_dir: str | Path | None = None, retry_failed: bool = False,
-          stale_after_s: float = 6 * 3600, max_attempts: int = 3) -> WatchReport:
+          stale_after_s: float = 6 * 3600, max_attempts: int = 3, lock_dir: str | Path | None = None) -> WatchReport:
+    """`lock_dir`: where the checkpoints' locks live (default `checkpoints_dir/.eval-locks`); another folder lets
+    the checkpoints be mounted read-only (the Kubernetes CronJob: one watcher at a time there, by Forbid)."""
     check_code_execution(request)
     if not isinstance(max_attempts, int) or max_attempts < 1:
         raise ValueError(f"--max-attempts={max_attempts!r} must be an integer >= 1")
@@ -89,8 +90,10 @@ def watch(checkpoints_dir: str | Path, request: EvalRequest, *, tracking_uri: st
     if not root.exists():  # training creates its exports folder at its first export
         report.note = f"watch: {str(root)!r} does not exist yet: no exports to evaluate"
         return report
+    locks = Path(lock_dir) if lock_dir is not None else root / LOCK_DIR
     with _sigterm_exits():
-        _watch_all(root, request, report, tracking_uri, results_dir, retry_failed, stale_after_s, max_attempts)
+        _watch_all(root, locks, request, report, tracking_uri, results_dir, retry_failed, stale_after_s,
+                   max_attempts)
     return report
 
 
@@ -111,7 +114,7 @@ def _sigterm_exits() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
-def _watch_all(root: Path, request: EvalRequest, report: WatchReport, tracking_uri: str | None,
+def _watch_all(root: Path, locks: Path, request: EvalRequest, report: WatchReport, tracking_uri: str | None,
                results_dir: str | Path | None, retry_failed: bool, stale_after_s: float, max_attempts: int) -> None:
     trackers: dict[str, EvalTracker] = {}
     for path in list_exports(root):
@@ -122,7 +125,7 @@ def _watch_all(root: Path, request: EvalRequest, report: WatchReport, tracking_u
             metadata = {"step": step, "unreadable": str(err)}
         uri = resolve_tracking_uri(tracking_uri, metadata)
         try:
-            _watch_checkpoint(root, path, step, metadata, trackers.setdefault(uri, EvalTracker(uri)), request,
+            _watch_checkpoint(locks, path, step, metadata, trackers.setdefault(uri, EvalTracker(uri)), request,
                               report, results_dir, retry_failed, stale_after_s, max_attempts)
         except MlflowException as err:
             done = (f"checkpoints evaluated and published so far: {report.evaluated}" if report.evaluated
@@ -131,10 +134,10 @@ def _watch_all(root: Path, request: EvalRequest, report: WatchReport, tracking_u
                                  f"stopped ({done}): the next watch continues from there") from err
 
 
-def _watch_checkpoint(root: Path, path: Path, step: int, metadata: dict, tracker: EvalTracker,
+def _watch_checkpoint(locks: Path, path: Path, step: int, metadata: dict, tracker: EvalTracker,
                       request: EvalRequest, report: WatchReport, results_dir: str | Path | None, retry_failed: bool,
                       stale_after_s: float, max_attempts: int) -> None:
-    with checkpoint_lock(root, path.name) as held:
+    with checkpoint_lock(locks, path.name) as held:
         # Under the lock: the run lookup (it may create the checkpoint's `eval` run) and the status check.
         if not held:
             log.info("%s: skipped: another watcher on this machine holds its lock", path.name)

@@ -331,9 +331,11 @@ def test_the_cronjobs_exact_command_evaluates_a_checkpoint_directory(workspace, 
     command, env = _cronjob("dev")
     exports = tmp_path / "exports"
     write_export(exports, tok, step=100, run_id=run_id, tracking_uri=uri, always_eos=True)  # no long generations
-    mounts = {"/checkpoints/crescent/exports": str(exports), "/opt/crescent-eval-data": str(image_data)}
+    locks = tmp_path / "scratch" / "eval-locks"  # the pod's /tmp (an emptyDir); the checkpoints are read-only
+    mounts = {"/checkpoints/crescent/exports": str(exports), "/opt/crescent-eval-data": str(image_data),
+              "/tmp/eval-locks": str(locks)}
     argv = [mounts.get(arg, arg) for arg in command]
-    assert argv[0] == "crescent" and sum(arg in mounts.values() for arg in argv) == 2
+    assert argv[0] == "crescent" and sum(arg in mounts.values() for arg in argv) == 3
     env = {**os.environ, **env, "MLFLOW_TRACKING_URI": uri, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "2"}
     proc = subprocess.run([sys.executable, "-m", "app.cli", *argv[1:]], capture_output=True, text=True, env=env,
                           cwd=tmp_path, timeout=900)
@@ -343,6 +345,8 @@ def test_the_cronjobs_exact_command_evaluates_a_checkpoint_directory(workspace, 
     tags = client.get_run(run_id).data.tags
     assert {t: tags[f"crescent.eval.step-00000100.{t}"] for t in tasks} == {t: "done" for t in tasks}
     assert tags["eval.humaneval.limit"] == "None"  # the whole task, as the CronJob runs it
+    assert [p.name for p in exports.iterdir()] == ["step-00000100"]  # nothing written beside the exports
+    assert [p.name for p in locks.iterdir()] == ["step-00000100.lock"]
     for key in ("eval/mmlu_dev/acc", "eval/humaneval/pass_at_1"):
         assert [m.step for m in client.get_metric_history(run_id, key)] == [100], key
 

@@ -204,6 +204,11 @@ def test_eval_pods_may_reach_only_mlflow_and_dns(config_file):
     cron = find(objects, "CronJob", "crescent-eval")
     assert cron["spec"]["concurrencyPolicy"] == "Forbid"
     assert cron["spec"]["jobTemplate"]["spec"]["backoffLimit"] == 0  # the next scheduled run retries a failed task
+    # Generated programs cannot touch the checkpoints: mounted read-only, the watcher's locks in the pod's scratch.
+    (container,) = cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"]
+    mounts = {m["name"]: m for m in container["volumeMounts"]}
+    assert mounts["checkpoints"]["readOnly"] is True and mounts["scratch"]["mountPath"] == "/tmp"
+    assert container["args"][container["args"].index("--lock-dir") + 1].startswith("/tmp/")
     eval_labels = cron["spec"]["jobTemplate"]["spec"]["template"]["metadata"]["labels"]
     assert eval_labels["app.kubernetes.io/component"] == "eval"
     mlflow = find(objects, "Deployment", "mlflow")["spec"]["template"]["metadata"]["labels"]
